@@ -1,0 +1,91 @@
+"""Rejected records, with the reason, kept in a JSONL file so that no usage vanishes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import typing as t
+from pathlib import Path
+
+import msgspec
+
+logger = logging.getLogger("target-usage-billing.deadletter")
+
+_encoder = msgspec.json.Encoder(decimal_format="number")
+# How many rejections are logged one by one before only the summary counts them.
+LOGGED_REJECTIONS = 20
+
+
+class DeadLetters:
+    """Append-only JSONL of rejected records; thread-safe; flushed per line.
+
+    One line per record: stream, input line, stage (mapping | validation | api),
+    reason, field and expression when known, the original record, the mapped payload
+    when there is one, and the time. ``sync()`` makes the file durable before a STATE
+    that covers those records is emitted.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, secrets: t.Sequence[str] = ()):
+        self.path = Path(path) if path else None
+        self._secrets = [s.encode() for s in secrets if s]
+        self._lock = threading.Lock()
+        self._file: t.BinaryIO | None = None
+        self._dirty = False
+        self.count = 0
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the run
+
+    def write(
+        self,
+        *,
+        stream: str,
+        record: t.Any,
+        stage: str,
+        reason: str,
+        line: int | None = None,
+        field: str | None = None,
+        expression: str | None = None,
+        payload: t.Any = None,
+    ) -> None:
+        entry = {
+            "stream": stream,
+            "line": line,
+            "stage": stage,
+            "reason": reason,
+            "field": field,
+            "expression": expression,
+            "record": record,
+            "payload": payload,
+            "rejected_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
+        data = _encoder.encode(entry)
+        for secret in self._secrets:
+            data = data.replace(secret, b"***")
+        with self._lock:
+            self.count += 1
+            if self.count <= LOGGED_REJECTIONS:
+                where = f"line {line}, " if line else ""
+                logger.warning("Rejected a record of stream '%s' (%s%s): %s", stream, where, stage, reason)
+            elif self.count == LOGGED_REJECTIONS + 1:
+                logger.warning("More rejections: see the summary%s", f" and {self.path}" if self.path else "")
+            if self._file is not None:
+                self._file.write(data + b"\n")
+                self._file.flush()
+                self._dirty = True
+
+    def sync(self) -> None:
+        """Make every written line durable (called before a STATE is emitted)."""
+        with self._lock:
+            if self._file is not None and self._dirty:
+                os.fsync(self._file.fileno())
+                self._dirty = False
+
+    def close(self) -> None:
+        self.sync()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

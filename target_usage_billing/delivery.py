@@ -1,0 +1,286 @@
+"""Delivery: batches in flight, content rejections isolated, STATE only when safe.
+
+The sink hands over batches of encoded payloads. Up to ``max_in_flight`` batches are
+sent at once by worker threads, so reading never waits on a round trip unless that many
+are outstanding (which also bounds memory). Batches are numbered as they are submitted;
+a STATE is released only when every batch submitted before it was acknowledged by the
+API or its items were written to the dead-letter file. A failed batch is never marked
+done, so no STATE ever covers it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+import typing as t
+from dataclasses import dataclass
+
+import msgspec
+
+from target_usage_billing.deadletter import DeadLetters
+from target_usage_billing.destinations.base import Answer, Destination, Verdict
+from target_usage_billing.errors import (
+    CredentialsError,
+    DeliveryError,
+    InterruptedRun,
+    UsageBillingError,
+)
+from target_usage_billing.http import (
+    HttpTransport,
+    RateLimiter,
+    RetryableFailure,
+    RetryBudgetExhausted,
+    retryable_status,
+)
+from target_usage_billing.stats import RunStats
+
+logger = logging.getLogger("target-usage-billing.delivery")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One mapped payload, with what a dead-letter line needs if the API refuses it."""
+
+    body: bytes  # the payload, JSON-encoded once
+    record: t.Any  # the original record
+    line: int | None  # position in the input
+
+
+@dataclass(frozen=True)
+class Batch:
+    seq: int
+    stream: str
+    items: list[Item]
+
+
+class DryRunWriter:
+    """Writes the exact request bodies to a JSONL file instead of sending them."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "ab")  # noqa: SIM115 - held open for the run
+        self._lock = threading.Lock()
+
+    def write(self, destination: str, path: str, count: int, body: bytes) -> None:
+        head = msgspec.json.encode(
+            {"destination": destination, "method": "POST", "path": path, "items": count}
+        )
+        line = head[:-1] + b',"body":' + body + b"}\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class Delivery:
+    def __init__(
+        self,
+        destination: Destination,
+        transport: HttpTransport,
+        limiter: RateLimiter,
+        dead_letters: DeadLetters,
+        stats: RunStats,
+        *,
+        max_in_flight: int,
+        on_checkpoint: t.Callable[[dict], None],
+        dry_run: DryRunWriter | None = None,
+    ):
+        self.destination = destination
+        self.transport = transport
+        self.limiter = limiter
+        self.dead_letters = dead_letters
+        self.stats = stats
+        self.dry_run = dry_run
+        self._on_checkpoint = on_checkpoint
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._all_done = threading.Condition(self._lock)
+        self._next_seq = 0
+        self._done_below = 0  # every batch with seq < this is done
+        self._done: set[int] = set()
+        self._checkpoints: collections.deque[tuple[int, dict]] = collections.deque()
+        self.failure: UsageBillingError | None = None
+        self.in_flight = 0
+        # Set on SIGTERM/SIGINT: past it, nothing waits for delivery any more.
+        self.stop_deadline: float | None = None
+        self._frozen = False
+        self._workers = [
+            threading.Thread(target=self._work, name=f"delivery-{n}", daemon=True)
+            for n in range(max_in_flight)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    # --- called by the reading thread --------------------------------------------------
+
+    def submit(self, stream: str, items: list[Item]) -> None:
+        """Queue a batch; blocks while ``max_in_flight`` batches are outstanding."""
+        self.raise_if_failed()
+        while not self._slots.acquire(timeout=0.2):
+            self.raise_if_failed()
+            if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
+                raise InterruptedRun("the shutdown grace period ended while requests were still failing")
+        with self._lock:
+            batch = Batch(self._next_seq, stream, items)
+            self._next_seq += 1
+            self.in_flight += 1
+        self._queue.put(batch)
+
+    def checkpoint(self, state: dict) -> None:
+        """Release ``state`` once every batch submitted so far is done."""
+        with self._lock:
+            self._checkpoints.append((self._next_seq, state))
+            self._release_ready_checkpoints()
+
+    def wait(self, deadline: float | None = None) -> bool:
+        """Wait until every submitted batch is done, one failed, or a deadline passed.
+
+        ``deadline`` (time.monotonic) or a later stop_deadline bound the wait.
+        True when everything submitted is done.
+        """
+        with self._all_done:
+            while self._done_below < self._next_seq and self.failure is None:
+                limits = [d for d in (deadline, self.stop_deadline) if d is not None]
+                if limits and time.monotonic() >= min(limits):
+                    break
+                self._all_done.wait(0.2)
+            return self._done_below == self._next_seq
+
+    def freeze(self) -> None:
+        """Emit no STATE from now on (the process is about to exit)."""
+        with self._lock:
+            self._frozen = True
+
+    def raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    @property
+    def submitted(self) -> int:
+        return self._next_seq
+
+    def close(self) -> None:
+        for _ in self._workers:
+            self._queue.put(None)
+
+    # --- worker side -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            try:
+                if self.failure is None:  # after a failure, stop sending: restart resends
+                    self._deliver(batch.stream, batch.items)
+                    self._mark_done(batch.seq)
+            except UsageBillingError as exc:
+                self._fail(exc)
+            except Exception as exc:  # a bug must stop the run, not lose a batch silently
+                logger.debug("Unexpected delivery error", exc_info=True)
+                self._fail(DeliveryError(f"unexpected error while sending: {type(exc).__name__}: {exc}"))
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+                self._slots.release()
+
+    def _deliver(self, stream: str, items: list[Item]) -> None:
+        """Send items; on a content rejection, bisect until the bad items are isolated."""
+        body = self.destination.envelope([item.body for item in items])
+        self.stats.add_request(stream)
+        if self.dry_run is not None:
+            self.dry_run.write(self.destination.name, self.destination.ingest_path, len(items), body)
+            self.stats.add_sent(stream, len(items))
+            return
+        answer = self._post(body)
+        if answer.verdict is Verdict.ACCEPTED:
+            self.stats.add_sent(stream, len(items))
+            return
+        # REJECTED: the API refused the content. Halve until single items are refused:
+        # about 2*log2(n) extra requests per bad item, every good item still delivered.
+        if len(items) == 1:
+            item = items[0]
+            self.dead_letters.write(
+                stream=stream,
+                record=item.record,
+                stage="api",
+                reason=answer.message,
+                line=item.line,
+                payload=msgspec.json.Raw(item.body),
+            )
+            self.stats.add_rejected(stream, "api", answer.message)
+            return
+        middle = len(items) // 2
+        logger.info(
+            "%s refused a batch of %d %s (%s); splitting it to isolate the bad ones",
+            self.destination.label,
+            len(items),
+            self.destination.item_noun,
+            answer.message[:200],
+        )
+        self._deliver(stream, items[:middle])
+        self._deliver(stream, items[middle:])
+
+    def _post(self, body: bytes) -> Answer:
+        destination = self.destination
+        what = f"{destination.label} POST {destination.ingest_path}"
+        renewed = False
+
+        def attempt() -> Answer:
+            nonlocal renewed
+            self._count_throttle(self.limiter.acquire())
+            request = destination.ingest_request(body)
+            response = self.transport.send_once(request.method, request.url, request.headers, request.body)
+            answer = destination.judge(response)
+            if answer.verdict is Verdict.RETRY:
+                raise retryable_status(response, what) or RetryableFailure(answer.message)
+            if answer.verdict is Verdict.REAUTH:
+                if renewed:
+                    raise CredentialsError(destination.reauth_failed_message())
+                renewed = True
+                destination.refresh_credentials(request)
+                raise RetryableFailure(f"{answer.message}; renewing credentials", retry_after=0)
+            if answer.verdict is Verdict.FATAL:
+                raise DeliveryError(answer.message)
+            return answer
+
+        try:
+            return self.transport.with_retries(attempt, what)
+        except RetryBudgetExhausted as exc:
+            raise DeliveryError(str(exc)) from None
+
+    def _count_throttle(self, waited: float) -> None:
+        if waited:
+            with self.transport.stats.lock:
+                self.transport.stats.throttled_seconds += waited
+
+    def _mark_done(self, seq: int) -> None:
+        with self._lock:
+            self._done.add(seq)
+            while self._done_below in self._done:
+                self._done.discard(self._done_below)
+                self._done_below += 1
+            self._release_ready_checkpoints()
+            self._all_done.notify_all()
+
+    def _release_ready_checkpoints(self) -> None:
+        # Called with the lock held. Only the newest ready STATE is worth emitting.
+        if self._frozen:
+            return
+        ready = None
+        while self._checkpoints and self._checkpoints[0][0] <= self._done_below:
+            ready = self._checkpoints.popleft()[1]
+        if ready is not None:
+            self._on_checkpoint(ready)
+
+    def _fail(self, exc: UsageBillingError) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = exc
+            self._all_done.notify_all()

@@ -1,0 +1,18 @@
+"""Billing destinations, by the name used in the ``destination`` setting."""
+
+from __future__ import annotations
+
+from target_usage_billing.destinations.base import (
+    Answer,
+    Destination,
+    OutgoingRequest,
+    Verdict,
+)
+from target_usage_billing.destinations.m3ter import M3terDestination
+from target_usage_billing.destinations.metronome import MetronomeDestination
+
+DESTINATIONS: dict[str, type[Destination]] = {
+    cls.name: cls for cls in (M3terDestination, MetronomeDestination)
+}
+
+__all__ = ["DESTINATIONS", "Answer", "Destination", "OutgoingRequest", "Verdict"]

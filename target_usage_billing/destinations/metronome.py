@@ -1,0 +1,163 @@
+"""Metronome: usage events to POST {api_url}/v1/ingest.
+
+Contract (see billing-apis.md): static Bearer token (bad token: 403); body a bare JSON
+array of 1..100 events; gzip accepted; one invalid event fails the whole request with
+400; timestamps at most 34 days old and 24 h ahead; ``transaction_id`` de-duplicates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import typing as t
+from collections.abc import Sequence
+
+from singer_sdk import typing as th
+
+from target_usage_billing.destinations.base import Answer, Destination, OutgoingRequest, Verdict
+from target_usage_billing.errors import CredentialsError, DeliveryError
+from target_usage_billing.http import retryable_status
+from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
+
+MAX_AGE = dt.timedelta(days=34)
+MAX_AHEAD = dt.timedelta(hours=24)
+# Compressing tiny bodies costs more than it saves on the wire.
+GZIP_MIN_BYTES = 1024
+
+
+class MetronomeDestination(Destination):
+    name = "metronome"
+    label = "Metronome"
+    item_noun = "events"
+    ingest_path = "/v1/ingest"
+    max_items_per_request = 100
+    max_body_bytes = 4_000_000  # no published cap; keep requests reasonable
+    rate_limits = ()  # none published: 429 + Retry-After is honoured instead
+    presets: t.ClassVar[dict[str, Preset]] = {
+        "segment": Preset(
+            description="Segment track calls, as Segment's own Metronome destination maps them.",
+            filter="type == 'track'",
+            fields={
+                "transaction_id": "messageId",
+                "customer_id": "context.groupId",
+                "timestamp": "timestamp",
+                "event_type": "event",
+                "properties": "properties",
+            },
+        ),
+    }
+    settings: t.ClassVar[list[th.Property]] = [
+        th.Property(
+            "metronome_api_token", th.StringType, secret=True, description="Metronome API token."
+        ),
+        th.Property(
+            "metronome_api_url",
+            th.StringType,
+            default="https://api.metronome.com",
+            description="Base URL of Metronome's API.",
+        ),
+        th.Property(
+            "metronome_numbers_as_strings",
+            th.BooleanType,
+            default=True,
+            description="Send numeric property values as strings (exact decimal text), as "
+            "Metronome recommends for precision. false sends JSON numbers.",
+        ),
+        th.Property(
+            "metronome_gzip",
+            th.BooleanType,
+            default=True,
+            description="Compress request bodies with gzip when that makes them smaller.",
+        ),
+    ]
+
+    def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
+        super().__init__(config, transport)
+        self.api_url = config.get("metronome_api_url", "https://api.metronome.com").rstrip("/")
+        self.gzip = bool(config.get("metronome_gzip", True))
+
+    @classmethod
+    def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
+        if not dry_run and not config.get("metronome_api_token"):
+            return ["destination metronome needs metronome_api_token (or turn on dry_run)"]
+        return []
+
+    @classmethod
+    def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
+        as_strings = bool(config.get("metronome_numbers_as_strings", True))
+        return [
+            FieldSpec("transaction_id", FieldKind.ID, description="idempotency key"),
+            FieldSpec("customer_id", FieldKind.STRING, required=True),
+            FieldSpec("event_type", FieldKind.STRING, required=True),
+            FieldSpec("timestamp", FieldKind.TIMESTAMP, required=True),
+            FieldSpec("properties", FieldKind.OBJECT, numbers_as_strings=as_strings),
+        ]
+
+    def validate_payload(self, payload: dict[str, t.Any]) -> str | None:
+        # One event outside the window fails Metronome's whole request: refuse it here.
+        moment = dt.datetime.fromisoformat(payload["timestamp"].replace("Z", "+00:00"))
+        now = dt.datetime.now(dt.timezone.utc)
+        if moment < now - MAX_AGE:
+            return f"timestamp {payload['timestamp']} is more than 34 days in the past (Metronome refuses it)"
+        if moment > now + MAX_AHEAD:
+            return f"timestamp {payload['timestamp']} is more than 24 hours in the future (Metronome refuses it)"
+        return None
+
+    @property
+    def envelope_overhead(self) -> int:
+        return 2
+
+    def envelope(self, items: Sequence[bytes]) -> bytes:
+        return b"[" + b",".join(items) + b"]"
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.config.get('metronome_api_token', '')}",
+            "Content-Type": "application/json",
+        }
+
+    def ingest_request(self, body: bytes) -> OutgoingRequest:
+        headers = self._headers()
+        if self.gzip and len(body) >= GZIP_MIN_BYTES:
+            # mtime=0: the same events always compress to the same bytes
+            packed = gzip.compress(body, compresslevel=5, mtime=0)
+            if len(packed) < len(body):
+                headers["Content-Encoding"] = "gzip"
+                body = packed
+        return OutgoingRequest("POST", f"{self.api_url}/v1/ingest", "/v1/ingest", headers, body)
+
+    def judge(self, response: t.Any) -> Answer:
+        status = response.status
+        if 200 <= status < 300:
+            return Answer(Verdict.ACCEPTED)
+        if status in (401, 403):
+            return Answer(
+                Verdict.FATAL,
+                f"Metronome refused the API token ({status} from POST /v1/ingest): "
+                "check metronome_api_token",
+            )
+        if status in (400, 422):
+            return Answer(Verdict.REJECTED, f"Metronome answered {status}: {response.text()}")
+        if retryable_status(response, "") is not None:
+            return Answer(Verdict.RETRY, f"Metronome answered {status}")
+        return Answer(Verdict.FATAL, f"Metronome answered {status}: {response.text()}")
+
+    def check_credentials(self) -> None:
+        url = f"{self.api_url}/v1/customers?limit=1"
+
+        def attempt() -> None:
+            response = self.transport.send_once("GET", url, self._headers(), None)
+            retry = retryable_status(response, "Metronome GET /v1/customers")
+            if retry is not None:
+                raise retry
+            if response.status in (401, 403):
+                msg = (
+                    f"Metronome refused the API token ({response.status} from GET /v1/customers): "
+                    "check metronome_api_token"
+                )
+                raise CredentialsError(msg)
+            if not 200 <= response.status < 300:
+                msg = f"Metronome GET /v1/customers answered {response.status}: {response.text()}"
+                raise DeliveryError(msg)
+
+        self.transport.with_retries(attempt, "Metronome GET /v1/customers")

@@ -1,0 +1,45 @@
+"""Errors the target reports to the user as one clear line (no traceback)."""
+
+from __future__ import annotations
+
+
+class UsageBillingError(Exception):
+    """An expected failure with a message written for the operator."""
+
+    exit_code = 1
+
+
+class ConfigError(UsageBillingError):
+    """Invalid settings: raised before any input is read."""
+
+    exit_code = 2
+
+
+class CredentialsError(UsageBillingError):
+    """The billing platform refused the credentials."""
+
+    exit_code = 3
+
+
+class DeliveryError(UsageBillingError):
+    """Usage could not be delivered (outage past the retry budget, unexpected API answer)."""
+
+    exit_code = 4
+
+
+class InputError(UsageBillingError):
+    """The Singer input is malformed (bad JSON line, record before schema, ...)."""
+
+    exit_code = 5
+
+
+class RejectionLimitError(UsageBillingError):
+    """More records were rejected than the configured limit allows."""
+
+    exit_code = 6
+
+
+class InterruptedRun(UsageBillingError):
+    """SIGTERM/SIGINT arrived and some received usage was not delivered."""
+
+    exit_code = 7

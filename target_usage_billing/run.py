@@ -1,0 +1,298 @@
+"""One run of the target: the objects it wires together and the rules for stopping.
+
+Owns the destination, the compiled rules, the delivery pipeline, the dead letters and
+the statistics; decides when a STATE is checkpointed and when rejections are too many;
+prints the summary. The Target class feeds it from the SDK's message callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+import typing as t
+from dataclasses import dataclass
+
+import msgspec
+
+from target_usage_billing.deadletter import DeadLetters
+from target_usage_billing.delivery import Delivery, DryRunWriter
+from target_usage_billing.destinations import DESTINATIONS, Destination
+from target_usage_billing.errors import ConfigError, RejectionLimitError
+from target_usage_billing.http import HttpTransport, RateLimiter
+from target_usage_billing.mapping import CompiledRule, MappingRejection, compile_rules, find_rule
+from target_usage_billing.stats import RunStats
+
+logger = logging.getLogger("target-usage-billing")
+# The ratio limit is judged only once this many records reached a rule, so that two bad
+# records among the first ten do not stop a run of millions.
+MIN_RECORDS_FOR_RATIO = 1000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings with their defaults applied (the SDK leaves defaults out of config)."""
+
+    destination: str
+    dry_run: bool
+    dry_run_path: str
+    batch_max_bytes: int | None
+    batch_size_rows: int | None
+    max_requests_in_flight: int
+    max_requests_per_second: float | None
+    request_timeout_seconds: float
+    max_retry_seconds: float
+    state_checkpoint_seconds: float
+    shutdown_grace_seconds: float
+    dead_letter_path: str | None
+    max_rejected_records: int | None
+    max_rejected_ratio: float | None
+    progress_interval_seconds: float
+
+    @classmethod
+    def from_config(cls, config: t.Mapping[str, t.Any], defaults: t.Mapping[str, t.Any]) -> Settings:
+        def get(name: str) -> t.Any:
+            value = config.get(name)
+            return defaults.get(name) if value is None else value
+
+        settings = cls(**{name: get(name) for name in cls.__dataclass_fields__})
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not self.destination:
+            known = ", ".join(DESTINATIONS)
+            raise ConfigError(f"destination: required, one of {known}")
+        positive = {
+            "max_requests_in_flight": self.max_requests_in_flight,
+            "request_timeout_seconds": self.request_timeout_seconds,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name}: must be greater than 0, got {value}")
+        non_negative = {
+            "max_retry_seconds": self.max_retry_seconds,
+            "state_checkpoint_seconds": self.state_checkpoint_seconds,
+            "shutdown_grace_seconds": self.shutdown_grace_seconds,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name}: must be 0 or more, got {value}")
+        if self.batch_size_rows is not None and self.batch_size_rows < 1:
+            raise ConfigError(f"batch_size_rows: must be at least 1, got {self.batch_size_rows}")
+        if self.batch_max_bytes is not None and self.batch_max_bytes < 1024:
+            raise ConfigError(f"batch_max_bytes: must be at least 1024, got {self.batch_max_bytes}")
+        if self.max_rejected_ratio is not None and not 0 <= self.max_rejected_ratio <= 1:
+            raise ConfigError(f"max_rejected_ratio: must be between 0 and 1, got {self.max_rejected_ratio}")
+
+
+class BillingRun:
+    def __init__(self, config: t.Mapping[str, t.Any], defaults: t.Mapping[str, t.Any]):
+        self.settings = settings = Settings.from_config(config, defaults)
+        destination_class = DESTINATIONS[settings.destination]
+        problems = destination_class.config_errors(config, dry_run=settings.dry_run)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        specs = destination_class.field_specs(config)
+        self.rules: list[CompiledRule] = compile_rules(
+            config.get("mappings"), specs, destination_class.presets, destination_class.name
+        )
+        self.secrets = destination_class.secrets(config)
+        self.transport = HttpTransport(
+            timeout_seconds=settings.request_timeout_seconds,
+            retry_budget_seconds=settings.max_retry_seconds,
+        )
+        self.destination: Destination = destination_class(config, self.transport)
+        self.max_items_per_request = min(
+            settings.batch_size_rows or destination_class.max_items_per_request,
+            destination_class.max_items_per_request,
+        )
+        self.max_body_bytes = min(
+            settings.batch_max_bytes or destination_class.max_body_bytes,
+            destination_class.max_body_bytes,
+        )
+        if settings.max_requests_per_second is None:
+            windows = destination_class.rate_limits
+        elif settings.max_requests_per_second > 0:
+            windows = ((max(1, round(settings.max_requests_per_second)), 1.0),)
+        else:
+            windows = ()  # 0: no client-side limit
+        self.limiter = RateLimiter(windows)
+        self.stats = RunStats()
+        self.dead_letters = DeadLetters(settings.dead_letter_path, self.secrets)
+        self.dry_run = DryRunWriter(settings.dry_run_path) if settings.dry_run else None
+        self.delivery = Delivery(
+            self.destination,
+            self.transport,
+            self.limiter,
+            self.dead_letters,
+            self.stats,
+            max_in_flight=settings.max_requests_in_flight,
+            on_checkpoint=self._emit_state,
+            dry_run=self.dry_run,
+        )
+        self._rule_cache: dict[str, CompiledRule | None] = {}
+        self._warned_unmapped: set[str] = set()
+        self._pending_state: dict | None = None
+        self._last_checkpoint = time.monotonic()
+        self._last_emitted: str | None = None
+        self._stdout_lock = threading.Lock()
+        self.line_number: t.Callable[[], int] = lambda: 0
+        self.states_emitted = 0
+        self._progress: threading.Thread | None = None
+        self._finished = threading.Event()
+
+    # --- rules -------------------------------------------------------------------------
+
+    def rule_for(self, stream: str) -> CompiledRule | None:
+        if stream not in self._rule_cache:
+            rule = find_rule(self.rules, stream)
+            self._rule_cache[stream] = rule
+            if rule is None and stream not in self._warned_unmapped:
+                self._warned_unmapped.add(stream)
+                logger.warning("Stream '%s' matches no mapping rule: its records are skipped", stream)
+        return self._rule_cache[stream]
+
+    # --- rejections --------------------------------------------------------------------
+
+    def reject(
+        self,
+        stream: str,
+        record: t.Any,
+        stage: str,
+        rejection: MappingRejection,
+        payload: t.Any = None,
+    ) -> None:
+        self.dead_letters.write(
+            stream=stream,
+            record=record,
+            stage=stage,
+            reason=str(rejection),
+            line=self.line_number(),
+            field=rejection.field,
+            expression=rejection.expression,
+            payload=payload,
+        )
+        self.stats.add_rejected(stream, stage, str(rejection))
+        self.check_rejection_limits(final=False)
+
+    def check_rejection_limits(self, *, final: bool) -> None:
+        settings = self.settings
+        rejected = self.stats.total("rejected")
+        if settings.max_rejected_records is not None and rejected > settings.max_rejected_records:
+            msg = (
+                f"{rejected} records rejected, over max_rejected_records={settings.max_rejected_records}"
+                f"{self._dead_letter_hint()}"
+            )
+            raise RejectionLimitError(msg)
+        if settings.max_rejected_ratio is None or not rejected:
+            return
+        considered = self.stats.total("mapped") + self.stats.total("rejected")
+        if considered and (final or considered >= MIN_RECORDS_FOR_RATIO):
+            ratio = rejected / considered
+            if ratio > settings.max_rejected_ratio:
+                msg = (
+                    f"{rejected} of {considered} mappable records rejected ({ratio:.1%}), over "
+                    f"max_rejected_ratio={settings.max_rejected_ratio:g}{self._dead_letter_hint()}"
+                )
+                raise RejectionLimitError(msg)
+
+    def _dead_letter_hint(self) -> str:
+        if self.dead_letters.path:
+            return f"; see {self.dead_letters.path}"
+        return "; set dead_letter_path to keep them"
+
+    # --- STATE -------------------------------------------------------------------------
+
+    def state_received(self, state: t.Any) -> None:
+        if state:  # an empty STATE is never emitted
+            self._pending_state = state
+
+    def checkpoint_due(self) -> bool:
+        return (
+            self._pending_state is not None
+            and time.monotonic() - self._last_checkpoint >= self.settings.state_checkpoint_seconds
+        )
+
+    def checkpoint(self) -> None:
+        """Register the latest STATE: emitted once all batches submitted so far are done.
+
+        The caller flushes the sinks first, so every record received before it is in a
+        submitted batch or already dead-lettered.
+        """
+        self._last_checkpoint = time.monotonic()
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.delivery.checkpoint(state)
+
+    def _emit_state(self, state: dict) -> None:
+        # Dead letters first: a STATE must never cover a rejection that is not on disk.
+        self.dead_letters.sync()
+        try:
+            line = json.dumps(state)
+        except TypeError:  # Decimal bookmarks: keep them exact
+            line = msgspec.json.encode(state, decimal_format="number").decode()
+        with self._stdout_lock:
+            if line == self._last_emitted:
+                return
+            self._last_emitted = line
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            self.states_emitted += 1
+        logger.debug("Emitted STATE %s", line)
+
+    # --- progress and summary ----------------------------------------------------------
+
+    def start_progress(self) -> None:
+        interval = self.settings.progress_interval_seconds
+        if interval <= 0 or self._progress is not None:
+            return
+
+        def report() -> None:
+            while not self._finished.wait(interval):
+                logger.info(self.progress_line())
+
+        self._progress = threading.Thread(target=report, name="progress", daemon=True)
+        self._progress.start()
+
+    def progress_line(self) -> str:
+        stats, transport = self.stats, self.transport.stats
+        read = stats.total("read")
+        rate = read / stats.elapsed if stats.elapsed > 0 else 0.0
+        return (
+            f"progress: read {read}, mapped {stats.total('mapped')}, sent {stats.total('sent')}, "
+            f"rejected {stats.total('rejected')}, requests {stats.total('requests')}, "
+            f"retries {transport.retries}, {rate:,.0f} records/s, in flight {self.delivery.in_flight}"
+        )
+
+    def summary_lines(self) -> list[str]:
+        stats, transport = self.stats, self.transport.stats
+        noun = self.destination.item_noun
+        mode = " (dry run: nothing was sent)" if self.dry_run else ""
+        lines = [f"Summary for {self.destination.label}{mode}, {stats.elapsed:.1f}s:"]
+        for name, s in sorted(stats.streams.items()):
+            lines.append(
+                f"  stream {name}: read {s.read}, filtered {s.filtered}, unmapped {s.unmapped}, "
+                f"sent {s.sent} {noun}, rejected {s.rejected}, requests {s.requests}"
+            )
+            for reason, count in s.reasons.most_common(3):
+                lines.append(f"    rejected {count} x {reason}")
+        lines.append(
+            f"  total: sent {stats.total('sent')} {noun} in {stats.total('requests')} requests, "
+            f"{transport.retries} retries, rejected {stats.total('rejected')}, "
+            f"STATE messages emitted {self.states_emitted}"
+        )
+        if self.dead_letters.path and self.dead_letters.count:
+            lines.append(f"  dead letters: {self.dead_letters.count} in {self.dead_letters.path}")
+        if self.dry_run:
+            lines.append(f"  request bodies written to {self.settings.dry_run_path}")
+        return lines
+
+    def close(self) -> None:
+        self._finished.set()
+        self.delivery.close()
+        self.dead_letters.close()
+        if self.dry_run is not None:
+            self.dry_run.close()

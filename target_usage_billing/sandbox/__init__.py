@@ -1,0 +1,1 @@
+"""Local emulator of the billing APIs (used by the demo, the tests and the benchmark)."""

@@ -1,0 +1,139 @@
+"""The wire contracts the sandbox enforces, as in billing-apis.md.
+
+Items are validated with msgspec Structs (fast, and errors name the exact path); the raw
+bytes of accepted items are what the sandbox stores, so exact decimals can be checked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+import msgspec
+from msgspec import Meta, Struct
+
+UTC = dt.timezone.utc
+
+DataFieldCode = t.Annotated[str, Meta(pattern=r"^[A-Za-z_$][A-Za-z0-9_$]{0,79}$")]
+NonEmpty = t.Annotated[str, Meta(min_length=1)]
+UtcIso = t.Annotated[str, Meta(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")]
+Rfc3339 = t.Annotated[
+    str, Meta(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
+]
+
+
+class Measurement(Struct, forbid_unknown_fields=True):
+    meter: NonEmpty
+    account: NonEmpty
+    ts: UtcIso
+    uid: str | None = None
+    ets: UtcIso | None = None
+    who: dict[DataFieldCode, str] | None = None
+    what: dict[DataFieldCode, str] | None = None
+    where: dict[DataFieldCode, str] | None = None
+    other: dict[DataFieldCode, str] | None = None
+    metadata: dict[DataFieldCode, str] | None = None
+    measure: dict[DataFieldCode, float] | None = None
+    cost: dict[DataFieldCode, float] | None = None
+    income: dict[DataFieldCode, float] | None = None
+
+
+class MeasurementsBody(Struct, forbid_unknown_fields=True):
+    measurements: list[msgspec.Raw]
+
+
+class Event(Struct, forbid_unknown_fields=True):
+    transaction_id: NonEmpty
+    customer_id: NonEmpty
+    event_type: NonEmpty
+    timestamp: Rfc3339
+    properties: dict[str, t.Any] | None = None
+
+
+class ItemError(Exception):
+    """One item breaks the contract: the whole request is refused with 400."""
+
+
+M3TER_MAX_ITEMS = 1000
+M3TER_MAX_BODY = 512_000  # the body must be strictly smaller
+METRONOME_MAX_ITEMS = 100
+METRONOME_MAX_AGE = dt.timedelta(days=34)
+METRONOME_MAX_AHEAD = dt.timedelta(hours=24)
+CLOCK_SKEW = dt.timedelta(seconds=5)
+
+_measurements_decoder = msgspec.json.Decoder(MeasurementsBody)
+_measurement_decoder = msgspec.json.Decoder(Measurement)
+_events_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_event_decoder = msgspec.json.Decoder(Event)
+
+
+def m3ter_items(body: bytes) -> list[tuple[str | None, bytes]]:
+    """(uid, raw item) for a valid measurements body; ItemError naming the item otherwise."""
+    try:
+        envelope = _measurements_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ItemError(f"invalid body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ItemError(f"body is not valid JSON: {exc}") from None
+    count = len(envelope.measurements)
+    if not 1 <= count <= M3TER_MAX_ITEMS:
+        raise ItemError(f"measurements must hold 1 to {M3TER_MAX_ITEMS} items, got {count}")
+    now = dt.datetime.now(UTC) + CLOCK_SKEW
+    items = []
+    for index, raw in enumerate(envelope.measurements):
+        try:
+            item = _measurement_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ItemError(f"measurements[{index}]: {exc}") from None
+        for name in ("ts", "ets"):
+            value = getattr(item, name)
+            if value is None:
+                continue
+            try:
+                moment = _to_datetime(value)
+            except ValueError:
+                raise ItemError(f"measurements[{index}].{name}: {value!r} is not a valid time") from None
+            if moment > now:
+                raise ItemError(f"measurements[{index}].{name}: {value} is in the future")
+        items.append((item.uid, bytes(raw)))
+    return items
+
+
+def metronome_items(body: bytes) -> list[tuple[str, bytes]]:
+    """(transaction_id, raw event) for a valid ingest body; ItemError otherwise."""
+    try:
+        events = _events_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ItemError(f"body must be a JSON array of events: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ItemError(f"body is not valid JSON: {exc}") from None
+    if not 1 <= len(events) <= METRONOME_MAX_ITEMS:
+        raise ItemError(f"body must hold 1 to {METRONOME_MAX_ITEMS} events, got {len(events)}")
+    now = dt.datetime.now(UTC)
+    items = []
+    for index, raw in enumerate(events):
+        try:
+            event = _event_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ItemError(f"events[{index}]: {exc}") from None
+        try:
+            moment = _to_datetime(event.timestamp)
+        except ValueError:
+            raise ItemError(f"events[{index}].timestamp: {event.timestamp!r} is not valid") from None
+        if moment < now - METRONOME_MAX_AGE:
+            raise ItemError(f"events[{index}].timestamp: {event.timestamp} is more than 34 days old")
+        if moment > now + METRONOME_MAX_AHEAD + CLOCK_SKEW:
+            raise ItemError(f"events[{index}].timestamp: {event.timestamp} is more than 24 hours ahead")
+        items.append((event.transaction_id, bytes(raw)))
+    return items
+
+
+def _to_datetime(text: str) -> dt.datetime:
+    text = text.replace("Z", "+00:00")
+    head, sep, rest = text.partition(".")
+    if sep:  # Python parses at most 6 fractional digits
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        rest = rest[: min(digits, 6)] + rest[digits:]
+        text = head + "." + rest
+    moment = dt.datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,0 +1,64 @@
+"""What the run did, per stream: counted on the record path and by the delivery workers."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StreamStats:
+    read: int = 0  # records received
+    filtered: int = 0  # dropped by the rule's filter
+    unmapped: int = 0  # no rule matches the stream
+    mapped: int = 0  # became a payload, buffered for sending
+    sent: int = 0  # acknowledged by the API (or written by a dry run)
+    rejected: int = 0  # dead-lettered, any stage
+    requests: int = 0  # ingest requests for this stream (bisecting included)
+    reasons: collections.Counter = field(default_factory=collections.Counter)
+
+
+class RunStats:
+    """Counters shared by the reading thread and the delivery workers."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.streams: dict[str, StreamStats] = {}
+        self.lock = threading.Lock()
+
+    def stream(self, name: str) -> StreamStats:
+        found = self.streams.get(name)
+        if found is None:
+            with self.lock:
+                found = self.streams.setdefault(name, StreamStats())
+        return found
+
+    def add_sent(self, stream: str, count: int) -> None:
+        with self.lock:
+            self.streams[stream].sent += count
+
+    def add_request(self, stream: str) -> None:
+        with self.lock:
+            self.streams[stream].requests += 1
+
+    def add_rejected(self, stream: str, stage: str, reason: str) -> None:
+        with self.lock:
+            entry = self.streams[stream]
+            entry.rejected += 1
+            entry.reasons[f"{stage}: {_generic(reason)}"] += 1
+
+    def total(self, attribute: str) -> int:
+        with self.lock:
+            return sum(getattr(s, attribute) for s in self.streams.values())
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _generic(reason: str) -> str:
+    # Group reasons that differ only in the offending value, so the top-N stays readable.
+    cut = reason.split(", got ", 1)[0]
+    return cut if len(cut) <= 120 else cut[:117] + "..."

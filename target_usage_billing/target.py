@@ -1,0 +1,378 @@
+"""target-usage-billing: the Target class, its settings, and how it starts and stops."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import typing as t
+
+import click
+from singer_sdk import typing as th
+from singer_sdk.exceptions import (
+    ConfigValidationError,
+    InvalidRecord,
+    MissingKeyPropertiesError,
+    RecordsWithoutSchemaException,
+)
+from singer_sdk.plugin_base import _ConfigInput
+from singer_sdk.singerlib.exceptions import InvalidInputLine
+from singer_sdk.target_base import Target
+
+from target_usage_billing.destinations import DESTINATIONS
+from target_usage_billing.errors import (
+    ConfigError,
+    InputError,
+    InterruptedRun,
+    RejectionLimitError,
+    UsageBillingError,
+)
+from target_usage_billing.reader import LineReader, StopRequested
+from target_usage_billing.run import BillingRun
+from target_usage_billing.sinks import UsageSink
+
+_INPUT_ERRORS = (
+    RecordsWithoutSchemaException,
+    MissingKeyPropertiesError,
+    InvalidInputLine,
+    InvalidRecord,
+)
+
+COMMON_SETTINGS = th.PropertiesList(
+    th.Property(
+        "destination",
+        th.StringType,
+        allowed_values=list(DESTINATIONS),
+        description="Billing platform to load: " + " or ".join(DESTINATIONS) + ".",
+    ),
+    th.Property(
+        "mappings",
+        th.ArrayType(th.ObjectType(additional_properties=True)),
+        description="Rules turning records into payloads: a list of "
+        '{"stream": NAME_OR_GLOB, "preset": NAME?, "filter": JMESPATH?, "fields": {FIELD: JMESPATH}}. '
+        "The first rule whose stream pattern matches applies.",
+    ),
+    th.Property(
+        "batch_max_bytes",
+        th.IntegerType,
+        description="Largest request body in bytes; the destination's hard cap always applies "
+        "(m3ter: under 512,000).",
+    ),
+    th.Property(
+        "max_requests_in_flight",
+        th.IntegerType,
+        default=4,
+        description="Requests sent concurrently while reading goes on; bounds memory too.",
+    ),
+    th.Property(
+        "max_requests_per_second",
+        th.NumberType,
+        description="Client-side request rate limit. Default: the destination's published "
+        "limit (m3ter: 50/s and 5,000 per 5 min; Metronome: none). 0 turns it off.",
+    ),
+    th.Property(
+        "request_timeout_seconds",
+        th.NumberType,
+        default=60,
+        description="Seconds to wait for an answer before the request counts as failed and is retried.",
+    ),
+    th.Property(
+        "max_retry_seconds",
+        th.NumberType,
+        default=600,
+        description="Retry budget: how long transient failures (429, 5xx, timeouts, dropped "
+        "connections) are retried before the run stops with an error.",
+    ),
+    th.Property(
+        "state_checkpoint_seconds",
+        th.NumberType,
+        default=30,
+        description="At most this many seconds between STATE checkpoints (0: at every STATE "
+        "message). A crash re-sends at most this much, with the same ids.",
+    ),
+    th.Property(
+        "shutdown_grace_seconds",
+        th.NumberType,
+        default=30,
+        description="On SIGTERM/SIGINT, how long to keep delivering what was already received.",
+    ),
+    th.Property(
+        "dead_letter_path",
+        th.StringType,
+        description="JSONL file receiving every rejected record with the reason.",
+    ),
+    th.Property(
+        "max_rejected_records",
+        th.IntegerType,
+        description="Stop with an error once more records than this were rejected (default: no count limit).",
+    ),
+    th.Property(
+        "max_rejected_ratio",
+        th.NumberType,
+        default=0.05,
+        description="Stop with an error once more than this share of mappable records was "
+        "rejected (judged after 1,000 records and at the end).",
+    ),
+    th.Property(
+        "dry_run",
+        th.BooleanType,
+        default=False,
+        description="Write the exact request bodies to dry_run_path instead of sending them; "
+        "no credentials needed.",
+    ),
+    th.Property(
+        "dry_run_path",
+        th.StringType,
+        default="dry-run-requests.jsonl",
+        description="Where a dry run writes its request bodies (JSONL, one line per request).",
+    ),
+    th.Property(
+        "progress_interval_seconds",
+        th.NumberType,
+        default=10,
+        description="Seconds between progress lines on stderr (0: none).",
+    ),
+    th.Property(
+        "validate_records",
+        th.BooleanType,
+        default=False,
+        description="Validate records against the stream's JSON Schema. Off by default: "
+        "mapped payloads are checked field by field anyway.",
+    ),
+)
+
+
+def _config_schema() -> dict:
+    schema = COMMON_SETTINGS.to_dict()
+    for destination in DESTINATIONS.values():
+        for prop in destination.settings:
+            schema["properties"].update(prop.to_dict())
+    return schema
+
+
+class _RedactSecrets(logging.Filter):
+    """Last line of defence: no log line shows a secret or an access token."""
+
+    def __init__(self, secrets: t.Callable[[], list[str]]):
+        super().__init__()
+        self._secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = [s for s in self._secrets() if s]
+        if secrets:
+            message = record.getMessage()
+            redacted = message
+            for secret in secrets:
+                redacted = redacted.replace(secret, "***")
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True
+
+
+class TargetUsageBilling(Target):
+    """Loads usage records into billing platforms: m3ter measurements, Metronome events."""
+
+    name = "target-usage-billing"
+    config_jsonschema = _config_schema()
+    default_sink_class = UsageSink
+    message_reader_class = LineReader
+
+    def __init__(self, **kwargs: t.Any):
+        super().__init__(**kwargs)
+        defaults = {
+            name: prop.get("default") for name, prop in self.config_jsonschema["properties"].items()
+        }
+        self.run_context = BillingRun(self.config, defaults)
+        reader = self.message_reader
+        self.run_context.line_number = lambda: reader.line_number
+        # Drains only hand batches to the delivery pipeline, which is where the parallelism is.
+        self.max_parallelism = 1
+        self._stop_signal: int | None = None
+        self._install_redaction()
+
+    # --- configuration -------------------------------------------------------------------
+
+    def _validate_config(self, *, raise_errors: bool = True) -> list[str]:
+        # Environment variables arrive as strings: read numbers as numbers.
+        for name, prop in self.config_jsonschema["properties"].items():
+            value = self._config.get(name)
+            if isinstance(value, str) and "number" in str(prop.get("type")):
+                try:
+                    self._config[name] = float(value)
+                except ValueError:
+                    pass  # left for the schema check to report
+        try:
+            return super()._validate_config(raise_errors=raise_errors)
+        except ConfigValidationError as exc:
+            raise ConfigError("invalid settings: " + "; ".join(exc.errors)) from None
+
+    def _install_redaction(self) -> None:
+        run = self.run_context
+
+        def secrets() -> list[str]:
+            token = getattr(run.destination, "_token", None)
+            return [*run.secrets, token] if token else run.secrets
+
+        redact = _RedactSecrets(secrets)
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, _RedactSecrets) for f in handler.filters):
+                handler.addFilter(redact)
+
+    # --- message handling ----------------------------------------------------------------
+
+    def _process_record_message(self, message_dict: dict) -> None:
+        super()._process_record_message(message_dict)
+        if self.run_context.checkpoint_due():
+            self._checkpoint()
+
+    def _process_state_message(self, message_dict: dict) -> None:
+        # The SDK's own STATE handling is bypassed (its _latest_state stays None, so its
+        # drains never write STATE): a STATE is released only once delivery caught up.
+        self._assert_line_requires(message_dict, requires={"value"})
+        self.run_context.state_received(message_dict["value"])
+        if self.run_context.checkpoint_due():
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        self.drain_all()  # every buffered payload goes to the delivery pipeline
+        self.run_context.checkpoint()
+        self.run_context.delivery.raise_if_failed()
+        self.run_context.check_rejection_limits(final=False)
+
+    def process_endofpipe(self) -> None:
+        super().process_endofpipe()
+        self._complete()
+
+    def _complete(self, deadline: float | None = None, *, check_limits: bool = True) -> None:
+        """Checkpoint, wait for delivery (until ``deadline``), summarise, report failures."""
+        run = self.run_context
+        run.checkpoint()
+        all_done = run.delivery.wait(deadline)
+        run.delivery.freeze()  # no STATE is written after this point
+        for line in run.summary_lines():
+            self.logger.info(line)
+        run.close()
+        run.delivery.raise_if_failed()
+        if not all_done:
+            msg = (
+                "stopped before everything received was delivered; the last STATE emitted "
+                "covers only what the API acknowledged: re-run from it"
+            )
+            raise InterruptedRun(msg)
+        if check_limits:
+            run.check_rejection_limits(final=True)
+
+    # --- running and stopping ------------------------------------------------------------
+
+    def run(self, file_input: t.IO[t.Any] | None = None) -> None:
+        """Check credentials, read all input, deliver it, checkpoint, summarise."""
+        run = self.run_context
+        if not run.settings.dry_run:
+            run.destination.check_credentials()
+        run.start_progress()
+        try:
+            self.listen(file_input)
+        except StopRequested:
+            self._complete_after_stop(run.delivery.stop_deadline, check_limits=True)
+        except InterruptedRun:
+            self._complete_after_stop(time.monotonic(), check_limits=False)
+            raise
+        except (*_INPUT_ERRORS, InputError, RejectionLimitError) as exc:
+            # Deliver and checkpoint everything received before the bad input, then stop.
+            line = self.message_reader.line_number
+            self._complete_after_stop(None, check_limits=False)
+            if isinstance(exc, UsageBillingError):
+                raise
+            msg = f"line {line}: {exc}".replace("\n", " ")
+            raise InputError(msg) from None
+        except UsageBillingError:
+            self._complete_after_stop(time.monotonic(), check_limits=False)
+            raise
+
+    def _complete_after_stop(self, deadline: float | None, *, check_limits: bool) -> None:
+        run = self.run_context
+        try:
+            if run.delivery.failure is None:
+                run.delivery.stop_deadline = deadline
+                self.drain_all(is_endofpipe=True)
+        except UsageBillingError as exc:
+            self.logger.warning("While stopping: %s", exc)
+        self._complete(deadline, check_limits=check_limits)
+
+    def _handle_termination(self, signum: int, frame: t.Any) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_signal is not None:
+            click.echo(f"{self.name}: second {name}: exiting now without waiting", err=True)
+            os._exit(InterruptedRun.exit_code)
+        self._stop_signal = signum
+        grace = self.run_context.settings.shutdown_grace_seconds
+        self.logger.warning(
+            "Received %s: reading stops; delivering what was received (up to %gs)", name, grace
+        )
+        self.run_context.delivery.stop_deadline = time.monotonic() + grace
+        reader = self.message_reader
+        reader.stop_requested = True
+        if reader.waiting_for_input:
+            raise StopRequested
+
+    # --- command line --------------------------------------------------------------------
+
+    @classmethod
+    def invoke(  # type: ignore[override]
+        cls,
+        *,
+        about: bool = False,
+        about_format: str | None = None,
+        config: _ConfigInput | None = None,
+        file_input: t.IO[str] | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        super(Target, cls).invoke(about=about, about_format=about_format)
+        cls.print_version(print_fn=cls.logger.info)
+        config = config or _ConfigInput()
+        settings = dict(config.config)
+        if dry_run:
+            settings["dry_run"] = True
+        try:
+            target = cls(config=settings, validate_config=True, parse_env_config=config.parse_env)
+            target.run(file_input)
+        except UsageBillingError as exc:
+            click.echo(f"{cls.name}: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        if target._stop_signal is not None:
+            cls.logger.info("Stopped by signal; everything received was delivered")
+
+    @classmethod
+    def get_singer_command(cls) -> click.Command:
+        command = super().get_singer_command()
+        command.params.extend(
+            [
+                click.Option(
+                    ["--dry-run"],
+                    is_flag=True,
+                    default=False,
+                    help="Write the request bodies to dry_run_path instead of sending them.",
+                ),
+                click.Option(
+                    ["--log-level"],
+                    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+                    expose_value=False,
+                    is_eager=True,
+                    callback=_set_log_level,
+                    help="Log level (also TARGET_USAGE_BILLING_LOGLEVEL).",
+                ),
+            ]
+        )
+        return command
+
+
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        logging.getLogger().setLevel(value.upper())
+        logging.getLogger(TargetUsageBilling.name).setLevel(value.upper())
+
+
+if __name__ == "__main__":
+    TargetUsageBilling.cli()
