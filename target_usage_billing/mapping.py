@@ -219,7 +219,12 @@ def to_utc_timestamp(value: t.Any) -> str:
     """
     if isinstance(value, str):
         if _CANONICAL_TS.match(value):
-            return value
+            try:  # already canonical: only check that the date and time exist
+                dt.datetime.fromisoformat(value[:-1])
+                return value
+            except ValueError:
+                msg = f"{value!r} is not a valid date and time"
+                raise ValueError(msg) from None
         text = value.strip()
         if not text:
             raise ValueError("empty string is not a timestamp")

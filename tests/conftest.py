@@ -1,0 +1,187 @@
+"""Fixtures: the real sandbox and the real CLI, as subprocesses on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing as t
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+BIN = Path(sys.executable).parent
+TARGET = str(BIN / "target-usage-billing")
+SANDBOX = str(BIN / "usage-billing-sandbox")
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+M3TER_KEY = "sandbox-access-key"
+M3TER_SECRET = "sandbox-api-secret"
+METRONOME_TOKEN = "sandbox-metronome-token"
+
+
+class Sandbox:
+    def __init__(self, process: subprocess.Popen, port: int, data_dir: Path):
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.data_dir = data_dir
+
+    def stats(self, destination: str | None = None) -> dict:
+        document = requests.get(f"{self.url}/_sandbox/stats", timeout=10).json()
+        return document[destination] if destination else document
+
+    def items(self, destination: str) -> list[dict]:
+        answer = requests.get(f"{self.url}/_sandbox/items/{destination}", timeout=30)
+        return [json.loads(line) for line in answer.content.splitlines() if line.strip()]
+
+    def raw_items(self, destination: str) -> list[bytes]:
+        answer = requests.get(f"{self.url}/_sandbox/items/{destination}", timeout=30)
+        return [line for line in answer.content.splitlines() if line.strip()]
+
+    def faults(self, *faults: dict, **settings: t.Any) -> None:
+        answer = requests.post(
+            f"{self.url}/_sandbox/faults", json={"faults": list(faults), **settings}, timeout=10
+        )
+        answer.raise_for_status()
+
+    def expire_tokens(self) -> None:
+        requests.post(f"{self.url}/_sandbox/expire-tokens", timeout=10).raise_for_status()
+
+    def reset(self) -> None:
+        requests.post(f"{self.url}/_sandbox/reset", timeout=10).raise_for_status()
+
+
+def start_sandbox(tmp: Path, *args: str) -> Sandbox:
+    port_file = tmp / "port"
+    port_file.unlink(missing_ok=True)
+    data_dir = tmp / "data"
+    process = subprocess.Popen(
+        [SANDBOX, "--port", "0", "--port-file", str(port_file), "--data-dir", str(data_dir), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            err = process.stderr.read().decode() if process.stderr else ""
+            raise RuntimeError(f"sandbox did not start: {err}")
+        time.sleep(0.05)
+    return Sandbox(process, int(port_file.read_text()), data_dir)
+
+
+def stop_sandbox(sandbox: Sandbox) -> None:
+    sandbox.process.send_signal(signal.SIGTERM)
+    try:
+        sandbox.process.wait(10)
+    except subprocess.TimeoutExpired:
+        sandbox.process.kill()
+
+
+@pytest.fixture(scope="session")
+def sandbox_session(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Sandbox]:
+    sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox"))
+    yield sandbox
+    stop_sandbox(sandbox)
+
+
+@pytest.fixture
+def sandbox(sandbox_session: Sandbox) -> Sandbox:
+    """The shared sandbox, emptied (items, stats, faults, tokens) for each test."""
+    sandbox_session.reset()
+    return sandbox_session
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def states(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if "error:" in line]
+
+
+def m3ter_config(sandbox: Sandbox, **overrides: t.Any) -> dict:
+    config = json.loads((EXAMPLES / "m3ter-segment.config.json").read_text())
+    config.update(
+        m3ter_ingest_url=sandbox.url,
+        m3ter_auth_url=sandbox.url,
+        max_retry_seconds=30,
+        progress_interval_seconds=0,
+    )
+    config.pop("dead_letter_path", None)
+    config.update(overrides)
+    return config
+
+
+def metronome_config(sandbox: Sandbox, **overrides: t.Any) -> dict:
+    config = json.loads((EXAMPLES / "metronome-segment.config.json").read_text())
+    config.update(metronome_api_url=sandbox.url, max_retry_seconds=30, progress_interval_seconds=0)
+    config.pop("dead_letter_path", None)
+    config.update(overrides)
+    return config
+
+
+def run_target(
+    tmp_path: Path,
+    config: dict,
+    lines: t.Iterable[str] | str | Path,
+    *,
+    args: t.Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> Result:
+    """Run the real CLI with ``config``; input from a file, a string or lines."""
+    config_path = tmp_path / f"config-{time.monotonic_ns()}.json"
+    config_path.write_text(json.dumps(config))
+    if isinstance(lines, Path):
+        input_path = lines
+    else:
+        input_path = tmp_path / f"input-{time.monotonic_ns()}.jsonl"
+        text = lines if isinstance(lines, str) else "\n".join(lines) + "\n"
+        input_path.write_text(text)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TARGET_USAGE_BILLING_")}
+    full_env.update(env or {})
+    with open(input_path, "rb") as stdin:
+        done = subprocess.run(
+            [TARGET, "--config", str(config_path), *args],
+            stdin=stdin,
+            capture_output=True,
+            timeout=timeout,
+            env=full_env,
+            cwd=tmp_path,
+        )
+    return Result(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def singer(stream: str, records: t.Iterable[dict], *, schema: dict | None = None,
+           key_properties: t.Sequence[str] = (), state: dict | None = None) -> list[str]:
+    """Singer lines for one stream (SCHEMA, RECORDs, optional final STATE)."""
+    lines = [
+        json.dumps(
+            {
+                "type": "SCHEMA",
+                "stream": stream,
+                "schema": schema or {"type": "object", "properties": {}},
+                "key_properties": list(key_properties),
+            }
+        )
+    ]
+    lines += [json.dumps({"type": "RECORD", "stream": stream, "record": r}) for r in records]
+    if state is not None:
+        lines.append(json.dumps({"type": "STATE", "value": state}))
+    return lines

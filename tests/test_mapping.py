@@ -1,0 +1,348 @@
+"""Unit tests of the pure mapping module: rules, coercion, timestamps, ids, errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+
+import pytest
+
+from target_usage_billing.destinations.m3ter import M3terDestination
+from target_usage_billing.destinations.metronome import MetronomeDestination
+from target_usage_billing.errors import ConfigError
+from target_usage_billing.mapping import (
+    MappingRejection,
+    compile_expression,
+    compile_rules,
+    derive_id,
+    encode_payload,
+    find_rule,
+    is_truthy,
+    to_number,
+    to_string,
+    to_utc_timestamp,
+)
+
+M3TER_SPECS = M3terDestination.field_specs({})
+BASE_FIELDS = {"meter": "'api'", "account": "acct", "ts": "ts"}
+
+
+def m3ter_rule(fields: dict | None = None, **rule: object):
+    raw = {"stream": "s", "fields": {**BASE_FIELDS, **(fields or {})}, **rule}
+    return compile_rules([raw], M3TER_SPECS, M3terDestination.presets, "m3ter")[0]
+
+
+def apply(rule, record: dict, keys=()):
+    return rule.apply(record, "s", keys)
+
+
+RECORD = {"acct": "acme", "ts": "2026-11-20T14:15:22Z"}
+
+
+# --- timestamps ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-11-20T14:15:22Z", "2026-11-20T14:15:22Z"),
+        ("2026-11-20T14:15:22.123Z", "2026-11-20T14:15:22.123Z"),
+        ("2026-11-20T15:15:22+01:00", "2026-11-20T14:15:22Z"),
+        ("2026-11-20T09:15:22.5-05:00", "2026-11-20T14:15:22.500Z"),
+        ("2026-11-20T14:15:22.123456789Z", "2026-11-20T14:15:22.123456Z"),
+        ("2026-11-20 14:15:22", "2026-11-20T14:15:22Z"),  # naive: UTC
+        ("2026-11-20", "2026-11-20T00:00:00Z"),
+        (dt.datetime(2026, 11, 20, 14, 15, 22, tzinfo=dt.timezone.utc), "2026-11-20T14:15:22Z"),
+        (dt.datetime(2026, 11, 20, 14, 15, 22, 1), "2026-11-20T14:15:22.000001Z"),  # naive: UTC
+        (
+            dt.datetime(2026, 11, 20, 16, 15, 22, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+            "2026-11-20T14:15:22Z",
+        ),
+        (dt.date(2026, 11, 20), "2026-11-20T00:00:00Z"),
+        (1795184122, "2026-11-20T14:15:22Z"),  # epoch seconds
+        (1795184122123, "2026-11-20T14:15:22.123Z"),  # epoch milliseconds
+        (Decimal("1795184122.25"), "2026-11-20T14:15:22.250Z"),
+        (1795184122.5, "2026-11-20T14:15:22.500Z"),
+        ("1795184122", "2026-11-20T14:15:22Z"),
+        ("1795184122123", "2026-11-20T14:15:22.123Z"),
+    ],
+)
+def test_timestamps_become_utc_iso_with_z(value, expected):
+    assert to_utc_timestamp(value) == expected
+
+
+@pytest.mark.parametrize("value", ["yesterday", "", "2026-13-45T00:00:00Z", True, {"a": 1}, [1], Decimal("NaN")])
+def test_unparseable_timestamps_are_refused(value):
+    with pytest.raises(ValueError):
+        to_utc_timestamp(value)
+
+
+def test_unparseable_ts_rejects_the_record_naming_field_and_expression():
+    rule = m3ter_rule()
+    with pytest.raises(MappingRejection) as caught:
+        apply(rule, {**RECORD, "ts": "not a time"})
+    assert caught.value.field == "ts"
+    assert caught.value.expression == "ts"
+    assert "not a time" in caught.value.reason
+
+
+# --- numbers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [
+        (5, b"5"),
+        (Decimal("0.1"), b"0.1"),
+        (Decimal("12345678901234567.891"), b"12345678901234567.891"),
+        (Decimal("-2.50"), b"-2.50"),
+        ("0.1", b"0.1"),
+        ("12345678901234567.891", b"12345678901234567.891"),
+        (" 42 ", b"42"),
+        ("1e3", b"1E+3"),
+        (0.1, b"0.1"),
+    ],
+)
+def test_numbers_keep_their_exact_decimal_value(value, wire):
+    number = to_number(value)
+    assert encode_payload({"n": number}) == b'{"n":' + wire + b"}"
+    assert Decimal(wire.decode()) == Decimal(str(value).strip())
+
+
+@pytest.mark.parametrize("value", ["12abc", "", "NaN", "1,000", True, {"a": 1}, [1], None, float("inf")])
+def test_non_numbers_are_refused(value):
+    with pytest.raises(ValueError):
+        to_number(value)
+
+
+def test_bad_measure_rejects_the_record_naming_the_key():
+    rule = m3ter_rule({"measure": {"tokens": "n"}})
+    with pytest.raises(MappingRejection) as caught:
+        apply(rule, {**RECORD, "n": "lots"})
+    assert caught.value.field == "measure.tokens"
+    assert caught.value.expression == "n"
+    assert "expected a number" in caught.value.reason
+
+
+def test_measure_as_one_object_expression():
+    rule = m3ter_rule({"measure": "usage"})
+    payload = apply(rule, {**RECORD, "usage": {"a": Decimal("1.5"), "b": 2, "c": None}})
+    assert payload["measure"] == {"a": Decimal("1.5"), "b": 2}  # null keys are left out
+    with pytest.raises(MappingRejection) as caught:
+        apply(rule, {**RECORD, "usage": [1, 2]})
+    assert caught.value.field == "measure"
+
+
+def test_data_field_codes_are_checked():
+    with pytest.raises(ConfigError, match="not a valid data-field code"):
+        m3ter_rule({"measure": {"1bad": "n"}})
+    rule = m3ter_rule({"measure": "usage"})
+    with pytest.raises(MappingRejection, match="not a valid data-field code"):
+        apply(rule, {**RECORD, "usage": {"has space": 1}})
+
+
+# --- strings -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [("x", "x"), (5, "5"), (Decimal("1.50"), "1.50"), (Decimal("1E+2"), "100"), (True, "true"), (False, "false")],
+)
+def test_string_categories_convert_numbers_and_booleans(value, text):
+    assert to_string(value) == text
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, [1, 2]])
+def test_string_categories_refuse_objects_and_arrays(value):
+    with pytest.raises(ValueError):
+        to_string(value)
+    rule = m3ter_rule({"who": {"user": "u"}})
+    with pytest.raises(MappingRejection) as caught:
+        apply(rule, {**RECORD, "u": value})
+    assert caught.value.field == "who.user"
+
+
+# --- required fields -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["acct", "ts"])
+@pytest.mark.parametrize("empty", [None, "", "   "])
+def test_missing_or_empty_required_fields_reject(missing, empty):
+    rule = m3ter_rule()
+    record = dict(RECORD)
+    if empty is None:
+        del record[missing]
+    else:
+        record[missing] = empty
+    with pytest.raises(MappingRejection) as caught:
+        apply(rule, record)
+    field = {"acct": "account", "ts": "ts"}[missing]
+    assert caught.value.field == field
+    assert caught.value.expression == missing
+
+
+def test_required_field_missing_from_rule_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"mappings\[0\]\.fields\.meter: m3ter requires this field"):
+        compile_rules([{"stream": "s", "fields": {"account": "a", "ts": "t"}}], M3TER_SPECS, {}, "m3ter")
+
+
+# --- expressions, filters, rules -----------------------------------------------------
+
+
+def test_expression_that_does_not_compile_names_rule_and_expression():
+    with pytest.raises(ConfigError) as caught:
+        m3ter_rule({"measure": {"tokens": "properties.[tokens"}})
+    message = str(caught.value)
+    assert "mappings[0].fields.measure.tokens" in message
+    assert "'properties.[tokens'" in message
+
+
+def test_unknown_field_and_unknown_key_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown field"):
+        m3ter_rule({"metre": "'x'"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        compile_rules([{"stream": "s", "fields": BASE_FIELDS, "map": 1}], M3TER_SPECS, {}, "m3ter")
+
+
+def test_literals_and_full_jmespath():
+    rule = m3ter_rule({"meter": "'fixed'", "measure": {"one": "`1`", "n": "length(items)"}})
+    payload = apply(rule, {**RECORD, "items": [1, 2, 3]})
+    assert payload["meter"] == "fixed"
+    assert payload["measure"] == {"one": 1, "n": 3}
+
+
+@pytest.mark.parametrize(
+    "expression", ["a", "a.b", 'a."odd-key"', "a.b.c"]
+)
+def test_fast_field_paths_answer_like_jmespath(expression):
+    import jmespath
+
+    compiled = compile_expression(expression, "x")
+    for record in [{}, {"a": None}, {"a": 1}, {"a": {"b": 2}}, {"a": {"b": {"c": 3}}}, {"a": {"odd-key": 4}}, {"a": [1]}]:
+        assert compiled.search(record) == jmespath.search(expression, record)
+
+
+def test_filter_keeps_truthy_records_only():
+    rule = m3ter_rule(filter="type == 'track'")
+    assert apply(rule, {**RECORD, "type": "identify"}) is None
+    assert apply(rule, {**RECORD, "type": "track"}) is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "truthy"), [(0, True), ("", False), ([], False), ({}, False), (None, False), (False, False), ("x", True)]
+)
+def test_jmespath_truthiness(value, truthy):
+    assert is_truthy(value) is truthy
+
+
+def test_first_matching_rule_applies_and_globs_work():
+    rules = compile_rules(
+        [
+            {"stream": "usage_*", "fields": {**BASE_FIELDS, "meter": "'first'"}},
+            {"stream": "*", "fields": {**BASE_FIELDS, "meter": "'second'"}},
+        ],
+        M3TER_SPECS,
+        {},
+        "m3ter",
+    )
+    assert apply(find_rule(rules, "usage_daily"), RECORD)["meter"] == "first"
+    assert apply(find_rule(rules, "other"), RECORD)["meter"] == "second"
+    only = compile_rules([{"stream": "usage_*", "fields": BASE_FIELDS}], M3TER_SPECS, {}, "m3ter")
+    assert find_rule(only, "events") is None
+
+
+# --- ids -----------------------------------------------------------------------------
+
+
+def test_uid_derived_deterministically_from_key_properties():
+    rule = m3ter_rule()
+    first = apply(rule, {**RECORD, "id": 7, "noise": 1}, keys=("id",))["uid"]
+    again = apply(rule, {**RECORD, "id": 7, "noise": 2}, keys=("id",))["uid"]
+    other = apply(rule, {**RECORD, "id": 8}, keys=("id",))["uid"]
+    assert first == again != other
+    assert first == derive_id("s", {"id": 7}, ("id",))
+
+
+def test_uid_derived_from_whole_record_without_keys_ignoring_sdc_metadata():
+    rule = m3ter_rule()
+    record = {**RECORD, "v": Decimal("1.5")}
+    first = apply(rule, record)["uid"]
+    assert apply(rule, {**record, "_sdc_received_at": "2026-11-21T00:00:00Z"})["uid"] == first
+    assert apply(rule, {**record, "v": Decimal("1.6")})["uid"] != first
+    # key order does not matter
+    assert apply(rule, dict(reversed(list(record.items()))))["uid"] == first
+    # the stream is part of the id
+    assert rule.apply(record, "other", ())["uid"] != first
+
+
+def test_uid_from_rule_when_given():
+    rule = m3ter_rule({"uid": "messageId"})
+    assert apply(rule, {**RECORD, "messageId": "m-1"})["uid"] == "m-1"
+
+
+# --- whole payloads ------------------------------------------------------------------
+
+
+def test_full_m3ter_payload_shape_and_encoding():
+    rule = m3ter_rule(
+        {
+            "uid": "id",
+            "ets": "end",
+            "who": {"user": "user"},
+            "measure": {"tokens": "tokens", "seconds": "seconds"},
+            "cost": {"usd": "usd"},
+        }
+    )
+    record = {
+        **RECORD,
+        "id": "u1",
+        "end": 1795184182,
+        "user": 42,
+        "tokens": 10,
+        "seconds": Decimal("0.1"),
+        "usd": "12345678901234567.891",
+    }
+    body = encode_payload(apply(rule, record))
+    assert body == (
+        b'{"uid":"u1","meter":"api","account":"acme","ts":"2026-11-20T14:15:22Z",'
+        b'"ets":"2026-11-20T14:16:22Z","who":{"user":"42"},'
+        b'"measure":{"tokens":10,"seconds":0.1},"cost":{"usd":12345678901234567.891}}'
+    )
+    json.loads(body)  # valid JSON
+
+
+def test_metronome_properties_numbers_as_strings_or_numbers():
+    for as_strings, expected in [(True, b'"0.1"'), (False, b"0.1")]:
+        specs = MetronomeDestination.field_specs({"metronome_numbers_as_strings": as_strings})
+        rule = compile_rules([{"stream": "s", "preset": "segment"}], specs, MetronomeDestination.presets, "metronome")[0]
+        record = {
+            "type": "track",
+            "messageId": "m1",
+            "event": "API Request",
+            "context": {"groupId": "acme"},
+            "timestamp": dt.datetime(2026, 11, 20, 14, 15, 22, tzinfo=dt.timezone.utc),
+            "properties": {"x": Decimal("0.1"), "nested": {"when": dt.datetime(2026, 1, 1)}, "flag": True},
+        }
+        payload = rule.apply(record, "s", ())
+        body = encode_payload(payload)
+        assert b'"x":' + expected in body
+        assert payload["properties"]["nested"]["when"] == "2026-01-01T00:00:00Z"
+        assert payload["properties"]["flag"] is True
+        assert payload["transaction_id"] == "m1"
+        assert payload["timestamp"] == "2026-11-20T14:15:22Z"
+
+
+def test_preset_fields_are_overridden_by_the_rule():
+    raw = {"stream": "s", "preset": "segment", "fields": {"meter": "'m'", "account": "userId"}}
+    rule = compile_rules([raw], M3TER_SPECS, M3terDestination.presets, "m3ter")[0]
+    record = {"type": "track", "messageId": "m1", "userId": "u1", "context": {"groupId": "g"}, "timestamp": "2026-11-20T14:15:22Z"}
+    payload = rule.apply(record, "s", ())
+    assert payload["account"] == "u1"
+    assert payload["uid"] == "m1"
+    assert rule.apply({**record, "type": "page"}, "s", ()) is None  # preset filter
+
+
+def test_unknown_preset_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown preset 'segmnt'"):
+        m3ter_rule(preset="segmnt")
