@@ -190,6 +190,7 @@ class TargetUsageBilling(Target):
         # Drains only hand batches to the delivery pipeline, which is where the parallelism is.
         self.max_parallelism = 1
         self._stop_signal: int | None = None
+        self._completed = False
         self._install_redaction()
 
     # --- configuration -------------------------------------------------------------------
@@ -247,6 +248,9 @@ class TargetUsageBilling(Target):
 
     def _complete(self, deadline: float | None = None, *, check_limits: bool = True) -> None:
         """Checkpoint, wait for delivery (until ``deadline``), summarise, report failures."""
+        if self._completed:
+            return
+        self._completed = True
         run = self.run_context
         run.checkpoint()
         all_done = run.delivery.wait(deadline)
@@ -292,6 +296,8 @@ class TargetUsageBilling(Target):
             raise
 
     def _complete_after_stop(self, deadline: float | None, *, check_limits: bool) -> None:
+        if self._completed:  # the end-of-input path already completed, then raised
+            return
         run = self.run_context
         try:
             if run.delivery.failure is None:

@@ -176,7 +176,7 @@ def singer(stream: str, records: t.Iterable[dict], *, schema: dict | None = None
             {
                 "type": "SCHEMA",
                 "stream": stream,
-                "schema": schema or {"type": "object", "properties": {}},
+                "schema": schema or {"type": "object", "properties": {}, "additionalProperties": True},
                 "key_properties": list(key_properties),
             }
         )

@@ -14,7 +14,8 @@ Control endpoints (all under /_sandbox):
   POST /expire-tokens            every issued m3ter token expires now
   POST /reset                    forget everything (items, stats, faults, tokens)
 A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D} with
-K one of 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms").
+K one of 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
+expire-tokens (every m3ter token expires just before this request is checked).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from target_usage_billing.sandbox.contracts import (
 )
 
 DESTINATIONS = ("m3ter", "metronome")
-FAULT_KINDS = ("429", "500", "502", "503", "504", "drop", "stored-500", "stored-drop", "slow")
+FAULT_KINDS = (
+    "429", "500", "502", "503", "504", "drop", "stored-500", "stored-drop", "slow", "expire-tokens"
+)
 
 
 @dataclass
@@ -387,6 +390,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     stats.faults_applied += 1
                 if fault.kind == "slow":
                     time.sleep(fault.delay_ms / 1000)
+                elif fault.kind == "expire-tokens":  # this request already meets an expired token
+                    with sandbox.lock:
+                        sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
                 elif fault.kind == "drop":
                     raise _Dropped
                 elif fault.kind in ("429", "500", "502", "503", "504"):
