@@ -212,7 +212,7 @@ class Delivery:
                 stage="api",
                 reason=answer.message,
                 line=item.line,
-                payload=msgspec.json.Raw(item.body),
+                payload=msgspec.Raw(item.body),
             )
             self.stats.add_rejected(stream, "api", answer.message)
             return

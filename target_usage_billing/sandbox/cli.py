@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-rate-limit", action="store_true", help="do not enforce m3ter's published request-rate limits"
     )
+    parser.add_argument(
+        "--refuse-items-containing",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="refuse (400) items whose JSON contains TEXT, as if the API rejected them (repeatable)",
+    )
     parser.add_argument("--m3ter-access-key-id", default=defaults.m3ter_access_key_id)
     parser.add_argument("--m3ter-api-secret", default=defaults.m3ter_api_secret)
     parser.add_argument("--metronome-api-token", default=defaults.metronome_api_token)
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         token_lifetime=args.token_lifetime,
         latency_ms=args.latency_ms,
         data_dir=args.data_dir,
+        refuse_items_containing=args.refuse_items_containing,
     )
     if args.no_rate_limit:
         settings.m3ter_rate_limits = ()

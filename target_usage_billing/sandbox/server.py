@@ -9,12 +9,13 @@ Control endpoints (all under /_sandbox):
   GET  /health                   {"ok": true}
   GET  /stats                    counters per destination
   GET  /items/{m3ter|metronome}  accepted items, one JSON object per line
-  POST /faults                   {"faults": [FAULT, ...], "latency_ms": N, "token_lifetime": S}
+  POST /faults                   {"faults": [FAULT, ...], "latency_ms": N, "token_lifetime": S,
+                                  "refuse_items_containing": [TEXT, ...]}
   DELETE /faults                 clear faults and latency
   POST /expire-tokens            every issued m3ter token expires now
   POST /reset                    forget everything (items, stats, faults, tokens)
 A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D} with
-K one of 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
+K one of 403, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
 expire-tokens (every m3ter token expires just before this request is checked).
 """
 
@@ -46,7 +47,7 @@ from target_usage_billing.sandbox.contracts import (
 
 DESTINATIONS = ("m3ter", "metronome")
 FAULT_KINDS = (
-    "429", "500", "502", "503", "504", "drop", "stored-500", "stored-drop", "slow", "expire-tokens"
+    "403", "429", "500", "502", "503", "504", "drop", "stored-500", "stored-drop", "slow", "expire-tokens"
 )
 
 
@@ -60,6 +61,9 @@ class SandboxSettings:
     # m3ter: 50 requests/s per organization, 5,000 per rolling 5 minutes per source IP
     m3ter_rate_limits: tuple[tuple[int, float], ...] = ((50, 1.0), (5000, 300.0))
     data_dir: Path = Path(".sandbox-data")
+    # items whose JSON contains one of these strings are refused (400), to rehearse
+    # content the API rejects although it passed the target's own checks
+    refuse_items_containing: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -236,6 +240,7 @@ class Sandbox:
         self.faults.clear()
         self.tokens.clear()
         self.settings.latency_ms = 0.0
+        self.settings.refuse_items_containing = []
         self.stats = {name: DestinationStats() for name in DESTINATIONS}
         for store in self.stores.values():
             store.clear()
@@ -395,13 +400,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
                 elif fault.kind == "drop":
                     raise _Dropped
-                elif fault.kind in ("429", "500", "502", "503", "504"):
+                elif fault.kind in ("403", "429", "500", "502", "503", "504"):
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                     raise _json_reply(int(fault.kind), {"message": f"injected {fault.kind}"}, headers)
             if destination == "m3ter":
                 items = self._m3ter_items(raw_body, stats)
             else:
                 items = self._metronome_items(raw_body, stats)
+            self._refuse_marked(destination, items)
             with sandbox.lock:
                 stats.items_received += len(items)
                 stats.max_items_per_request = max(stats.max_items_per_request, len(items))
@@ -424,6 +430,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with sandbox.lock:
                 stats.statuses["dropped"] += 1
             raise
+
+    def _refuse_marked(self, destination: str, items: list[tuple[str | None, bytes]]) -> None:
+        markers = [m.encode() for m in self.server.sandbox.settings.refuse_items_containing]
+        if not markers:
+            return
+        noun = "measurements" if destination == "m3ter" else "events"
+        for index, (_item_id, raw) in enumerate(items):
+            for marker in markers:
+                if marker in raw:
+                    message = f"{noun}[{index}]: refused (contains {marker.decode()!r})"
+                    raise _json_reply(400, {"message": message})
 
     def _m3ter_items(self, body: bytes, stats: DestinationStats) -> list[tuple[str | None, bytes]]:
         self._m3ter_auth()
@@ -484,12 +501,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     sandbox.settings.latency_ms = float(document["latency_ms"])
                 if "token_lifetime" in document:
                     sandbox.settings.token_lifetime = float(document["token_lifetime"])
+                if "refuse_items_containing" in document:
+                    sandbox.settings.refuse_items_containing = list(document["refuse_items_containing"])
             raise _json_reply(200, {"faults_pending": len(sandbox.faults)})
         if method == "DELETE" and action == "faults":
             self._body()
             with sandbox.lock:
                 sandbox.faults.clear()
                 sandbox.settings.latency_ms = 0.0
+                sandbox.settings.refuse_items_containing = []
             raise _json_reply(200, {"faults_pending": 0})
         if method == "POST" and action == "expire-tokens":
             self._body()
