@@ -169,9 +169,7 @@ class HttpTransport:
             self._local.session = session
         return session
 
-    def send_once(
-        self, method: str, url: str, headers: t.Mapping[str, str], body: bytes | None
-    ) -> Response:
+    def send_once(self, method: str, url: str, headers: t.Mapping[str, str], body: bytes | None) -> Response:
         """One request; connection errors and timeouts become RetryableFailure."""
         try:
             answer = self._session().request(
@@ -193,9 +191,7 @@ class HttpTransport:
         def on_backoff(details: dict) -> None:
             self.stats.retried()
             exc = details.get("exception")
-            logger.warning(
-                "%s: %s; retry %d in %.1fs", what, exc, details["tries"], details["wait"]
-            )
+            logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], details["wait"])
 
         retrying = backoff.on_exception(
             backoff_waits,
@@ -224,7 +220,13 @@ def retryable_status(response: Response, what: str) -> RetryableFailure | None:
 
 def _short_reason(exc: Exception) -> str:
     text = str(exc)
-    for marker in ("Connection refused", "Connection aborted", "Connection reset", "RemoteDisconnected", "Name or service not known"):
+    for marker in (
+        "Connection refused",
+        "Connection aborted",
+        "Connection reset",
+        "RemoteDisconnected",
+        "Name or service not known",
+    ):
         if marker in text:
             return marker
     return type(exc).__name__

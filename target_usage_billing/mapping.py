@@ -388,9 +388,7 @@ class CompiledRule:
     def matches(self, stream: str) -> bool:
         return self._stream_regex.match(stream) is not None
 
-    def apply(
-        self, record: dict, stream: str, key_properties: Sequence[str] = ()
-    ) -> dict[str, t.Any] | None:
+    def apply(self, record: dict, stream: str, key_properties: Sequence[str] = ()) -> dict[str, t.Any] | None:
         """The payload for ``record``, None when the filter drops it.
 
         Raises MappingRejection naming the field and expression when the record cannot
@@ -437,9 +435,7 @@ def _compute(field: CompiledField, record: dict) -> t.Any:
         raise MappingRejection(str(exc), spec.name, expression.source) from None
     # map kinds given as one expression yielding an object
     if not isinstance(value, dict):
-        raise MappingRejection(
-            f"expected an object, got {_describe(value)}", spec.name, expression.source
-        )
+        raise MappingRejection(f"expected an object, got {_describe(value)}", spec.name, expression.source)
     out = {}
     for key, item in value.items():
         converted = _map_value(spec, key, item, expression.source)
@@ -450,9 +446,7 @@ def _compute(field: CompiledField, record: dict) -> t.Any:
 
 def _map_value(spec: FieldSpec, key: t.Any, value: t.Any, source: str) -> t.Any:
     name = f"{spec.name}.{key}"
-    if spec.key_pattern is not None and not (
-        isinstance(key, str) and spec.key_pattern.match(key)
-    ):
+    if spec.key_pattern is not None and not (isinstance(key, str) and spec.key_pattern.match(key)):
         raise MappingRejection(
             f"key {key!r} is not a valid data-field code ({spec.key_pattern.pattern})",
             name,
@@ -478,7 +472,7 @@ def compile_rules(
 ) -> list[CompiledRule]:
     """Compile the ``mappings`` setting; raise ConfigError naming the faulty rule/field."""
     if not isinstance(raw_rules, list) or not raw_rules:
-        msg = "mappings: give at least one rule, e.g. [{\"stream\": \"*\", \"fields\": {...}}]"
+        msg = 'mappings: give at least one rule, e.g. [{"stream": "*", "fields": {...}}]'
         raise ConfigError(msg)
     by_name = {spec.name: spec for spec in specs}
     id_fields = [spec.name for spec in specs if spec.kind is FieldKind.ID]
@@ -532,7 +526,8 @@ def compile_rules(
                 keyed = []
                 for key, expr in source.items():
                     if spec.key_pattern is not None and not spec.key_pattern.match(key):
-                        msg = f"{fwhere}: key {key!r} is not a valid data-field code ({spec.key_pattern.pattern})"
+                        pattern = spec.key_pattern.pattern
+                        msg = f"{fwhere}: key {key!r} is not a valid data-field code ({pattern})"
                         raise ConfigError(msg)
                     keyed.append((key, compile_expression(expr, f"{fwhere}.{key}")))
                 compiled_fields.append(CompiledField(spec, None, keyed))

@@ -50,6 +50,7 @@ class Settings:
     max_rejected_records: int | None
     max_rejected_ratio: float | None
     progress_interval_seconds: float
+    load_method: str | None
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any], defaults: t.Mapping[str, t.Any]) -> Settings:
@@ -84,6 +85,12 @@ class Settings:
             raise ConfigError(f"batch_size_rows: must be at least 1, got {self.batch_size_rows}")
         if self.batch_max_bytes is not None and self.batch_max_bytes < 1024:
             raise ConfigError(f"batch_max_bytes: must be at least 1024, got {self.batch_max_bytes}")
+        if self.load_method not in (None, "append-only"):
+            msg = (
+                f"load_method: {self.load_method!r} is not possible with a billing API; usage is "
+                "appended, and re-sent items are de-duplicated by their ids (use append-only)"
+            )
+            raise ConfigError(msg)
         if self.max_rejected_ratio is not None and not 0 <= self.max_rejected_ratio <= 1:
             raise ConfigError(f"max_rejected_ratio: must be between 0 and 1, got {self.max_rejected_ratio}")
 

@@ -71,9 +71,7 @@ class UsageSink(BatchSink):
                 f"{self._max_body}-byte limit"
             )
         if reason is not None:
-            self.run.reject(
-                self.stream_name, record, "validation", MappingRejection(reason), payload=payload
-            )
+            self.run.reject(self.stream_name, record, "validation", MappingRejection(reason), payload=payload)
             return
         items = self._items
         if items and (

@@ -181,9 +181,7 @@ class TargetUsageBilling(Target):
 
     def __init__(self, **kwargs: t.Any):
         super().__init__(**kwargs)
-        defaults = {
-            name: prop.get("default") for name, prop in self.config_jsonschema["properties"].items()
-        }
+        defaults = {name: prop.get("default") for name, prop in self.config_jsonschema["properties"].items()}
         self.run_context = BillingRun(self.config, defaults)
         reader = self.message_reader
         self.run_context.line_number = lambda: reader.line_number

@@ -168,8 +168,14 @@ def run_target(
     return Result(done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
-def singer(stream: str, records: t.Iterable[dict], *, schema: dict | None = None,
-           key_properties: t.Sequence[str] = (), state: dict | None = None) -> list[str]:
+def singer(
+    stream: str,
+    records: t.Iterable[dict],
+    *,
+    schema: dict | None = None,
+    key_properties: t.Sequence[str] = (),
+    state: dict | None = None,
+) -> list[str]:
     """Singer lines for one stream (SCHEMA, RECORDs, optional final STATE)."""
     lines = [
         json.dumps(

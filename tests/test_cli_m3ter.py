@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import datetime as dt
+import json
 from decimal import Decimal
 
 import pytest
@@ -25,8 +25,7 @@ def instant(text: str) -> dt.datetime:
 
 def usage_records(count: int, **fields) -> list[dict]:
     return [
-        {"id": i, "account": f"a{i % 7}", "at": 1795184122 + i, "tokens": i, **fields}
-        for i in range(count)
+        {"id": i, "account": f"a{i % 7}", "at": 1795184122 + i, "tokens": i, **fields} for i in range(count)
     ]
 
 
@@ -52,9 +51,7 @@ def usage_config(sandbox, **overrides):
 def test_example_arrives_once_with_the_right_fields(sandbox, tmp_path):
     result = run_target(tmp_path, m3ter_config(sandbox), EXAMPLE)
     assert result.returncode == 0, result.stderr
-    expected = [
-        r for r in example_records() if r["type"] == "track" and r["event"] == "API Request"
-    ]
+    expected = [r for r in example_records() if r["type"] == "track" and r["event"] == "API Request"]
     stored = {item["uid"]: item for item in sandbox.items("m3ter")}
     assert len(stored) == len(expected) == sandbox.stats("m3ter")["items_received"]
     for record in expected:
@@ -129,7 +126,11 @@ def test_configured_limits_lower_the_batches(sandbox, tmp_path):
 def test_a_record_too_big_for_any_request_is_rejected_alone(sandbox, tmp_path):
     records = usage_records(3)
     records[1]["note"] = "y" * 600_000
-    result = run_target(tmp_path, usage_config(sandbox, dead_letter_path="dead.jsonl", max_rejected_ratio=1), singer("usage", records))
+    result = run_target(
+        tmp_path,
+        usage_config(sandbox, dead_letter_path="dead.jsonl", max_rejected_ratio=1),
+        singer("usage", records),
+    )
     assert result.returncode == 0, result.stderr
     assert sandbox.stats("m3ter")["accepted"] == 2
     dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]

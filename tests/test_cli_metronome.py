@@ -60,8 +60,11 @@ def test_numbers_as_numbers_and_gzip_off(sandbox, tmp_path):
 
 def test_events_outside_the_time_window_are_rejected_locally(sandbox, tmp_path):
     now = dt.datetime.now(dt.timezone.utc)
-    times = {"ok": now - dt.timedelta(days=2), "old": now - dt.timedelta(days=40),
-             "ahead": now + dt.timedelta(days=2)}
+    times = {
+        "ok": now - dt.timedelta(days=2),
+        "old": now - dt.timedelta(days=40),
+        "ahead": now + dt.timedelta(days=2),
+    }
     records = [
         {"id": name, "customer": "c", "at": moment.isoformat(), "n": 1} for name, moment in times.items()
     ]
@@ -69,9 +72,18 @@ def test_events_outside_the_time_window_are_rejected_locally(sandbox, tmp_path):
         sandbox,
         dead_letter_path="dead.jsonl",
         max_rejected_ratio=1,
-        mappings=[{"stream": "usage", "fields": {"transaction_id": "id", "customer_id": "customer",
-                                                 "event_type": "'api'", "timestamp": "at",
-                                                 "properties": {"n": "n"}}}],
+        mappings=[
+            {
+                "stream": "usage",
+                "fields": {
+                    "transaction_id": "id",
+                    "customer_id": "customer",
+                    "event_type": "'api'",
+                    "timestamp": "at",
+                    "properties": {"n": "n"},
+                },
+            }
+        ],
     )
     result = run_target(tmp_path, config, singer("usage", records))
     assert result.returncode == 0, result.stderr

@@ -72,7 +72,9 @@ def test_timestamps_become_utc_iso_with_z(value, expected):
     assert to_utc_timestamp(value) == expected
 
 
-@pytest.mark.parametrize("value", ["yesterday", "", "2026-13-45T00:00:00Z", True, {"a": 1}, [1], Decimal("NaN")])
+@pytest.mark.parametrize(
+    "value", ["yesterday", "", "2026-13-45T00:00:00Z", True, {"a": 1}, [1], Decimal("NaN")]
+)
 def test_unparseable_timestamps_are_refused(value):
     with pytest.raises(ValueError):
         to_utc_timestamp(value)
@@ -147,7 +149,14 @@ def test_data_field_codes_are_checked():
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [("x", "x"), (5, "5"), (Decimal("1.50"), "1.50"), (Decimal("1E+2"), "100"), (True, "true"), (False, "false")],
+    [
+        ("x", "x"),
+        (5, "5"),
+        (Decimal("1.50"), "1.50"),
+        (Decimal("1E+2"), "100"),
+        (True, "true"),
+        (False, "false"),
+    ],
 )
 def test_string_categories_convert_numbers_and_booleans(value, text):
     assert to_string(value) == text
@@ -212,14 +221,20 @@ def test_literals_and_full_jmespath():
     assert payload["measure"] == {"one": 1, "n": 3}
 
 
-@pytest.mark.parametrize(
-    "expression", ["a", "a.b", 'a."odd-key"', "a.b.c"]
-)
+@pytest.mark.parametrize("expression", ["a", "a.b", 'a."odd-key"', "a.b.c"])
 def test_fast_field_paths_answer_like_jmespath(expression):
     import jmespath
 
     compiled = compile_expression(expression, "x")
-    for record in [{}, {"a": None}, {"a": 1}, {"a": {"b": 2}}, {"a": {"b": {"c": 3}}}, {"a": {"odd-key": 4}}, {"a": [1]}]:
+    for record in [
+        {},
+        {"a": None},
+        {"a": 1},
+        {"a": {"b": 2}},
+        {"a": {"b": {"c": 3}}},
+        {"a": {"odd-key": 4}},
+        {"a": [1]},
+    ]:
         assert compiled.search(record) == jmespath.search(expression, record)
 
 
@@ -230,7 +245,8 @@ def test_filter_keeps_truthy_records_only():
 
 
 @pytest.mark.parametrize(
-    ("value", "truthy"), [(0, True), ("", False), ([], False), ({}, False), (None, False), (False, False), ("x", True)]
+    ("value", "truthy"),
+    [(0, True), ("", False), ([], False), ({}, False), (None, False), (False, False), ("x", True)],
 )
 def test_jmespath_truthiness(value, truthy):
     assert is_truthy(value) is truthy
@@ -315,7 +331,9 @@ def test_full_m3ter_payload_shape_and_encoding():
 def test_metronome_properties_numbers_as_strings_or_numbers():
     for as_strings, expected in [(True, b'"0.1"'), (False, b"0.1")]:
         specs = MetronomeDestination.field_specs({"metronome_numbers_as_strings": as_strings})
-        rule = compile_rules([{"stream": "s", "preset": "segment"}], specs, MetronomeDestination.presets, "metronome")[0]
+        rule = compile_rules(
+            [{"stream": "s", "preset": "segment"}], specs, MetronomeDestination.presets, "metronome"
+        )[0]
         record = {
             "type": "track",
             "messageId": "m1",
@@ -336,7 +354,13 @@ def test_metronome_properties_numbers_as_strings_or_numbers():
 def test_preset_fields_are_overridden_by_the_rule():
     raw = {"stream": "s", "preset": "segment", "fields": {"meter": "'m'", "account": "userId"}}
     rule = compile_rules([raw], M3TER_SPECS, M3terDestination.presets, "m3ter")[0]
-    record = {"type": "track", "messageId": "m1", "userId": "u1", "context": {"groupId": "g"}, "timestamp": "2026-11-20T14:15:22Z"}
+    record = {
+        "type": "track",
+        "messageId": "m1",
+        "userId": "u1",
+        "context": {"groupId": "g"},
+        "timestamp": "2026-11-20T14:15:22Z",
+    }
     payload = rule.apply(record, "s", ())
     assert payload["account"] == "u1"
     assert payload["uid"] == "m1"

@@ -94,7 +94,10 @@ def test_m3ter_counts_a_resent_uid_with_a_different_body_as_conflict(sandbox):
 @pytest.mark.parametrize(
     ("item", "where"),
     [
-        ({"meter": "api", "account": "acme", "ts": "2026-11-20T14:15:22Z", "measure": {"n": "x"}}, "measure.n"),
+        (
+            {"meter": "api", "account": "acme", "ts": "2026-11-20T14:15:22Z", "measure": {"n": "x"}},
+            "measure.n",
+        ),
         ({"meter": "api", "ts": "2026-11-20T14:15:22Z"}, "account"),
         ({"meter": "api", "account": "a", "ts": "2026-11-20T14:15:22+01:00"}, "ts"),
         ({"meter": "api", "account": "a", "ts": "2026-11-20T14:15:22Z", "who": {"u": 1}}, "who.u"),
@@ -169,7 +172,9 @@ def test_metronome_accepts_a_bare_array_gzip_or_not_and_deduplicates(sandbox):
 
 def test_metronome_bad_token_is_403(sandbox):
     assert post_events(sandbox, [event()], bearer="wrong").status_code == 403
-    probe = requests.get(f"{sandbox.url}/v1/customers?limit=1", headers={"Authorization": "Bearer wrong"}, timeout=10)
+    probe = requests.get(
+        f"{sandbox.url}/v1/customers?limit=1", headers={"Authorization": "Bearer wrong"}, timeout=10
+    )
     assert probe.status_code == 403
 
 

@@ -47,9 +47,7 @@ class MetronomeDestination(Destination):
         ),
     }
     settings: t.ClassVar[list[th.Property]] = [
-        th.Property(
-            "metronome_api_token", th.StringType, secret=True, description="Metronome API token."
-        ),
+        th.Property("metronome_api_token", th.StringType, secret=True, description="Metronome API token."),
         th.Property(
             "metronome_api_url",
             th.StringType,
@@ -100,7 +98,9 @@ class MetronomeDestination(Destination):
         if moment < now - MAX_AGE:
             return f"timestamp {payload['timestamp']} is more than 34 days in the past (Metronome refuses it)"
         if moment > now + MAX_AHEAD:
-            return f"timestamp {payload['timestamp']} is more than 24 hours in the future (Metronome refuses it)"
+            return (
+                f"timestamp {payload['timestamp']} is more than 24 hours in the future (Metronome refuses it)"
+            )
         return None
 
     @property
@@ -133,8 +133,7 @@ class MetronomeDestination(Destination):
         if status in (401, 403):
             return Answer(
                 Verdict.FATAL,
-                f"Metronome refused the API token ({status} from POST /v1/ingest): "
-                "check metronome_api_token",
+                f"Metronome refused the API token ({status} from POST /v1/ingest): check metronome_api_token",
             )
         if status in (400, 422):
             return Answer(Verdict.REJECTED, f"Metronome answered {status}: {response.text()}")

@@ -26,10 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8787, help="port (0 picks a free one; default 8787)")
     parser.add_argument("--port-file", type=Path, help="write the chosen port to this file once listening")
-    parser.add_argument("--data-dir", type=Path, default=defaults.data_dir, help="where accepted items are stored")
+    parser.add_argument(
+        "--data-dir", type=Path, default=defaults.data_dir, help="where accepted items are stored"
+    )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every ingest answer")
     parser.add_argument(
-        "--token-lifetime", type=float, default=defaults.token_lifetime, help="m3ter token lifetime in seconds"
+        "--token-lifetime",
+        type=float,
+        default=defaults.token_lifetime,
+        help="m3ter token lifetime in seconds",
     )
     parser.add_argument(
         "--fault",

@@ -17,9 +17,7 @@ UTC = dt.timezone.utc
 DataFieldCode = t.Annotated[str, Meta(pattern=r"^[A-Za-z_$][A-Za-z0-9_$]{0,79}$")]
 NonEmpty = t.Annotated[str, Meta(min_length=1)]
 UtcIso = t.Annotated[str, Meta(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")]
-Rfc3339 = t.Annotated[
-    str, Meta(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
-]
+Rfc3339 = t.Annotated[str, Meta(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")]
 
 
 class Measurement(Struct, forbid_unknown_fields=True):

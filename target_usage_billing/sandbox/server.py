@@ -47,7 +47,17 @@ from target_usage_billing.sandbox.contracts import (
 
 DESTINATIONS = ("m3ter", "metronome")
 FAULT_KINDS = (
-    "403", "429", "500", "502", "503", "504", "drop", "stored-500", "stored-drop", "slow", "expire-tokens"
+    "403",
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "drop",
+    "stored-500",
+    "stored-drop",
+    "slow",
+    "expire-tokens",
 )
 
 
@@ -269,7 +279,9 @@ class _Reply(Exception):
 
 
 def _json_reply(status: int, document: t.Any, headers: dict[str, str] | None = None) -> _Reply:
-    return _Reply(status, json.dumps(document).encode(), {"Content-Type": "application/json", **(headers or {})})
+    return _Reply(
+        status, json.dumps(document).encode(), {"Content-Type": "application/json", **(headers or {})}
+    )
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -359,7 +371,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         lifetime = settings.token_lifetime
         raise _json_reply(
             200,
-            {"access_token": token, "token_type": "Bearer", "expires_in": int(lifetime) if lifetime >= 1 else lifetime},
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": int(lifetime) if lifetime >= 1 else lifetime,
+            },
         )
 
     def _m3ter_auth(self) -> None:
