@@ -16,3 +16,20 @@ def test_readme_settings_table_is_in_sync_with_about():
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_meltano_yml_loader_matches_about():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from meltano_settings import about, expected_settings
+    finally:
+        sys.path.pop(0)
+    import yaml
+
+    project = yaml.safe_load((ROOT / "meltano.yml").read_text())
+    (loader,) = [p for p in project["plugins"]["loaders"] if p["name"] == "target-usage-billing"]
+    info = about()
+    assert loader["settings"] == expected_settings(info)
+    assert sorted(loader["capabilities"]) == sorted(info["capabilities"])
+    secrets = {s["name"] for s in loader["settings"] if s.get("sensitive")}
+    assert secrets == {"m3ter_api_secret", "metronome_api_token"}
