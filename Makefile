@@ -18,11 +18,11 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
-	$(BIN)/ruff check target_usage_billing tests benchmarks examples scripts
+	$(BIN)/ruff check .
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check target_usage_billing tests benchmarks examples scripts
+	$(BIN)/ruff check .
 
 docs: $(STAMP)
 	$(BIN)/python scripts/settings_table.py
