@@ -2,10 +2,13 @@
 
 The sink hands over batches of encoded payloads. Up to ``max_in_flight`` batches are
 sent at once by worker threads, so reading never waits on a round trip unless that many
-are outstanding (which also bounds memory). Batches are numbered as they are submitted;
-a STATE is released only when every batch submitted before it was acknowledged by the
-API or its items were written to the dead-letter file. A failed batch is never marked
-done, so no STATE ever covers it.
+are outstanding (which also bounds memory).
+
+STATE: every record read gets an index. A STATE that arrived after N records is
+released once no record with an index below N is still pending — in a sink's buffer or
+in a batch not yet acknowledged (a dead-lettered record is done at once). A batch that
+failed stays pending forever, so no STATE beyond it is ever released, while every STATE
+before it still is. STATEs are written in the order they arrived.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ class Delivery:
         stats: RunStats,
         *,
         max_in_flight: int,
-        on_checkpoint: t.Callable[[dict], None],
+        on_states: t.Callable[[list[dict]], None],
         dry_run: DryRunWriter | None = None,
     ):
         self.destination = destination
@@ -96,15 +99,16 @@ class Delivery:
         self.dead_letters = dead_letters
         self.stats = stats
         self.dry_run = dry_run
-        self._on_checkpoint = on_checkpoint
+        self._on_states = on_states
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._all_done = threading.Condition(self._lock)
         self._next_seq = 0
-        self._done_below = 0  # every batch with seq < this is done
-        self._done: set[int] = set()
-        self._checkpoints: collections.deque[tuple[int, dict]] = collections.deque()
+        # the first record index of each pending batch and of each non-empty sink buffer
+        self._in_flight_first: dict[int, int] = {}
+        self._buffered_first: dict[int, int] = {}
+        self._states: collections.deque[tuple[int, dict]] = collections.deque()
         self.failure: UsageBillingError | None = None
         self.in_flight = 0
         # Set on SIGTERM/SIGINT: past it, nothing waits for delivery any more.
@@ -119,7 +123,12 @@ class Delivery:
 
     # --- called by the reading thread --------------------------------------------------
 
-    def submit(self, stream: str, items: list[Item]) -> None:
+    def buffer_started(self, buffer: int, first_index: int) -> None:
+        """A sink buffer (identified by ``buffer``) received its first record."""
+        with self._lock:
+            self._buffered_first[buffer] = first_index
+
+    def submit(self, stream: str, items: list[Item], buffer: int, first_index: int) -> None:
         """Queue a batch; blocks while ``max_in_flight`` batches are outstanding."""
         self.raise_if_failed()
         while not self._slots.acquire(timeout=0.2):
@@ -130,13 +139,19 @@ class Delivery:
             batch = Batch(self._next_seq, stream, items)
             self._next_seq += 1
             self.in_flight += 1
+            self._in_flight_first[batch.seq] = first_index
+            self._buffered_first.pop(buffer, None)
         self._queue.put(batch)
 
-    def checkpoint(self, state: dict) -> None:
-        """Release ``state`` once every batch submitted so far is done."""
+    def add_state(self, state: dict, bound: int) -> None:
+        """Release ``state`` once every record with an index below ``bound`` is done."""
         with self._lock:
-            self._checkpoints.append((self._next_seq, state))
-            self._release_ready_checkpoints()
+            self._states.append((bound, state))
+            self._release_states()
+
+    @property
+    def has_pending_states(self) -> bool:
+        return bool(self._states)
 
     def wait(self, deadline: float | None = None) -> bool:
         """Wait until every submitted batch is done, one failed, or a deadline passed.
@@ -145,12 +160,12 @@ class Delivery:
         True when everything submitted is done.
         """
         with self._all_done:
-            while self._done_below < self._next_seq and self.failure is None:
+            while self._in_flight_first and self.failure is None:
                 limits = [d for d in (deadline, self.stop_deadline) if d is not None]
                 if limits and time.monotonic() >= min(limits):
                     break
                 self._all_done.wait(0.2)
-            return self._done_below == self._next_seq
+            return not self._in_flight_first
 
     def freeze(self) -> None:
         """Emit no STATE from now on (the process is about to exit)."""
@@ -160,10 +175,6 @@ class Delivery:
     def raise_if_failed(self) -> None:
         if self.failure is not None:
             raise self.failure
-
-    @property
-    def submitted(self) -> int:
-        return self._next_seq
 
     def close(self) -> None:
         for _ in self._workers:
@@ -262,22 +273,21 @@ class Delivery:
 
     def _mark_done(self, seq: int) -> None:
         with self._lock:
-            self._done.add(seq)
-            while self._done_below in self._done:
-                self._done.discard(self._done_below)
-                self._done_below += 1
-            self._release_ready_checkpoints()
+            del self._in_flight_first[seq]
+            self._release_states()
             self._all_done.notify_all()
 
-    def _release_ready_checkpoints(self) -> None:
-        # Called with the lock held. Only the newest ready STATE is worth emitting.
-        if self._frozen:
+    def _release_states(self) -> None:
+        # Called with the lock held, so STATEs are written in order and never concurrently.
+        if self._frozen or not self._states:
             return
-        ready = None
-        while self._checkpoints and self._checkpoints[0][0] <= self._done_below:
-            ready = self._checkpoints.popleft()[1]
-        if ready is not None:
-            self._on_checkpoint(ready)
+        pending = [*self._in_flight_first.values(), *self._buffered_first.values()]
+        frontier = min(pending) if pending else None  # lowest record index not yet done
+        ready = []
+        while self._states and (frontier is None or self._states[0][0] <= frontier):
+            ready.append(self._states.popleft()[1])
+        if ready:
+            self._on_states(ready)
 
     def _fail(self, exc: UsageBillingError) -> None:
         with self._lock:

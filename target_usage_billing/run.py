@@ -137,13 +137,13 @@ class BillingRun:
             self.dead_letters,
             self.stats,
             max_in_flight=settings.max_requests_in_flight,
-            on_checkpoint=self._emit_state,
+            on_states=self._emit_states,
             dry_run=self.dry_run,
         )
         self._rule_cache: dict[str, CompiledRule | None] = {}
         self._warned_unmapped: set[str] = set()
-        self._pending_state: dict | None = None
-        self._last_checkpoint = time.monotonic()
+        self.records_seen = 0  # records read so far; a record's index is its position
+        self._last_flush = time.monotonic()
         self._last_emitted: str | None = None
         self._stdout_lock = threading.Lock()
         self.line_number: t.Callable[[], int] = lambda: 0
@@ -214,41 +214,43 @@ class BillingRun:
     # --- STATE -------------------------------------------------------------------------
 
     def state_received(self, state: t.Any) -> None:
+        """A STATE after ``records_seen`` records: released once they are all done."""
         if state:  # an empty STATE is never emitted
-            self._pending_state = state
+            self.delivery.add_state(state, self.records_seen)
 
-    def checkpoint_due(self) -> bool:
+    def flush_due(self) -> bool:
+        """Whether buffered records should be handed over so that pending STATEs can go.
+
+        Full batches go at once; this bounds how long a partial batch (and so the STATE
+        after it) waits: at most ``state_checkpoint_seconds``.
+        """
         return (
-            self._pending_state is not None
-            and time.monotonic() - self._last_checkpoint >= self.settings.state_checkpoint_seconds
+            self.delivery.has_pending_states
+            and time.monotonic() - self._last_flush >= self.settings.state_checkpoint_seconds
         )
 
-    def checkpoint(self) -> None:
-        """Register the latest STATE: emitted once all batches submitted so far are done.
+    def flushed(self) -> None:
+        self._last_flush = time.monotonic()
 
-        The caller flushes the sinks first, so every record received before it is in a
-        submitted batch or already dead-lettered.
-        """
-        self._last_checkpoint = time.monotonic()
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self.delivery.checkpoint(state)
-
-    def _emit_state(self, state: dict) -> None:
+    def _emit_states(self, states: list[dict]) -> None:
         # Dead letters first: a STATE must never cover a rejection that is not on disk.
         self.dead_letters.sync()
-        try:
-            line = json.dumps(state)
-        except TypeError:  # Decimal bookmarks: keep them exact
-            line = msgspec.json.encode(state, decimal_format="number").decode()
+        lines = []
+        for state in states:
+            try:
+                line = json.dumps(state)
+            except TypeError:  # Decimal bookmarks: keep them exact
+                line = msgspec.json.encode(state, decimal_format="number").decode()
+            if line != self._last_emitted:
+                lines.append(line)
+                self._last_emitted = line
+        if not lines:
+            return
         with self._stdout_lock:
-            if line == self._last_emitted:
-                return
-            self._last_emitted = line
-            sys.stdout.write(line + "\n")
+            sys.stdout.write("".join(line + "\n" for line in lines))
             sys.stdout.flush()
-            self.states_emitted += 1
-        logger.debug("Emitted STATE %s", line)
+            self.states_emitted += len(lines)
+        logger.debug("Emitted STATE %s", lines[-1])
 
     # --- progress and summary ----------------------------------------------------------
 

@@ -28,6 +28,7 @@ class UsageSink(BatchSink):
         self.counts = self.run.stats.stream(self.stream_name)
         self._items: list[Item] = []
         self._item_bytes = 0
+        self._first_index = 0  # index of the buffer's first record (for STATE release)
         destination = self.run.destination
         self._max_items = self.run.max_items_per_request
         self._max_body = self.run.max_body_bytes
@@ -80,6 +81,9 @@ class UsageSink(BatchSink):
         ):
             self._hand_over()
             items = self._items
+        if not items:
+            self._first_index = self.run.records_seen - 1
+            self.run.delivery.buffer_started(id(self), self._first_index)
         items.append(Item(body, record, self.run.line_number()))
         self._item_bytes += size
         counts.mapped += 1
@@ -91,7 +95,7 @@ class UsageSink(BatchSink):
         self._items = []
         self._item_bytes = 0
         if items:
-            self.run.delivery.submit(self.stream_name, items)
+            self.run.delivery.submit(self.stream_name, items, id(self), self._first_index)
 
     def process_batch(self, context: dict) -> None:
         # The SDK drains at end of input, at checkpoints and on schema changes.

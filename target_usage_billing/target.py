@@ -222,21 +222,23 @@ class TargetUsageBilling(Target):
     # --- message handling ----------------------------------------------------------------
 
     def _process_record_message(self, message_dict: dict) -> None:
+        run = self.run_context
+        run.records_seen += 1
         super()._process_record_message(message_dict)
-        if self.run_context.checkpoint_due():
-            self._checkpoint()
+        if run.flush_due():
+            self._flush()
 
     def _process_state_message(self, message_dict: dict) -> None:
         # The SDK's own STATE handling is bypassed (its _latest_state stays None, so its
         # drains never write STATE): a STATE is released only once delivery caught up.
         self._assert_line_requires(message_dict, requires={"value"})
         self.run_context.state_received(message_dict["value"])
-        if self.run_context.checkpoint_due():
-            self._checkpoint()
+        if self.run_context.flush_due():
+            self._flush()
 
-    def _checkpoint(self) -> None:
+    def _flush(self) -> None:
         self.drain_all()  # every buffered payload goes to the delivery pipeline
-        self.run_context.checkpoint()
+        self.run_context.flushed()
         self.run_context.delivery.raise_if_failed()
         self.run_context.check_rejection_limits(final=False)
 
@@ -250,7 +252,6 @@ class TargetUsageBilling(Target):
             return
         self._completed = True
         run = self.run_context
-        run.checkpoint()
         all_done = run.delivery.wait(deadline)
         run.delivery.freeze()  # no STATE is written after this point
         for line in run.summary_lines():

@@ -12,6 +12,7 @@ Control endpoints (all under /_sandbox):
   POST /faults                   {"faults": [FAULT, ...], "latency_ms": N, "token_lifetime": S,
                                   "refuse_items_containing": [TEXT, ...]}
   DELETE /faults                 clear faults and latency
+  GET  /tokens                   the m3ter tokens issued so far
   POST /expire-tokens            every issued m3ter token expires now
   POST /reset                    forget everything (items, stats, faults, tokens)
 A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D} with
@@ -527,6 +528,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 sandbox.settings.latency_ms = 0.0
                 sandbox.settings.refuse_items_containing = []
             raise _json_reply(200, {"faults_pending": 0})
+        if method == "GET" and action == "tokens":  # for tests that grep output for tokens
+            with sandbox.lock:
+                raise _json_reply(200, {"tokens": list(sandbox.tokens)})
         if method == "POST" and action == "expire-tokens":
             self._body()
             with sandbox.lock:

@@ -1,0 +1,414 @@
+"""Delivery guarantees with real processes: crashes, signals, outages, faults, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import (
+    M3TER_SECRET,
+    METRONOME_TOKEN,
+    TARGET,
+    m3ter_config,
+    metronome_config,
+    run_target,
+    singer,
+)
+
+FAKE_TAP = str(Path(__file__).with_name("fake_tap.py"))
+USAGE_RULE_M3TER = {
+    "stream": "usage",
+    "fields": {
+        "meter": "'tokens'",
+        "account": "account",
+        "ts": "at",
+        "measure": {"tokens": "tokens"},
+        "metadata": {"note": "note"},
+    },
+}
+USAGE_RULE_METRONOME = {
+    "stream": "usage",
+    "fields": {
+        "customer_id": "account",
+        "event_type": "'tokens'",
+        "timestamp": "now_ts",
+        "properties": {"tokens": "tokens", "note": "note"},
+    },
+}
+
+
+class Pipeline:
+    """fake_tap | target-usage-billing, with the target's stdout (STATE) in a file."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict,
+        count: int,
+        *,
+        state: dict | None = None,
+        every: int = 100,
+        pause: float = 0.0,
+        name: str = "run",
+    ):
+        self.tmp = tmp
+        config_path = tmp / f"{name}-config.json"
+        config_path.write_text(json.dumps(config))
+        tap_args = [
+            sys.executable,
+            FAKE_TAP,
+            "--count",
+            str(count),
+            "--every",
+            str(every),
+            "--pause",
+            str(pause),
+        ]
+        if state is not None:
+            state_path = tmp / f"{name}-state-in.json"
+            state_path.write_text(json.dumps(state))
+            tap_args += ["--state", str(state_path)]
+        self.stdout_path = tmp / f"{name}-stdout.txt"
+        self.stderr_path = tmp / f"{name}-stderr.txt"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TARGET_USAGE_BILLING_")}
+        self.tap = subprocess.Popen(tap_args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.target = subprocess.Popen(
+                [TARGET, "--config", str(config_path)],
+                stdin=self.tap.stdout,
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=tmp,
+            )
+        self.tap.stdout.close()
+
+    def wait(self, timeout: float = 120) -> int:
+        code = self.target.wait(timeout)
+        self.tap.wait(timeout)
+        return code
+
+    def kill(self) -> None:
+        self.target.send_signal(signal.SIGKILL)
+        self.wait()
+
+    @property
+    def states(self) -> list[dict]:
+        # only complete lines: a SIGKILL can cut the last one
+        text = self.stdout_path.read_text()
+        return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def wait_until(predicate, timeout: float = 60, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(step)
+
+
+def position(state: dict | None) -> int:
+    return state["bookmarks"]["usage"]["position"] if state else 0
+
+
+def crash_config(sandbox, **overrides) -> dict:
+    settings = {
+        "mappings": [USAGE_RULE_M3TER],
+        "batch_size_rows": 50,
+        "max_requests_in_flight": 3,
+        "state_checkpoint_seconds": 0.1,
+        **overrides,
+    }
+    return m3ter_config(sandbox, **settings)
+
+
+# --- crashes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kill_after_requests", [1, 6, 15])
+def test_sigkill_then_resume_from_last_state_loses_nothing_and_resends_identically(
+    sandbox, tmp_path, kill_after_requests
+):
+    total = 2000
+    sandbox.faults(latency_ms=60)  # keep requests in flight when the kill lands
+    config = crash_config(sandbox)
+    first = Pipeline(tmp_path, config, total, every=50, pause=0.02, name="first")
+    wait_until(lambda: sandbox.stats("m3ter")["requests"] >= kill_after_requests)
+    first.kill()
+    states = first.states
+    positions = [position(s) for s in states]
+    assert positions == sorted(positions), "STATE never goes backwards"
+    stored_at_kill = sandbox.stats("m3ter")["stored"]
+    # every STATE emitted covers only acknowledged records
+    assert not positions or positions[-1] <= stored_at_kill
+    resume = states[-1] if states else None
+    second = Pipeline(tmp_path, config, total, state=resume, every=50, name="second")
+    assert second.wait() == 0, second.stderr
+    stats = sandbox.stats("m3ter")
+    ids = sorted(int(item["metadata"]["note"][1:]) for item in sandbox.items("m3ter"))
+    assert ids == list(range(total)), "every record delivered exactly once in the store"
+    assert stats["conflicts"] == 0, "a re-sent id always carries the same body"
+    assert position(second.states[-1]) == total
+
+
+def test_sigkill_after_input_ended_while_draining(sandbox, tmp_path):
+    total = 600
+    sandbox.faults(latency_ms=400)
+    config = crash_config(sandbox, max_requests_in_flight=2)
+    first = Pipeline(tmp_path, config, total, every=50, name="first")
+    wait_until(lambda: first.tap.poll() is not None)  # the tap finished writing
+    wait_until(lambda: sandbox.stats("m3ter")["requests"] >= 2)
+    first.kill()
+    resume = first.states[-1] if first.states else None
+    assert position(resume) < total  # the kill landed before everything was acknowledged
+    sandbox.faults(latency_ms=0)
+    second = Pipeline(tmp_path, config, total, state=resume, every=50, name="second")
+    assert second.wait() == 0, second.stderr
+    assert sandbox.stats("m3ter")["stored"] == total
+    assert sandbox.stats("m3ter")["conflicts"] == 0
+
+
+def test_state_progresses_during_a_long_run(sandbox, tmp_path):
+    config = crash_config(sandbox, state_checkpoint_seconds=0.2)
+    run = Pipeline(tmp_path, config, 1500, every=100, pause=0.05)
+    assert run.wait() == 0, run.stderr
+    positions = [position(s) for s in run.states]
+    assert len(positions) >= 3
+    assert positions == sorted(set(positions))  # increasing, no repeats, never empty
+    assert positions[-1] == 1500
+
+
+# --- signals ---------------------------------------------------------------------------
+
+
+def test_sigterm_mid_run_delivers_what_was_received_and_exits_zero(sandbox, tmp_path):
+    config = crash_config(sandbox, shutdown_grace_seconds=20)
+    run = Pipeline(tmp_path, config, 100_000, every=100, pause=0.05)
+    wait_until(lambda: sandbox.stats("m3ter")["stored"] >= 300)
+    run.target.send_signal(signal.SIGTERM)
+    code = run.wait()
+    assert code == 0, run.stderr
+    assert "Received SIGTERM" in run.stderr
+    stored = sandbox.stats("m3ter")["stored"]
+    last = position(run.states[-1])
+    assert 300 <= last <= stored < 100_000
+    # everything before the last STATE is in the store, once
+    ids = sorted(int(item["metadata"]["note"][1:]) for item in sandbox.items("m3ter"))
+    assert ids[:last] == list(range(last))
+    assert sandbox.stats("m3ter")["conflicts"] == 0
+
+
+def test_sigterm_during_an_outage_exits_nonzero_after_the_grace_period(sandbox, tmp_path):
+    config = crash_config(sandbox, shutdown_grace_seconds=1, max_retry_seconds=300)
+    run = Pipeline(tmp_path, config, 100_000, every=50, pause=0.05)
+    wait_until(lambda: sandbox.stats("m3ter")["stored"] >= 200)
+    sandbox.faults({"kind": "503", "every": 1})  # from now on every request fails
+    wait_until(lambda: sandbox.stats("m3ter")["statuses"].get("503", 0) >= 2)
+    started = time.monotonic()
+    run.target.send_signal(signal.SIGTERM)
+    code = run.wait(timeout=60)
+    assert code == 7, run.stderr
+    assert time.monotonic() - started < 30
+    error = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "stopped before everything received was delivered" in error[0]
+    stored = sandbox.stats("m3ter")["stored"]
+    assert position(run.states[-1]) <= stored
+
+
+def test_outage_longer_than_the_retry_budget_is_a_clear_fatal_error(sandbox, tmp_path):
+    config = crash_config(sandbox, max_retry_seconds=2)
+    run = Pipeline(tmp_path, config, 5000, every=100, pause=0.02)
+    wait_until(lambda: sandbox.stats("m3ter")["stored"] >= 300)
+    sandbox.faults({"kind": "503", "every": 1})
+    code = run.wait(timeout=120)
+    assert code == 4, run.stderr
+    error = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1
+    assert "retry budget" in error[0] and "503" in error[0]
+    assert "Traceback" not in run.stderr
+    stored = sandbox.stats("m3ter")["stored"]
+    assert 300 <= position(run.states[-1]) <= stored
+
+
+# --- faults ------------------------------------------------------------------------------
+
+ALL_FAULTS = [
+    {"kind": "429", "count": 2, "retry_after": "1"},
+    {"kind": "429", "count": 1, "retry_after": "Sat, 01 Jan 2000 00:00:00 GMT"},
+    {"kind": "500", "count": 1},
+    {"kind": "502", "count": 1},
+    {"kind": "503", "count": 1},
+    {"kind": "504", "count": 1},
+    {"kind": "drop", "count": 2},
+    {"kind": "stored-500", "count": 2},
+    {"kind": "stored-drop", "count": 1},
+    {"kind": "slow", "count": 1, "delay_ms": 2500},
+]
+
+
+@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+def test_all_faults_together_lose_nothing(sandbox, tmp_path, destination):
+    faults = ALL_FAULTS + ([{"kind": "expire-tokens", "count": 1}] if destination == "m3ter" else [])
+    sandbox.faults(*faults)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    records = [
+        {"id": i, "account": f"a{i % 5}", "at": 1795184122 + i, "now_ts": now, "tokens": i, "note": f"n{i}"}
+        for i in range(1500)
+    ]
+    if destination == "m3ter":
+        config = m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER], request_timeout_seconds=1)
+    else:
+        config = metronome_config(sandbox, mappings=[USAGE_RULE_METRONOME], request_timeout_seconds=1)
+    result = run_target(tmp_path, config, singer("usage", records, key_properties=["id"]))
+    assert result.returncode == 0, result.stderr
+    stats = sandbox.stats(destination)
+    assert stats["faults_applied"] >= len(faults)
+    assert stats["stored"] == 1500
+    assert stats["conflicts"] == 0
+    assert stats["duplicates"] >= 1  # lost acknowledgements were re-sent, and de-duplicated
+
+
+# --- bad records and limits --------------------------------------------------------------
+
+
+def bad_mix(count: int, bad_every: int, destination: str = "m3ter") -> list[dict]:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    records = []
+    for i in range(count):
+        record = {
+            "id": i,
+            "account": f"a{i % 5}",
+            "at": 1795184122 + i,
+            "now_ts": now,
+            "tokens": i,
+            "note": f"n{i}",
+        }
+        if i % bad_every == 0:
+            kind = (i // bad_every) % 3
+            if kind == 0 and destination == "m3ter":
+                record["tokens"] = "lots"  # m3ter measures are numbers
+            elif kind == 0:
+                record["account"] = None  # Metronome needs a customer (properties are free-form)
+            elif kind == 1:
+                record["at"] = record["now_ts"] = "not a time"
+            else:
+                record["account"] = ""
+        records.append(record)
+    return records
+
+
+@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+def test_bad_record_mix_under_the_limit_delivers_all_good_ones(sandbox, tmp_path, destination):
+    records = bad_mix(3000, bad_every=50, destination=destination)  # 2 % bad
+    bad_ids = {r["id"] for r in records if r["id"] % 50 == 0}
+    make = m3ter_config if destination == "m3ter" else metronome_config
+    rule = USAGE_RULE_M3TER if destination == "m3ter" else USAGE_RULE_METRONOME
+    config = make(sandbox, mappings=[rule], dead_letter_path="dead.jsonl")
+    if destination == "metronome":
+        config["metronome_numbers_as_strings"] = False
+    result = run_target(tmp_path, config, singer("usage", records, key_properties=["id"], state={"done": 1}))
+    assert result.returncode == 0, result.stderr
+    assert sandbox.stats(destination)["stored"] == 3000 - len(bad_ids)
+    dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert {d["record"]["id"] for d in dead} == bad_ids
+    assert all(d["reason"] and d["stage"] == "mapping" for d in dead)
+    assert result.states == [{"done": 1}]
+    assert f"rejected {len(bad_ids)}" in result.stderr
+
+
+def test_bad_record_mix_over_the_limit_stops_checkpoints_and_exits_6(sandbox, tmp_path):
+    good = [{"id": i, "account": "a", "at": 1795184122 + i, "tokens": i, "note": "n"} for i in range(2000)]
+    bad = [{"id": 5000 + i, "account": "a", "at": "never", "tokens": i, "note": "n"} for i in range(500)]
+    lines = (
+        singer("usage", good, key_properties=["id"], state={"bookmarks": {"usage": {"position": 2000}}})
+        + singer("usage", bad, key_properties=["id"])[1:]
+        + singer("usage", good[:10], key_properties=["id"])[1:]
+    )
+    config = m3ter_config(
+        sandbox, mappings=[USAGE_RULE_M3TER], dead_letter_path="dead.jsonl", max_rejected_ratio=0.1
+    )
+    result = run_target(tmp_path, config, lines)
+    assert result.returncode == 6, result.stderr
+    assert len(result.error_lines) == 1 and "max_rejected_ratio=0.1" in result.error_lines[0]
+    assert sandbox.stats("m3ter")["stored"] == 2000  # what came before was delivered
+    assert result.states == [{"bookmarks": {"usage": {"position": 2000}}}]  # and checkpointed
+    dead = (tmp_path / "dead.jsonl").read_text().splitlines()
+    assert 200 < len(dead) <= 500  # stopped reading once over the limit
+
+
+def test_max_rejected_records_count_limit(sandbox, tmp_path):
+    records = bad_mix(1000, bad_every=100)  # 10 bad
+    config = m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER], max_rejected_records=5, max_rejected_ratio=1)
+    result = run_target(tmp_path, config, singer("usage", records))
+    assert result.returncode == 6
+    assert "over max_rejected_records=5" in result.error_lines[0]
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_malformed_json_line_stops_with_the_line_number_after_checkpointing(sandbox, tmp_path):
+    good = [{"id": i, "account": "a", "at": 1795184122 + i, "tokens": i, "note": "n"} for i in range(300)]
+    lines = singer("usage", good, state={"bookmarks": {"usage": {"position": 300}}})
+    lines.append('{"type": "RECORD", "stream": "usage", "record": {"id": 1')  # line 303
+    lines += singer("usage", good)[1:]
+    result = run_target(tmp_path, m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER]), lines)
+    assert result.returncode == 5
+    assert len(result.error_lines) == 1
+    assert "line 303: not valid JSON" in result.error_lines[0]
+    assert sandbox.stats("m3ter")["stored"] == 300
+    assert result.states == [{"bookmarks": {"usage": {"position": 300}}}]
+
+
+def test_record_before_schema_names_the_line_and_stream(sandbox, tmp_path):
+    lines = singer("usage", [{"id": 1, "account": "a", "at": 1795184122, "tokens": 1, "note": "n"}])
+    lines.append(json.dumps({"type": "RECORD", "stream": "ghost", "record": {"id": 2}}))
+    result = run_target(tmp_path, m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER]), lines)
+    assert result.returncode == 5
+    assert "line 3:" in result.error_lines[0] and "'ghost'" in result.error_lines[0]
+    assert sandbox.stats("m3ter")["stored"] == 1
+
+
+def test_unknown_message_types_and_blank_lines_are_skipped(sandbox, tmp_path):
+    lines = singer("usage", [{"id": 1, "account": "a", "at": 1795184122, "tokens": 1, "note": "n"}])
+    lines[1:1] = ['{"type": "SURPRISE", "value": 1}', ""]
+    result = run_target(tmp_path, m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER]), lines)
+    assert result.returncode == 0, result.stderr
+    assert "line 2: skipping message of unknown type 'SURPRISE'" in result.stderr
+    assert sandbox.stats("m3ter")["stored"] == 1
+
+
+# --- secrets ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+def test_debug_logging_shows_no_secret_and_no_token(sandbox, tmp_path, destination):
+    records = bad_mix(500, bad_every=100)
+    if destination == "m3ter":
+        config = m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER], dead_letter_path="dead.jsonl")
+        sandbox.faults({"kind": "expire-tokens", "count": 1}, {"kind": "500", "count": 1})
+    else:
+        config = metronome_config(sandbox, mappings=[USAGE_RULE_METRONOME], dead_letter_path="dead.jsonl")
+        sandbox.faults({"kind": "500", "count": 1})
+    result = run_target(tmp_path, config, singer("usage", records), args=["--log-level", "DEBUG"])
+    assert result.returncode == 0, result.stderr
+    assert "DEBUG" in result.stderr  # debug logging was really on
+    tokens = requests.get(f"{sandbox.url}/_sandbox/tokens", timeout=10).json()["tokens"]
+    secrets = [M3TER_SECRET, METRONOME_TOKEN, *tokens]
+    if destination == "m3ter":
+        assert len(tokens) == 2  # the first token expired and was renewed
+    outputs = result.stdout + result.stderr + (tmp_path / "dead.jsonl").read_text()
+    for secret in secrets:
+        assert secret not in outputs
