@@ -34,6 +34,7 @@ class LineReader(GenericSingerReader[str]):
         self.line_number = 0
         self.waiting_for_input = False  # True only while blocked on the next line
         self.stop_requested = False
+        self.current_stream: str | None = None
 
     @property
     def default_input(self) -> t.IO[t.Any]:
@@ -70,6 +71,7 @@ class LineReader(GenericSingerReader[str]):
                 continue  # a blank line carries nothing; taps sometimes end with one
             message = self.deserialize_json(line)
             kind = message.get("type")
+            self.current_stream = message.get("stream")
             callback = callbacks.get(kind) if isinstance(kind, str) else None
             if callback is None:
                 # Unknown message types cannot carry usage: skip them, loudly.

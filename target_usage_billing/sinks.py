@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typing as t
 
+from singer_sdk.exceptions import InvalidRecord
 from singer_sdk.sinks import BatchSink
 
 from target_usage_billing.delivery import Item
@@ -29,6 +30,7 @@ class UsageSink(BatchSink):
         self._items: list[Item] = []
         self._item_bytes = 0
         self._first_index = 0  # index of the buffer's first record (for STATE release)
+        self._schema_error: str | None = None
         destination = self.run.destination
         self._max_items = self.run.max_items_per_request
         self._max_body = self.run.max_body_bytes
@@ -48,12 +50,29 @@ class UsageSink(BatchSink):
             return super().get_validator()
         return None
 
+    def _validate_and_parse(self, record: dict) -> dict:
+        # The SDK stops the whole run on one record that breaks its schema or one
+        # unparseable date-time; here that record is dead-lettered and the run goes on.
+        self._schema_error = None
+        try:
+            if self._validator is not None:
+                self._validator.validate(record)
+            self._parse_timestamps_in_record(
+                record=record, schema=self.schema, treatment=self.datetime_error_treatment
+            )
+        except (InvalidRecord, ValueError) as exc:
+            self._schema_error = str(exc).splitlines()[0]
+        return record
+
     def process_record(self, record: dict, context: dict) -> None:
         counts = self.counts
         counts.read += 1
         rule = self.rule
         if rule is None:
             counts.unmapped += 1
+            return
+        if self._schema_error is not None:
+            self.run.reject(self.stream_name, record, "schema", MappingRejection(self._schema_error))
             return
         try:
             payload = rule.apply(record, self.stream_name, self._keys)

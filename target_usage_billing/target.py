@@ -285,10 +285,12 @@ class TargetUsageBilling(Target):
         except (*_INPUT_ERRORS, InputError, RejectionLimitError) as exc:
             # Deliver and checkpoint everything received before the bad input, then stop.
             line = self.message_reader.line_number
+            stream = self.message_reader.current_stream
             self._complete_after_stop(None, check_limits=False)
             if isinstance(exc, UsageBillingError):
                 raise
-            msg = f"line {line}: {exc}".replace("\n", " ")
+            where = f"line {line}" + (f" (stream '{stream}')" if stream else "")
+            msg = f"{where}: {exc}".replace("\n", " ")
             raise InputError(msg) from None
         except UsageBillingError:
             self._complete_after_stop(time.monotonic(), check_limits=False)

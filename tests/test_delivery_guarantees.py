@@ -377,7 +377,7 @@ def test_record_before_schema_names_the_line_and_stream(sandbox, tmp_path):
     lines.append(json.dumps({"type": "RECORD", "stream": "ghost", "record": {"id": 2}}))
     result = run_target(tmp_path, m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER]), lines)
     assert result.returncode == 5
-    assert "line 3:" in result.error_lines[0] and "'ghost'" in result.error_lines[0]
+    assert "line 3 (stream 'ghost'):" in result.error_lines[0]
     assert sandbox.stats("m3ter")["stored"] == 1
 
 
@@ -412,3 +412,37 @@ def test_debug_logging_shows_no_secret_and_no_token(sandbox, tmp_path, destinati
     outputs = result.stdout + result.stderr + (tmp_path / "dead.jsonl").read_text()
     for secret in secrets:
         assert secret not in outputs
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_records_breaking_their_schema_are_dead_lettered_not_fatal(sandbox, tmp_path, validate):
+    schema = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "account": {"type": "string"},
+            "at": {"type": "string", "format": "date-time"},
+            "tokens": {"type": "integer"},
+            "note": {"type": "string"},
+        },
+    }
+    records = [
+        {"id": i, "account": "a", "at": "2026-11-20T10:00:00Z", "tokens": i, "note": "n"} for i in range(50)
+    ]
+    records[10]["at"] = "garbage"  # unparseable date-time: the SDK alone would stop the run
+    records[20]["tokens"] = "7"  # breaks the schema (a string), still a valid number for m3ter
+    config = m3ter_config(
+        sandbox,
+        mappings=[USAGE_RULE_M3TER],
+        dead_letter_path="dead.jsonl",
+        max_rejected_ratio=1,
+        validate_records=validate,
+    )
+    result = run_target(tmp_path, config, singer("usage", records, schema=schema))
+    assert result.returncode == 0, result.stderr
+    dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    expected_bad = {10, 20} if validate else {10}
+    assert {d["record"]["id"] for d in dead} == expected_bad
+    assert all(d["stage"] == "schema" for d in dead)
+    assert "timestamp" in dead[0]["reason"] or "garbage" in dead[0]["reason"]
+    assert sandbox.stats("m3ter")["stored"] == 50 - len(expected_bad)
