@@ -153,6 +153,10 @@ class Delivery:
     def has_pending_states(self) -> bool:
         return bool(self._states)
 
+    @property
+    def has_buffered(self) -> bool:
+        return bool(self._buffered_first)
+
     def wait(self, deadline: float | None = None) -> bool:
         """Wait until every submitted batch is done, one failed, or a deadline passed.
 

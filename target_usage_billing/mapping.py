@@ -22,6 +22,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 import jmespath
 import jmespath.exceptions
+import jmespath.visitor as _jp
 import msgspec
 
 from target_usage_billing.errors import ConfigError
@@ -143,6 +144,75 @@ def _path_getter(keys: list[str]) -> Callable[[t.Any], t.Any]:
     return get_path
 
 
+def _compile_node(node: dict) -> Callable[[t.Any], t.Any] | None:
+    """A Python closure for the common JMESPath subset, None for anything else.
+
+    Covers field paths, ``@``, literals, comparisons, ``&&``, ``||`` and ``!`` with the
+    exact semantics of the jmespath package (its own helpers decide equality, ordering
+    and truthiness); other expressions use the jmespath interpreter.
+    """
+    kind = node["type"]
+    path = _field_path(node)
+    if path is not None:
+        return _path_getter(path)
+    if kind == "current":
+        return lambda value: value
+    if kind == "literal":
+        literal = node["value"]
+        return lambda _value: literal
+    parts = [_compile_node(child) for child in node["children"]]
+    if any(part is None for part in parts):
+        return None
+    if kind == "subexpression":
+
+        def chain(value: t.Any) -> t.Any:
+            for part in parts:
+                value = part(value)  # type: ignore[misc]
+            return value
+
+        return chain
+    if kind == "comparator":
+        left, right = parts
+        compare = _jp.TreeInterpreter.COMPARATOR_FUNC[node["value"]]
+        if node["value"] in ("eq", "ne"):
+            return lambda value: compare(left(value), right(value))  # type: ignore[misc]
+
+        def ordered(value: t.Any) -> t.Any:
+            a, b = left(value), right(value)  # type: ignore[misc]
+            if not (_jp._is_comparable(a) and _jp._is_comparable(b)):
+                return None
+            return compare(a, b)
+
+        return ordered
+    if kind == "and_expression":
+        left, right = parts
+
+        def both(value: t.Any) -> t.Any:
+            matched = left(value)  # type: ignore[misc]
+            return right(value) if is_truthy(matched) else matched  # type: ignore[misc]
+
+        return both
+    if kind == "or_expression":
+        left, right = parts
+
+        def either(value: t.Any) -> t.Any:
+            matched = left(value)  # type: ignore[misc]
+            return matched if is_truthy(matched) else right(value)  # type: ignore[misc]
+
+        return either
+    if kind == "not_expression":
+        (inner,) = parts
+
+        def negate(value: t.Any) -> t.Any:
+            result = inner(value)  # type: ignore[misc]
+            if _jp._is_actual_number(result) and result == 0:
+                return False  # JMESPath: !0 is false
+            return not result
+
+        return negate
+    return None
+
+
 def compile_expression(source: t.Any, where: str) -> Expression:
     """Compile one JMESPath expression, or raise ConfigError naming ``where``."""
     if not isinstance(source, str) or not source.strip():
@@ -154,13 +224,8 @@ def compile_expression(source: t.Any, where: str) -> Expression:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         msg = f"{where}: expression {source!r} does not compile: {detail}"
         raise ConfigError(msg) from None
-    path = _field_path(compiled.parsed)
-    if path is not None:
-        return Expression(source, _path_getter(path))
-    if compiled.parsed["type"] == "literal":
-        literal = compiled.parsed["value"]
-        return Expression(source, lambda _record: literal)
-    return Expression(source, compiled.search)
+    fast = _compile_node(compiled.parsed)
+    return Expression(source, fast if fast is not None else compiled.search)
 
 
 def is_truthy(value: t.Any) -> bool:
@@ -346,23 +411,113 @@ def derive_id(stream: str, record: Mapping[str, t.Any], key_properties: Sequence
 
 
 class CompiledField:
-    """How one payload field is computed: one expression, or one per key of a map."""
+    """How one payload field is computed: ``compute(record)`` gives its value or None."""
 
-    __slots__ = ("expression", "key_expressions", "spec")
+    __slots__ = ("compute", "source", "spec")
 
-    def __init__(
-        self,
-        spec: FieldSpec,
-        expression: Expression | None,
-        key_expressions: list[tuple[str, Expression]] | None,
-    ):
+    def __init__(self, spec: FieldSpec, compute: Callable[[t.Any], t.Any], source: str | None):
         self.spec = spec
-        self.expression = expression
-        self.key_expressions = key_expressions
+        self.compute = compute
+        self.source = source  # the expression, for error messages
 
 
 _MAP_KINDS = (FieldKind.STRING_MAP, FieldKind.NUMBER_MAP, FieldKind.OBJECT)
-_NOTHING = Expression("", lambda _record: None)
+
+
+def _text(value: t.Any) -> str | None:
+    converted = value if type(value) is str else to_string(value)
+    return converted if converted and not converted.isspace() else None
+
+
+def _exact_number(value: t.Any) -> t.Any:
+    kind = type(value)
+    if kind is int or (kind is Decimal and value.is_finite()):
+        return value
+    return to_number(value)
+
+
+def _map_value_converter(spec: FieldSpec) -> Callable[[t.Any], t.Any]:
+    if spec.kind is FieldKind.NUMBER_MAP:
+        return _exact_number
+    if spec.kind is FieldKind.STRING_MAP:
+        return lambda value: value if type(value) is str else to_string(value)
+    as_strings = spec.numbers_as_strings
+    return lambda value: to_json_value(value, as_strings)
+
+
+def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
+    """Specialise the field's computation once, so each record pays only for its kind."""
+    name = spec.name
+    if isinstance(source, dict) and spec.kind in _MAP_KINDS:
+        if not source:
+            raise ConfigError(f"{where}: give at least one key")
+        convert = _map_value_converter(spec)
+        keyed = []
+        for key, expression_source in source.items():
+            if spec.key_pattern is not None and not spec.key_pattern.match(key):
+                pattern = spec.key_pattern.pattern
+                raise ConfigError(f"{where}: key {key!r} is not a valid data-field code ({pattern})")
+            expression = compile_expression(expression_source, f"{where}.{key}")
+            keyed.append((key, expression.search, expression.source, f"{name}.{key}"))
+
+        def compute_keyed(record: dict) -> t.Any:
+            out = {}
+            for key, get, expression_source, field_name in keyed:
+                try:
+                    value = get(record)
+                except Exception as exc:  # e.g. a JMESPath function given the wrong type
+                    msg = f"expression failed: {exc}"
+                    raise MappingRejection(msg, field_name, expression_source) from None
+                if value is None:
+                    continue  # a null key is left out
+                try:
+                    out[key] = convert(value)
+                except ValueError as exc:
+                    raise MappingRejection(str(exc), field_name, expression_source) from None
+            return out or None
+
+        return CompiledField(spec, compute_keyed, None)
+
+    expression = compile_expression(source, where)
+    get = expression.search
+    if spec.kind in _MAP_KINDS:
+        convert = _map_value_converter(spec)
+        key_pattern = spec.key_pattern
+
+        def compute_object(record: dict) -> t.Any:
+            value = get(record)
+            if value is None:
+                return None
+            if not isinstance(value, dict):
+                msg = f"expected an object, got {_describe(value)}"
+                raise MappingRejection(msg, name, expression.source)
+            out = {}
+            for key, item in value.items():
+                if key_pattern is not None and not (isinstance(key, str) and key_pattern.match(key)):
+                    msg = f"key {key!r} is not a valid data-field code ({key_pattern.pattern})"
+                    raise MappingRejection(msg, f"{name}.{key}", expression.source)
+                if item is None:
+                    continue
+                try:
+                    out[key] = convert(item)
+                except ValueError as exc:
+                    raise MappingRejection(str(exc), f"{name}.{key}", expression.source) from None
+            return out or None
+
+        return CompiledField(spec, compute_object, expression.source)
+
+    convert = to_utc_timestamp if spec.kind is FieldKind.TIMESTAMP else _text
+
+    def compute_scalar(record: dict) -> t.Any:
+        value = get(record)
+        if value is None:
+            return None
+        try:
+            return convert(value)
+        except ValueError as exc:
+            raise MappingRejection(str(exc), name, expression.source) from None
+
+    return CompiledField(spec, compute_scalar, expression.source)
 
 
 class CompiledRule:
@@ -374,7 +529,6 @@ class CompiledRule:
         stream_pattern: str,
         filter_expression: Expression | None,
         fields: list[CompiledField],
-        id_field: str | None,
         preset: str | None,
     ):
         self.index = index
@@ -382,8 +536,10 @@ class CompiledRule:
         self._stream_regex = re.compile(fnmatch.translate(stream_pattern))
         self.filter = filter_expression
         self.fields = fields
-        self.id_field = id_field
         self.preset = preset
+        self._plan = [
+            (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
+        ]
 
     def matches(self, stream: str) -> bool:
         return self._stream_regex.match(stream) is not None
@@ -392,76 +548,30 @@ class CompiledRule:
         """The payload for ``record``, None when the filter drops it.
 
         Raises MappingRejection naming the field and expression when the record cannot
-        become a valid payload.
+        become a valid payload (including an expression that fails on this record).
         """
-        if self.filter is not None and not is_truthy(self.filter.search(record)):
-            return None
-        payload: dict[str, t.Any] = {}
-        for field in self.fields:
-            value = _compute(field, record)
-            if value is None:
-                spec = field.spec
-                if spec.kind is FieldKind.ID:
-                    payload[spec.name] = derive_id(stream, record, key_properties)
-                elif spec.required:
-                    source = field.expression.source if field.expression else None
-                    raise MappingRejection("required value is missing or empty", spec.name, source)
-                continue
-            payload[field.spec.name] = value
-        return payload
-
-
-def _compute(field: CompiledField, record: dict) -> t.Any:
-    spec = field.spec
-    kind = spec.kind
-    if field.key_expressions is not None:
-        raw: t.Any = {}
-        for key, expression in field.key_expressions:
-            raw[key] = _map_value(spec, key, expression.search(record), expression.source)
-        raw = {k: v for k, v in raw.items() if v is not None}
-        return raw or None
-    expression = field.expression
-    assert expression is not None
-    value = expression.search(record)
-    if value is None:
-        return None
-    try:
-        if kind is FieldKind.TIMESTAMP:
-            return to_utc_timestamp(value)
-        if kind is FieldKind.ID or kind is FieldKind.STRING:
-            text = to_string(value)
-            return text if text.strip() else None
-    except ValueError as exc:
-        raise MappingRejection(str(exc), spec.name, expression.source) from None
-    # map kinds given as one expression yielding an object
-    if not isinstance(value, dict):
-        raise MappingRejection(f"expected an object, got {_describe(value)}", spec.name, expression.source)
-    out = {}
-    for key, item in value.items():
-        converted = _map_value(spec, key, item, expression.source)
-        if converted is not None:
-            out[key] = converted
-    return out or None
-
-
-def _map_value(spec: FieldSpec, key: t.Any, value: t.Any, source: str) -> t.Any:
-    name = f"{spec.name}.{key}"
-    if spec.key_pattern is not None and not (isinstance(key, str) and spec.key_pattern.match(key)):
-        raise MappingRejection(
-            f"key {key!r} is not a valid data-field code ({spec.key_pattern.pattern})",
-            name,
-            source,
-        )
-    if value is None:
-        return None
-    try:
-        if spec.kind is FieldKind.NUMBER_MAP:
-            return to_number(value)
-        if spec.kind is FieldKind.STRING_MAP:
-            return to_string(value)
-        return to_json_value(value, spec.numbers_as_strings)
-    except ValueError as exc:
-        raise MappingRejection(str(exc), name, source) from None
+        name: str | None = None
+        source: str | None = None
+        try:
+            if self.filter is not None:
+                name, source = "filter", self.filter.source
+                if not is_truthy(self.filter.search(record)):
+                    return None
+            payload: dict[str, t.Any] = {}
+            for name, compute, required, is_id, source in self._plan:
+                value = compute(record)
+                if value is None:
+                    if is_id:
+                        payload[name] = derive_id(stream, record, key_properties)
+                    elif required:
+                        raise MappingRejection("required value is missing or empty", name, source)
+                    continue
+                payload[name] = value
+            return payload
+        except MappingRejection:
+            raise
+        except Exception as exc:  # e.g. a JMESPath function given the wrong type
+            raise MappingRejection(f"expression failed: {exc}", name, source) from None
 
 
 def compile_rules(
@@ -475,7 +585,6 @@ def compile_rules(
         msg = 'mappings: give at least one rule, e.g. [{"stream": "*", "fields": {...}}]'
         raise ConfigError(msg)
     by_name = {spec.name: spec for spec in specs}
-    id_fields = [spec.name for spec in specs if spec.kind is FieldKind.ID]
     rules = []
     for index, raw in enumerate(raw_rules):
         where = f"mappings[{index}]"
@@ -518,34 +627,13 @@ def compile_rules(
                     msg = f"{fwhere}: {destination} requires this field; give an expression"
                     raise ConfigError(msg)
                 if spec.kind is FieldKind.ID:  # no expression: apply() derives the id
-                    compiled_fields.append(CompiledField(spec, _NOTHING, None))
+                    compiled_fields.append(CompiledField(spec, lambda _record: None, None))
                 continue
-            if isinstance(source, dict) and spec.kind in _MAP_KINDS:
-                if not source:
-                    raise ConfigError(f"{fwhere}: give at least one key")
-                keyed = []
-                for key, expr in source.items():
-                    if spec.key_pattern is not None and not spec.key_pattern.match(key):
-                        pattern = spec.key_pattern.pattern
-                        msg = f"{fwhere}: key {key!r} is not a valid data-field code ({pattern})"
-                        raise ConfigError(msg)
-                    keyed.append((key, compile_expression(expr, f"{fwhere}.{key}")))
-                compiled_fields.append(CompiledField(spec, None, keyed))
-            else:
-                compiled_fields.append(CompiledField(spec, compile_expression(source, fwhere), None))
+            compiled_fields.append(_compile_field(spec, source, fwhere))
         filter_expression = (
             compile_expression(filter_source, f"{where}.filter") if filter_source is not None else None
         )
-        rules.append(
-            CompiledRule(
-                index,
-                stream,
-                filter_expression,
-                compiled_fields,
-                id_fields[0] if id_fields else None,
-                preset_name,
-            )
-        )
+        rules.append(CompiledRule(index, stream, filter_expression, compiled_fields, preset_name))
     return rules
 
 

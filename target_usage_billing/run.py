@@ -222,11 +222,10 @@ class BillingRun:
         """Whether buffered records should be handed over so that pending STATEs can go.
 
         Full batches go at once; this bounds how long a partial batch (and so the STATE
-        after it) waits: at most ``state_checkpoint_seconds``.
+        after it, and the usage in it) waits: at most ``state_checkpoint_seconds``.
         """
-        return (
-            self.delivery.has_pending_states
-            and time.monotonic() - self._last_flush >= self.settings.state_checkpoint_seconds
+        return time.monotonic() - self._last_flush >= self.settings.state_checkpoint_seconds and (
+            self.delivery.has_pending_states or self.delivery.has_buffered
         )
 
     def flushed(self) -> None:

@@ -51,18 +51,31 @@ class UsageSink(BatchSink):
         return None
 
     def _validate_and_parse(self, record: dict) -> dict:
-        # The SDK stops the whole run on one record that breaks its schema or one
-        # unparseable date-time; here that record is dead-lettered and the run goes on.
-        self._schema_error = None
-        try:
-            if self._validator is not None:
+        # The SDK stops the whole run on one record that breaks its schema; here that
+        # record is dead-lettered and the run goes on. Date-time strings are not parsed
+        # here: the mapping parses the fields it uses (and rejects bad ones by name).
+        if self._validator is not None:
+            self._schema_error = None
+            try:
                 self._validator.validate(record)
-            self._parse_timestamps_in_record(
-                record=record, schema=self.schema, treatment=self.datetime_error_treatment
-            )
-        except (InvalidRecord, ValueError) as exc:
-            self._schema_error = str(exc).splitlines()[0]
+            except InvalidRecord as exc:
+                self._schema_error = str(exc).splitlines()[0]
         return record
+
+    def process_direct(self, record: dict) -> None:
+        """The record path when no stream map applies: only the SDK steps that matter.
+
+        Same checks and bookkeeping as the SDK's path (key properties, validation when
+        on, the batch tally its drains rely on) without the per-record copies, metadata
+        handling and metrics that cost more than the mapping itself.
+        """
+        for key in self._keys:
+            if key not in record:
+                self._singer_validate_message(record)  # raises the SDK's error
+        if self._validator is not None:
+            self._validate_and_parse(record)
+        self._batch_records_read += 1
+        self.process_record(record, None)  # type: ignore[arg-type]
 
     def process_record(self, record: dict, context: dict) -> None:
         counts = self.counts

@@ -17,6 +17,7 @@ from singer_sdk.exceptions import (
     MissingKeyPropertiesError,
     RecordsWithoutSchemaException,
 )
+from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.plugin_base import _ConfigInput
 from singer_sdk.singerlib.exceptions import InvalidInputLine
 from singer_sdk.target_base import Target
@@ -189,6 +190,8 @@ class TargetUsageBilling(Target):
         self.max_parallelism = 1
         self._stop_signal: int | None = None
         self._completed = False
+        # streams whose records go straight to their sink (no stream map, no flattening)
+        self._direct_sinks: dict[str, UsageSink] = {}
         self._install_redaction()
 
     # --- configuration -------------------------------------------------------------------
@@ -221,10 +224,30 @@ class TargetUsageBilling(Target):
 
     # --- message handling ----------------------------------------------------------------
 
+    def _process_schema_message(self, message_dict: dict) -> None:
+        super()._process_schema_message(message_dict)
+        stream = message_dict["stream"]
+        self._direct_sinks.pop(stream, None)
+        maps = self.mapper.stream_maps.get(stream, [])
+        if (
+            len(maps) == 1
+            and type(maps[0]) is SameRecordTransform
+            and not maps[0].flattening_enabled
+            and maps[0].stream_alias == stream
+        ):
+            sink = self._sinks_active.get(stream)
+            if isinstance(sink, UsageSink) and not sink.include_sdc_metadata_properties:
+                self._direct_sinks[stream] = sink
+
     def _process_record_message(self, message_dict: dict) -> None:
         run = self.run_context
         run.records_seen += 1
-        super()._process_record_message(message_dict)
+        sink = self._direct_sinks.get(message_dict.get("stream"))  # type: ignore[arg-type]
+        record = message_dict.get("record")
+        if sink is not None and type(record) is dict:
+            sink.process_direct(record)
+        else:  # stream maps, flattening or record metadata: the SDK's full path
+            super()._process_record_message(message_dict)
         if run.flush_due():
             self._flush()
 

@@ -431,6 +431,7 @@ def test_records_breaking_their_schema_are_dead_lettered_not_fatal(sandbox, tmp_
     ]
     records[10]["at"] = "garbage"  # unparseable date-time: the SDK alone would stop the run
     records[20]["tokens"] = "7"  # breaks the schema (a string), still a valid number for m3ter
+    records[30]["note"] = 5  # breaks the schema; the mapping converts it to "5"
     config = m3ter_config(
         sandbox,
         mappings=[USAGE_RULE_M3TER],
@@ -440,9 +441,8 @@ def test_records_breaking_their_schema_are_dead_lettered_not_fatal(sandbox, tmp_
     )
     result = run_target(tmp_path, config, singer("usage", records, schema=schema))
     assert result.returncode == 0, result.stderr
-    dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
-    expected_bad = {10, 20} if validate else {10}
-    assert {d["record"]["id"] for d in dead} == expected_bad
-    assert all(d["stage"] == "schema" for d in dead)
-    assert "timestamp" in dead[0]["reason"] or "garbage" in dead[0]["reason"]
-    assert sandbox.stats("m3ter")["stored"] == 50 - len(expected_bad)
+    dead = {d["record"]["id"]: d for d in map(json.loads, (tmp_path / "dead.jsonl").read_text().splitlines())}
+    expected = {10: "mapping", 20: "schema", 30: "schema"} if validate else {10: "mapping"}
+    assert {i: d["stage"] for i, d in dead.items()} == expected
+    assert dead[10]["field"] == "ts" and "garbage" in dead[10]["reason"]
+    assert sandbox.stats("m3ter")["stored"] == 50 - len(expected)

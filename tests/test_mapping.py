@@ -370,3 +370,60 @@ def test_preset_fields_are_overridden_by_the_rule():
 def test_unknown_preset_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown preset 'segmnt'"):
         m3ter_rule(preset="segmnt")
+
+
+COMPILED_SUBSET = [
+    "type == 'track'",
+    "type != 'track'",
+    "type == 'track' && event == 'API Request'",
+    "event == 'Tokens Consumed' && 'llm_tokens' || 'api_requests'",
+    "n > `1`",
+    "n >= `0`",
+    "n < `1.5`",
+    "n <= m",
+    "!flag",
+    "!n",
+    "!(type == 'track')",
+    "flag || `false`",
+    "a.b == `2`",
+    "@.type",
+    'a == `{"b": 2}`',
+    "n == `true`",
+    "n == `1`",
+    "`null`",
+    "a.b.c || 'fallback'",
+    "items && items[0]",  # index expressions fall back to the interpreter
+]
+RECORDS = [
+    {},
+    {"type": "track", "event": "API Request", "n": 1, "m": 2, "flag": True, "a": {"b": 2}},
+    {"type": "track", "event": "Tokens Consumed", "n": 0, "flag": False, "a": {"b": {"c": 0}}},
+    {"type": "identify", "n": Decimal("1.5"), "m": Decimal("1.5"), "flag": [], "a": [1]},
+    {"type": None, "n": True, "flag": "", "items": [5]},
+    {"type": "track", "n": "x", "m": "y", "flag": {}, "a": {"b": None}},
+    {"n": 0.0, "flag": 0, "items": []},
+]
+
+
+@pytest.mark.parametrize("expression", COMPILED_SUBSET)
+def test_compiled_expressions_answer_exactly_like_jmespath(expression):
+    import jmespath
+
+    compiled = compile_expression(expression, "x")
+    for record in RECORDS:
+        try:
+            expected = jmespath.search(expression, record)
+        except Exception as exc:
+            with pytest.raises(type(exc)):
+                compiled.search(record)
+            continue
+        got = compiled.search(record)
+        assert got == expected and type(got) is type(expected), (record, got, expected)
+
+
+def test_an_expression_failing_on_a_record_rejects_that_record():
+    rule = m3ter_rule({"measure": {"n": "length(n)"}})
+    with pytest.raises(MappingRejection) as caught:
+        apply(rule, {**RECORD, "n": 5})
+    assert (caught.value.field, caught.value.expression) == ("measure.n", "length(n)")
+    assert "expression failed" in caught.value.reason

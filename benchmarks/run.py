@@ -1,0 +1,212 @@
+"""Benchmark: the real CLI against the sandbox, beside a no-op singer-sdk target.
+
+    python benchmarks/run.py --events 1000000 --destination m3ter --latency-ms 0
+
+Generates N Segment-shaped events (cached in benchmarks/results/), starts the sandbox,
+runs `target-usage-billing` on them and prints records/s, requests, requests/s, the
+most requests seen in one second and peak RSS; then runs a no-op singer-sdk BatchSink
+target with default settings on the same input as the baseline and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(HERE.parent))
+
+from target_usage_billing.sandbox.samples import singer_lines  # noqa: E402
+
+M3TER_RULE = {
+    "stream": "segment_events",
+    "preset": "segment",
+    "fields": {
+        "meter": "event == 'Tokens Consumed' && 'llm_tokens' || 'api_requests'",
+        "who": {"user": "userId"},
+        "where": {"region": "properties.region"},
+        "measure": {
+            "requests": "properties.requests",
+            "tokens": "properties.tokens",
+            "compute_seconds": "properties.compute_seconds",
+            "input_tokens": "properties.input_tokens",
+            "output_tokens": "properties.output_tokens",
+        },
+        "cost": {"usd": "properties.cost_usd"},
+    },
+}
+METRONOME_RULE = {"stream": "segment_events", "preset": "segment"}
+
+
+def events_file(count: int) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"segment-{count}.singer.jsonl"
+    # regenerate daily: Metronome refuses events older than 34 days
+    if not path.exists() or time.time() - path.stat().st_mtime > 86400:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as out:
+            for line in singer_lines(count, seed=1, hours=72, state_every=10_000):
+                out.write(line + "\n")
+        tmp.replace(path)
+    return path
+
+
+def run_child(command: list[str], input_path: Path, log_path: Path) -> tuple[float, int, int]:
+    """(seconds, exit code, peak RSS in bytes) of one process reading input_path."""
+    with open(input_path, "rb") as stdin, open(log_path, "wb") as log:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdin=stdin, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        elapsed = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return elapsed, child.returncode, usage.ru_maxrss * 1024
+
+
+def fetch(url: str, method: str = "GET", body: bytes | None = None) -> dict:
+    request = urllib.request.Request(url, data=body, method=method)
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return json.loads(answer.read() or b"{}")
+
+
+def start_sandbox(work: Path, latency_ms: float, rate_limited: bool) -> tuple[subprocess.Popen, str]:
+    port_file = work / "port"
+    args = [
+        str(BIN / "usage-billing-sandbox"),
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--data-dir",
+        str(work / "data"),
+        "--latency-ms",
+        str(latency_ms),
+    ]
+    if not rate_limited:
+        args.append("--no-rate-limit")
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    while not port_file.exists():
+        if process.poll() is not None:
+            sys.exit("benchmark: sandbox did not start")
+        time.sleep(0.05)
+    return process, f"http://127.0.0.1:{port_file.read_text()}"
+
+
+def target_config(destination: str, url: str, rate_limited: bool, in_flight: int | None) -> dict:
+    if destination == "m3ter":
+        config = {
+            "destination": "m3ter",
+            "m3ter_org_id": "bench",
+            "m3ter_access_key_id": "sandbox-access-key",
+            "m3ter_api_secret": "sandbox-api-secret",
+            "m3ter_ingest_url": url,
+            "m3ter_auth_url": url,
+            "mappings": [M3TER_RULE],
+        }
+    else:
+        config = {
+            "destination": "metronome",
+            "metronome_api_token": "sandbox-metronome-token",
+            "metronome_api_url": url,
+            "mappings": [METRONOME_RULE],
+        }
+    if not rate_limited:
+        config["max_requests_per_second"] = 0
+    if in_flight:
+        config["max_requests_in_flight"] = in_flight
+    config["progress_interval_seconds"] = 0
+    return config
+
+
+def bench(
+    destination: str, count: int, latency_ms: float, baseline: float | None, in_flight: int | None
+) -> dict:
+    input_path = events_file(count)
+    rate_limited = (
+        latency_ms > 0
+    )  # zero latency measures the target itself; with latency, the API's limits apply
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sandbox, url = start_sandbox(work, latency_ms, rate_limited)
+        try:
+            config_path = work / "config.json"
+            config_path.write_text(json.dumps(target_config(destination, url, rate_limited, in_flight)))
+            seconds, code, rss = run_child(
+                [str(BIN / "target-usage-billing"), "--config", str(config_path)],
+                input_path,
+                work / "target.log",
+            )
+            if code != 0:
+                sys.exit(f"benchmark: target exited {code}:\n{(work / 'target.log').read_text()[-3000:]}")
+            stats = fetch(f"{url}/_sandbox/stats")[destination]
+        finally:
+            sandbox.terminate()
+            sandbox.wait(30)
+    result = {
+        "destination": destination,
+        "events": count,
+        "latency_ms": latency_ms,
+        "seconds": round(seconds, 2),
+        "records_per_s": round(count / seconds),
+        "items_sent": stats["accepted"],
+        "items_per_s": round(stats["accepted"] / seconds),
+        "requests": stats["requests"],
+        "requests_per_s": round(stats["requests"] / seconds, 1),
+        "max_requests_in_1s": stats["max_requests_in_1s"],
+        "peak_rss_mb": round(rss / 2**20, 1),
+    }
+    if baseline:
+        result["baseline_records_per_s"] = round(baseline)
+        result["ratio_to_baseline"] = round(result["records_per_s"] / baseline, 2)
+    return result
+
+
+def baseline_rate(count: int) -> tuple[float, float]:
+    input_path = events_file(count)
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds, code, rss = run_child(
+            [sys.executable, str(HERE / "noop_target.py")], input_path, Path(tmp) / "log"
+        )
+    if code != 0:
+        sys.exit("benchmark: the no-op baseline target failed")
+    return count / seconds, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--destination", choices=["m3ter", "metronome", "both"], default="both")
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 50.0])
+    parser.add_argument("--in-flight", type=int, help="max_requests_in_flight (default: the target's)")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    destinations = ["m3ter", "metronome"] if args.destination == "both" else [args.destination]
+    baseline = None
+    if not args.no_baseline:
+        baseline, base_rss = baseline_rate(args.events)
+        print(
+            json.dumps(
+                {
+                    "baseline": "no-op singer-sdk BatchSink target, defaults",
+                    "events": args.events,
+                    "records_per_s": round(baseline),
+                    "peak_rss_mb": round(base_rss / 2**20, 1),
+                }
+            ),
+            flush=True,
+        )
+    for latency in args.latency_ms:
+        for destination in destinations:
+            print(json.dumps(bench(destination, args.events, latency, baseline, args.in_flight)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
