@@ -43,8 +43,7 @@ from target_usage_billing.stats import RunStats
 logger = logging.getLogger("target-usage-billing.delivery")
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(t.NamedTuple):
     """One mapped payload, with what a dead-letter line needs if the API refuses it."""
 
     body: bytes  # the payload, JSON-encoded once

@@ -162,6 +162,9 @@ class HttpTransport:
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
+            # Our requests carry their own Authorization header; a session auth hook
+            # stops requests from reading ~/.netrc on every call (proxies still apply).
+            session.auth = _keep_headers
             # Retries are ours (with the same body and id); urllib3 must not add its own.
             adapter = requests.adapters.HTTPAdapter(max_retries=0, pool_maxsize=4)
             session.mount("http://", adapter)
@@ -216,6 +219,10 @@ def retryable_status(response: Response, what: str) -> RetryableFailure | None:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return RetryableFailure(f"{what} answered {response.status}", retry_after)
     return None
+
+
+def _keep_headers(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
 
 
 def _short_reason(exc: Exception) -> str:

@@ -34,7 +34,6 @@ EPOCH_MILLIS_THRESHOLD = 100_000_000_000
 # Namespace of derived ids (UUIDv5). Changing it would change every derived id: never do.
 ID_NAMESPACE = uuid.UUID("6f1c7a52-3d0e-4b8e-9a51-2f1d0c7e9b44")
 
-_CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{3}|\.\d{6})?Z\Z")
 _NANOS = re.compile(r"(.*\.\d{6})\d+(.*)\Z")
 _NUMERIC = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
 
@@ -133,6 +132,14 @@ def _path_getter(keys: list[str]) -> Callable[[t.Any], t.Any]:
             return value.get(key) if isinstance(value, dict) else None
 
         return get_one
+    if len(keys) == 2:
+        first, second = keys
+
+        def get_two(value: t.Any) -> t.Any:
+            value = value.get(first) if isinstance(value, dict) else None
+            return value.get(second) if isinstance(value, dict) else None
+
+        return get_two
 
     def get_path(value: t.Any) -> t.Any:
         for key in keys:
@@ -142,6 +149,13 @@ def _path_getter(keys: list[str]) -> Callable[[t.Any], t.Any]:
         return value
 
     return get_path
+
+
+def _string_literal(children: list[dict]) -> str | None:
+    for child in children:
+        if child["type"] == "literal" and isinstance(child["value"], str):
+            return child["value"]
+    return None
 
 
 def _compile_node(node: dict) -> Callable[[t.Any], t.Any] | None:
@@ -175,6 +189,14 @@ def _compile_node(node: dict) -> Callable[[t.Any], t.Any] | None:
         left, right = parts
         compare = _jp.TreeInterpreter.COMPARATOR_FUNC[node["value"]]
         if node["value"] in ("eq", "ne"):
+            text = _string_literal(node["children"])
+            if text is not None:
+                # Against a string, JMESPath equality is plain equality (its special case
+                # only concerns 0/1 against booleans), so skip its number checks.
+                other = left if node["children"][1]["type"] == "literal" else right
+                if node["value"] == "eq":
+                    return lambda value: other(value) == text  # type: ignore[misc]
+                return lambda value: other(value) != text  # type: ignore[misc]
             return lambda value: compare(left(value), right(value))  # type: ignore[misc]
 
         def ordered(value: t.Any) -> t.Any:
@@ -282,9 +304,16 @@ def to_utc_timestamp(value: t.Any) -> str:
     milliseconds (numbers or numeric strings). Naive times are taken as UTC.
     Raises ValueError with a reason for anything else.
     """
-    if isinstance(value, str):
-        if _CANONICAL_TS.match(value):
-            try:  # already canonical: only check that the date and time exist
+    if type(value) is str:
+        if (
+            len(value) in (20, 24, 27)
+            and value[-1] == "Z"
+            and value[10] == "T"
+            and value[4] == value[7] == "-"
+            and value[13] == value[16] == ":"
+            and (len(value) == 20 or value[19] == ".")
+        ):
+            try:  # already canonical: only check that the digits make a real time
                 dt.datetime.fromisoformat(value[:-1])
                 return value
             except ValueError:
@@ -372,22 +401,27 @@ def to_string(value: t.Any) -> str:
 
 def to_json_value(value: t.Any, numbers_as_strings: bool) -> t.Any:
     """Free-form JSON with exact numbers; datetimes become UTC ISO strings."""
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is dict:
         out = {}
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str:
                 raise ValueError(f"object key {key!r} is not a string")
             out[key] = to_json_value(item, numbers_as_strings)
         return out
-    if isinstance(value, list):
+    if kind is list:
         return [to_json_value(item, numbers_as_strings) for item in value]
-    if value is None or isinstance(value, (str, bool)):
-        return value
+    if kind is int:
+        return str(value) if numbers_as_strings else value
     if isinstance(value, (int, Decimal, float)):
         number = to_number(value)
         return to_string(number) if numbers_as_strings else number
     if isinstance(value, (dt.datetime, dt.date)):
         return to_utc_timestamp(value)
+    if isinstance(value, (dict, list, str)):  # subclasses
+        return to_json_value(kind.__mro__[-2](value), numbers_as_strings)
     raise ValueError(f"{_describe(value)} is not JSON")
 
 

@@ -57,7 +57,9 @@ class LineReader(GenericSingerReader[str]):
         callbacks: dict[str, t.Callable[[dict], None]],
     ) -> Counter[str]:
         stats: Counter[str] = Counter()
-        lines = iter(file_input or self.default_input)
+        source = file_input or self.default_input
+        # bytes go to the JSON decoder as they are: no UTF-8 decoding of every line
+        lines = iter(getattr(source, "buffer", source))
         while True:
             self.waiting_for_input = True
             try:
@@ -67,7 +69,7 @@ class LineReader(GenericSingerReader[str]):
             if line is None:
                 break
             self.line_number += 1
-            if not line.strip():
+            if line[:1].isspace() and not line.strip():
                 continue  # a blank line carries nothing; taps sometimes end with one
             message = self.deserialize_json(line)
             kind = message.get("type")

@@ -13,6 +13,7 @@ from singer_sdk.exceptions import InvalidRecord
 from singer_sdk.sinks import BatchSink
 
 from target_usage_billing.delivery import Item
+from target_usage_billing.destinations.base import Destination
 from target_usage_billing.mapping import MappingRejection, encode_payload
 
 if t.TYPE_CHECKING:
@@ -34,9 +35,14 @@ class UsageSink(BatchSink):
         destination = self.run.destination
         self._max_items = self.run.max_items_per_request
         self._max_body = self.run.max_body_bytes
-        self._body_size = destination.body_size
-        self._validate = destination.validate_payload
+        # body size = envelope + items + one comma between each two items
+        self._envelope = destination.envelope_overhead
+        validate = destination.validate_payload
+        self._validate = (
+            validate if type(destination).validate_payload is not Destination.validate_payload else None
+        )
         self._keys = tuple(self.key_properties or ())
+        self._reader = target.message_reader
 
     @property
     def is_full(self) -> bool:
@@ -95,10 +101,10 @@ class UsageSink(BatchSink):
         if payload is None:
             counts.filtered += 1
             return
-        reason = self._validate(payload)
+        reason = self._validate(payload) if self._validate is not None else None
         body = encode_payload(payload)
         size = len(body)
-        if reason is None and self._body_size(size, 1) > self._max_body:
+        if reason is None and self._envelope + size > self._max_body:
             reason = (
                 f"payload is {size} bytes: alone it would make a request body over the "
                 f"{self._max_body}-byte limit"
@@ -109,14 +115,14 @@ class UsageSink(BatchSink):
         items = self._items
         if items and (
             len(items) >= self._max_items
-            or self._body_size(self._item_bytes + size, len(items) + 1) > self._max_body
+            or self._envelope + self._item_bytes + size + len(items) > self._max_body
         ):
             self._hand_over()
             items = self._items
         if not items:
             self._first_index = self.run.records_seen - 1
             self.run.delivery.buffer_started(id(self), self._first_index)
-        items.append(Item(body, record, self.run.line_number()))
+        items.append(Item(body, record, self._reader.line_number))
         self._item_bytes += size
         counts.mapped += 1
         if len(items) >= self._max_items:

@@ -94,9 +94,6 @@ class Destination(abc.ABC):
     def envelope(self, items: Sequence[bytes]) -> bytes:
         """The request body carrying ``items`` (already-encoded JSON objects)."""
 
-    def body_size(self, item_bytes: int, count: int) -> int:
-        return self.envelope_overhead + item_bytes + max(0, count - 1)
-
     # --- requests --------------------------------------------------------------------
 
     @abc.abstractmethod
