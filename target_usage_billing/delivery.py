@@ -14,6 +14,7 @@ before it still is. STATEs are written in the order they arrived.
 from __future__ import annotations
 
 import collections
+import decimal
 import logging
 import queue
 import threading
@@ -43,12 +44,28 @@ from target_usage_billing.stats import RunStats
 logger = logging.getLogger("target-usage-billing.delivery")
 
 
+_line_decoder = msgspec.json.Decoder(float_hook=decimal.Decimal)
+
+
 class Item(t.NamedTuple):
     """One mapped payload, with what a dead-letter line needs if the API refuses it."""
 
     body: bytes  # the payload, JSON-encoded once
-    record: t.Any  # the original record
+    message: bytes | str  # the input line it came from (holds the original record)
     line: int | None  # position in the input
+
+
+def original_record(item: Item) -> t.Any:
+    """The record as the tap sent it, decoded again from the input line (rare path).
+
+    Items keep the raw line rather than the decoded record: a bytes object is invisible
+    to the garbage collector, while thousands of buffered dicts made it rescan them
+    over and over (about a fifth of the run time).
+    """
+    try:
+        return _line_decoder.decode(item.message).get("record")
+    except (msgspec.DecodeError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -222,7 +239,7 @@ class Delivery:
             item = items[0]
             self.dead_letters.write(
                 stream=stream,
-                record=item.record,
+                record=original_record(item),
                 stage="api",
                 reason=answer.message,
                 line=item.line,

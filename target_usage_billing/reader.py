@@ -35,6 +35,7 @@ class LineReader(GenericSingerReader[str]):
         self.waiting_for_input = False  # True only while blocked on the next line
         self.stop_requested = False
         self.current_stream: str | None = None
+        self.current_line: bytes | str = b""  # the raw line being processed
 
     @property
     def default_input(self) -> t.IO[t.Any]:
@@ -69,6 +70,7 @@ class LineReader(GenericSingerReader[str]):
             if line is None:
                 break
             self.line_number += 1
+            self.current_line = line
             if line[:1].isspace() and not line.strip():
                 continue  # a blank line carries nothing; taps sometimes end with one
             message = self.deserialize_json(line)

@@ -122,7 +122,8 @@ class UsageSink(BatchSink):
         if not items:
             self._first_index = self.run.records_seen - 1
             self.run.delivery.buffer_started(id(self), self._first_index)
-        items.append(Item(body, record, self._reader.line_number))
+        reader = self._reader
+        items.append(Item(body, reader.current_line, reader.line_number))
         self._item_bytes += size
         counts.mapped += 1
         if len(items) >= self._max_items:
