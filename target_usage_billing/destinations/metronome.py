@@ -119,8 +119,9 @@ class MetronomeDestination(Destination):
     def ingest_request(self, body: bytes) -> OutgoingRequest:
         headers = self._headers()
         if self.gzip and len(body) >= GZIP_MIN_BYTES:
-            # mtime=0: the same events always compress to the same bytes
-            packed = gzip.compress(body, compresslevel=5, mtime=0)
+            # Level 1: JSON still shrinks ~5x, at half the CPU of the default level.
+            # mtime=0: the same events always compress to the same bytes.
+            packed = gzip.compress(body, compresslevel=1, mtime=0)
             if len(packed) < len(body):
                 headers["Content-Encoding"] = "gzip"
                 body = packed
