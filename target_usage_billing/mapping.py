@@ -475,8 +475,33 @@ def _map_value_converter(spec: FieldSpec) -> Callable[[t.Any], t.Any]:
         return _exact_number
     if spec.kind is FieldKind.STRING_MAP:
         return lambda value: value if type(value) is str else to_string(value)
-    as_strings = spec.numbers_as_strings
-    return lambda value: to_json_value(value, as_strings)
+    return _json_as_text if spec.numbers_as_strings else _json_exact
+
+
+def _json_as_text(value: t.Any) -> t.Any:
+    """Free-form JSON with every number as its exact decimal text (fast path first)."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        return str(value)
+    if kind is Decimal and value.is_finite():
+        return format(value, "f")
+    if kind is dict and all(type(k) is str for k in value):
+        return {key: _json_as_text(item) for key, item in value.items()}
+    return to_json_value(value, True)
+
+
+def _json_exact(value: t.Any) -> t.Any:
+    """Free-form JSON with exact numbers (fast path first)."""
+    kind = type(value)
+    if kind is str or kind is bool or kind is int or value is None:
+        return value
+    if kind is Decimal and value.is_finite():
+        return value
+    if kind is dict and all(type(k) is str for k in value):
+        return {key: _json_exact(item) for key, item in value.items()}
+    return to_json_value(value, False)
 
 
 def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:

@@ -150,8 +150,19 @@ def metronome_items(body: bytes) -> list[tuple[str, bytes]]:
         raise
     now = dt.datetime.now(UTC)
     oldest, latest = now - METRONOME_MAX_AGE, now + METRONOME_MAX_AHEAD + CLOCK_SKEW
+    # canonical UTC times (most clients send these) are compared as text
+    oldest_text = oldest.strftime("%Y-%m-%dT%H:%M:%S")
+    latest_text = latest.strftime("%Y-%m-%dT%H:%M:%S")
     items = []
     for index, (event, raw) in enumerate(zip(decoded, events)):
+        stamp = event.timestamp
+        if stamp[-1] == "Z" and oldest_text < stamp[:19] < latest_text:
+            try:
+                dt.datetime.fromisoformat(stamp[:19])  # a real date and time
+                items.append((event.transaction_id, bytes(raw)))
+                continue
+            except ValueError:
+                raise ItemError(f"events[{index}].timestamp: {stamp!r} is not valid") from None
         try:
             moment = _to_datetime(event.timestamp)
         except ValueError:
