@@ -229,7 +229,7 @@ class Delivery:
             self.dry_run.write(self.destination.name, self.destination.ingest_path, len(items), body)
             self.stats.add_sent(stream, len(items))
             return
-        answer = self._post(body)
+        answer = self._post(stream, body)
         if answer.verdict is Verdict.ACCEPTED:
             self.stats.add_sent(stream, len(items))
             return
@@ -258,13 +258,17 @@ class Delivery:
         self._deliver(stream, items[:middle])
         self._deliver(stream, items[middle:])
 
-    def _post(self, body: bytes) -> Answer:
+    def _post(self, stream: str, body: bytes) -> Answer:
         destination = self.destination
         what = f"{destination.label} POST {destination.ingest_path}"
         renewed = False
+        tries = 0
 
         def attempt() -> Answer:
-            nonlocal renewed
+            nonlocal renewed, tries
+            tries += 1
+            if tries > 1:
+                self.stats.add_retry(stream)
             self._count_throttle(self.limiter.acquire())
             request = destination.ingest_request(body)
             response = self.transport.send_once(request.method, request.url, request.headers, request.body)

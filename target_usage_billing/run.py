@@ -16,6 +16,7 @@ import typing as t
 from dataclasses import dataclass
 
 import msgspec
+from singer_sdk.metrics import get_metrics_logger
 
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.delivery import Delivery, DryRunWriter
@@ -58,7 +59,16 @@ class Settings:
             value = config.get(name)
             return defaults.get(name) if value is None else value
 
-        settings = cls(**{name: get(name) for name in cls.__dataclass_fields__})
+        values = {name: get(name) for name in cls.__dataclass_fields__}
+        # JSON config files arrive with Decimal numbers (the SDK reads them exactly):
+        # time and ratio settings are plain floats from here on.
+        for name, kind in _NUMBER_SETTINGS.items():
+            if values[name] is not None:
+                try:
+                    values[name] = kind(values[name])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{name}: expected a number, got {values[name]!r}") from None
+        settings = cls(**values)
         settings.check()
         return settings
 
@@ -93,6 +103,21 @@ class Settings:
             raise ConfigError(msg)
         if self.max_rejected_ratio is not None and not 0 <= self.max_rejected_ratio <= 1:
             raise ConfigError(f"max_rejected_ratio: must be between 0 and 1, got {self.max_rejected_ratio}")
+
+
+_NUMBER_SETTINGS: dict[str, type] = {
+    "batch_max_bytes": int,
+    "batch_size_rows": int,
+    "max_requests_in_flight": int,
+    "max_requests_per_second": float,
+    "request_timeout_seconds": float,
+    "max_retry_seconds": float,
+    "state_checkpoint_seconds": float,
+    "shutdown_grace_seconds": float,
+    "max_rejected_records": int,
+    "max_rejected_ratio": float,
+    "progress_interval_seconds": float,
+}
 
 
 class BillingRun:
@@ -266,37 +291,68 @@ class BillingRun:
         self._progress.start()
 
     def progress_line(self) -> str:
-        stats, transport = self.stats, self.transport.stats
+        stats = self.stats
         read = stats.total("read")
         rate = read / stats.elapsed if stats.elapsed > 0 else 0.0
         return (
             f"progress: read {read}, mapped {stats.total('mapped')}, sent {stats.total('sent')}, "
             f"rejected {stats.total('rejected')}, requests {stats.total('requests')}, "
-            f"retries {transport.retries}, {rate:,.0f} records/s, in flight {self.delivery.in_flight}"
+            f"retries {stats.total('retries')}, {rate:,.0f} records/s, in flight {self.delivery.in_flight}"
         )
 
     def summary_lines(self) -> list[str]:
         stats, transport = self.stats, self.transport.stats
+        throttled = (
+            f", waited {transport.throttled_seconds:.1f}s for the rate limit"
+            if transport.throttled_seconds >= 0.1
+            else ""
+        )
         noun = self.destination.item_noun
         mode = " (dry run: nothing was sent)" if self.dry_run else ""
         lines = [f"Summary for {self.destination.label}{mode}, {stats.elapsed:.1f}s:"]
         for name, s in sorted(stats.streams.items()):
             lines.append(
                 f"  stream {name}: read {s.read}, filtered {s.filtered}, unmapped {s.unmapped}, "
-                f"sent {s.sent} {noun}, rejected {s.rejected}, requests {s.requests}"
+                f"sent {s.sent} {noun}, rejected {s.rejected}, requests {s.requests}, retries {s.retries}"
             )
             for reason, count in s.reasons.most_common(3):
                 lines.append(f"    rejected {count} x {reason}")
         lines.append(
             f"  total: sent {stats.total('sent')} {noun} in {stats.total('requests')} requests, "
-            f"{transport.retries} retries, rejected {stats.total('rejected')}, "
-            f"STATE messages emitted {self.states_emitted}"
+            f"{stats.total('retries')} retries, rejected {stats.total('rejected')}, "
+            f"STATE messages emitted {self.states_emitted}{throttled}"
         )
         if self.dead_letters.path and self.dead_letters.count:
             lines.append(f"  dead letters: {self.dead_letters.count} in {self.dead_letters.path}")
         if self.dry_run:
             lines.append(f"  request bodies written to {self.settings.dry_run_path}")
         return lines
+
+    def metric_points(self) -> list[dict]:
+        """The summary as singer-sdk METRIC points, one set per stream."""
+        points = []
+        elapsed = round(self.stats.elapsed, 3)
+        for name, s in sorted(self.stats.streams.items()):
+            tags = {"stream": name, "destination": self.destination.name}
+            for metric, value in (
+                ("record_count", s.read),
+                ("usage_billing.filtered", s.filtered),
+                ("usage_billing.unmapped", s.unmapped),
+                ("usage_billing.sent", s.sent),
+                ("usage_billing.rejected", s.rejected),
+                ("usage_billing.requests", s.requests),
+                ("usage_billing.retries", s.retries),
+            ):
+                points.append({"type": "counter", "metric": metric, "value": value, "tags": tags})
+            points.append(
+                {"type": "timer", "metric": "usage_billing.run_duration", "value": elapsed, "tags": tags}
+            )
+        return points
+
+    def log_metrics(self) -> None:
+        metrics_logger = get_metrics_logger()
+        for point in self.metric_points():
+            metrics_logger.info("METRIC: %s", json.dumps(point, separators=(",", ":")))
 
     def close(self) -> None:
         self._finished.set()

@@ -17,6 +17,7 @@ class StreamStats:
     sent: int = 0  # acknowledged by the API (or written by a dry run)
     rejected: int = 0  # dead-lettered, any stage
     requests: int = 0  # ingest requests for this stream (bisecting included)
+    retries: int = 0  # requests sent again after a transient failure
     reasons: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -42,6 +43,10 @@ class RunStats:
     def add_request(self, stream: str) -> None:
         with self.lock:
             self.streams[stream].requests += 1
+
+    def add_retry(self, stream: str) -> None:
+        with self.lock:
+            self.streams[stream].retries += 1
 
     def add_rejected(self, stream: str, stage: str, reason: str) -> None:
         with self.lock:

@@ -280,6 +280,7 @@ class TargetUsageBilling(Target):
         run.delivery.freeze()  # no STATE is written after this point
         for line in run.summary_lines():
             self.logger.info(line)
+        run.log_metrics()
         run.close()
         run.delivery.raise_if_failed()
         if not all_done:

@@ -255,3 +255,23 @@ def test_20000_segment_events_delivered_exactly_once(sandbox, tmp_path):
             str(record["properties"]["compute_seconds"])
         )
         assert isinstance(item["who"]["user"], str)
+
+
+def test_fractional_settings_from_a_config_file_work(sandbox, tmp_path):
+    # JSON files give Decimal numbers: every time setting must still work as seconds
+    config = usage_config(
+        sandbox,
+        request_timeout_seconds=2.5,
+        max_retry_seconds=10.5,
+        state_checkpoint_seconds=0.25,
+        shutdown_grace_seconds=1.5,
+        progress_interval_seconds=0.05,
+        max_rejected_ratio=0.5,
+        max_requests_per_second=20.5,
+    )
+    sandbox.faults({"kind": "slow", "count": 2, "delay_ms": 300})
+    result = run_target(tmp_path, config, singer("usage", usage_records(2000)))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "progress: read" in result.stderr
+    assert sandbox.stats("m3ter")["stored"] == 2000
