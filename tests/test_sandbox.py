@@ -235,3 +235,19 @@ def test_accepted_items_survive_a_sandbox_restart(tmp_path):
         assert second.stats("metronome")["duplicates"] == 1
     finally:
         stop_sandbox(second)
+
+
+def test_a_reset_voids_requests_still_in_flight(sandbox):
+    import threading
+
+    sandbox.faults({"kind": "slow", "count": 1, "delay_ms": 800})
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(post_events(sandbox, [event(1)])))
+    slow.start()
+    import time
+
+    time.sleep(0.3)
+    sandbox.reset()
+    slow.join()
+    assert answers[0].status_code == 503
+    assert sandbox.stats("metronome")["stored"] == 0

@@ -205,6 +205,7 @@ class Sandbox:
             "metronome": Store(settings.data_dir / "metronome-events.jsonl", "transaction_id"),
         }
         self._arrivals = {name: collections.deque() for name in DESTINATIONS}
+        self.generation = 0  # bumped by reset: requests still in flight then are void
         self._rate_windows = [collections.deque() for _ in settings.m3ter_rate_limits]
 
     # --- faults and rates (called with the lock held) ----------------------------------
@@ -248,6 +249,7 @@ class Sandbox:
         return exceeded
 
     def reset(self) -> None:
+        self.generation += 1
         self.faults.clear()
         self.tokens.clear()
         self.settings.latency_ms = 0.0
@@ -407,6 +409,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             sandbox.note_arrival(destination)
             fault = sandbox.take_fault(destination)
             latency = sandbox.settings.latency_ms
+            generation = sandbox.generation
         try:
             if latency:
                 time.sleep(latency / 1000)
@@ -429,6 +432,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 items = self._metronome_items(raw_body, stats)
             self._refuse_marked(destination, items)
             with sandbox.lock:
+                if generation != sandbox.generation:  # reset while this request waited
+                    raise _json_reply(503, {"message": "the sandbox was reset during this request"})
                 stats.items_received += len(items)
                 stats.max_items_per_request = max(stats.max_items_per_request, len(items))
                 sandbox.stores[destination].add(items, stats)
