@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KIND[:count=N][:every=N][:retry_after=S][:destination=D]",
         help=f"inject a fault; KIND is one of {', '.join(FAULT_KINDS)} (repeatable)",
     )
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument(
         "--no-rate-limit", action="store_true", help="do not enforce m3ter's published request-rate limits"
     )
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
     server = SandboxServer((args.host, args.port), sandbox)
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        server.scheme = "https"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     port = server.server_address[1]
     if args.port_file:

@@ -570,6 +570,7 @@ class SandboxServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    scheme = "http"
 
     def __init__(self, address: tuple[str, int], sandbox: Sandbox):
         super().__init__(address, Handler)
@@ -578,4 +579,4 @@ class SandboxServer(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
