@@ -504,6 +504,24 @@ def _json_exact(value: t.Any) -> t.Any:
     return to_json_value(value, False)
 
 
+def _shared_parent(source: dict, name: str) -> tuple[str, list[tuple[str, str, str, str]]] | None:
+    """For keys that all read ``parent.child`` of one parent: (parent, [(key, child, ...)])."""
+    parent = None
+    children = []
+    for key, expression_source in source.items():
+        if not isinstance(expression_source, str):
+            return None
+        try:
+            path = _field_path(jmespath.compile(expression_source).parsed)
+        except jmespath.exceptions.JMESPathError:
+            return None
+        if path is None or len(path) != 2 or (parent is not None and path[0] != parent):
+            return None
+        parent = path[0]
+        children.append((key, path[1], expression_source, f"{name}.{key}"))
+    return (parent, children) if parent is not None else None
+
+
 def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
     """Specialise the field's computation once, so each record pays only for its kind."""
     name = spec.name
@@ -518,6 +536,28 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
                 raise ConfigError(f"{where}: key {key!r} is not a valid data-field code ({pattern})")
             expression = compile_expression(expression_source, f"{where}.{key}")
             keyed.append((key, expression.search, expression.source, f"{name}.{key}"))
+
+        shared = _shared_parent(source, name)
+        if shared is not None:
+            parent, children = shared
+
+            def compute_children(record: dict) -> t.Any:
+                # every key reads a field of the same object (e.g. properties.*): find it once
+                base = record.get(parent) if isinstance(record, dict) else None
+                if not isinstance(base, dict):
+                    return None
+                out = {}
+                for key, child, expression_source, field_name in children:
+                    value = base.get(child)
+                    if value is None:
+                        continue
+                    try:
+                        out[key] = convert(value)
+                    except ValueError as exc:
+                        raise MappingRejection(str(exc), field_name, expression_source) from None
+                return out or None
+
+            return CompiledField(spec, compute_children, None)
 
         def compute_keyed(record: dict) -> t.Any:
             out = {}

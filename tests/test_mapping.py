@@ -427,3 +427,14 @@ def test_an_expression_failing_on_a_record_rejects_that_record():
         apply(rule, {**RECORD, "n": 5})
     assert (caught.value.field, caught.value.expression) == ("measure.n", "length(n)")
     assert "expression failed" in caught.value.reason
+
+
+def test_keys_sharing_a_parent_object_answer_like_separate_paths():
+    rule = m3ter_rule({"measure": {"a": "p.a", "b": "p.b"}, "who": {"u": "p.u", "v": "q.v"}})
+    payload = apply(rule, {**RECORD, "p": {"a": 1, "b": None, "u": "x"}, "q": {"v": 2}})
+    assert payload["measure"] == {"a": 1}
+    assert payload["who"] == {"u": "x", "v": "2"}
+    assert "measure" not in apply(rule, {**RECORD, "p": "not an object"})
+    with pytest.raises(MappingRejection) as caught:
+        apply(rule, {**RECORD, "p": {"a": "many"}})
+    assert (caught.value.field, caught.value.expression) == ("measure.a", "p.a")
