@@ -25,6 +25,7 @@ RESULTS = HERE / "results"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE.parent))
 
+from target_usage_billing.sandbox.launch import launch  # noqa: E402
 from target_usage_billing.sandbox.samples import singer_lines  # noqa: E402
 
 M3TER_RULE = {
@@ -77,29 +78,6 @@ def fetch(url: str, method: str = "GET", body: bytes | None = None) -> dict:
         return json.loads(answer.read() or b"{}")
 
 
-def start_sandbox(work: Path, latency_ms: float, rate_limited: bool) -> tuple[subprocess.Popen, str]:
-    port_file = work / "port"
-    args = [
-        str(BIN / "usage-billing-sandbox"),
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--data-dir",
-        str(work / "data"),
-        "--latency-ms",
-        str(latency_ms),
-    ]
-    if not rate_limited:
-        args.append("--no-rate-limit")
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    while not port_file.exists():
-        if process.poll() is not None:
-            sys.exit("benchmark: sandbox did not start")
-        time.sleep(0.05)
-    return process, f"http://127.0.0.1:{port_file.read_text()}"
-
-
 def target_config(destination: str, url: str, rate_limited: bool, in_flight: int | None) -> dict:
     if destination == "m3ter":
         config = {
@@ -135,7 +113,9 @@ def bench(
     )  # zero latency measures the target itself; with latency, the API's limits apply
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        sandbox, url = start_sandbox(work, latency_ms, rate_limited)
+        options = ["--latency-ms", str(latency_ms)] + ([] if rate_limited else ["--no-rate-limit"])
+        sandbox = launch(work / "sandbox", *options)
+        url = sandbox.url
         try:
             config_path = work / "config.json"
             config_path.write_text(json.dumps(target_config(destination, url, rate_limited, in_flight)))
@@ -148,8 +128,7 @@ def bench(
                 sys.exit(f"benchmark: target exited {code}:\n{(work / 'target.log').read_text()[-3000:]}")
             stats = fetch(f"{url}/_sandbox/stats")[destination]
         finally:
-            sandbox.terminate()
-            sandbox.wait(30)
+            sandbox.stop()
     result = {
         "destination": destination,
         "events": count,

@@ -1,6 +1,6 @@
 """Run the bundled examples end to end against the local sandbox (no credentials needed).
 
-1. starts ``usage-billing-sandbox`` on a free loopback port (data in .demo/),
+1. starts ``usage-billing-sandbox`` on a free loopback port (data in .demo/sandbox/),
 2. loads examples/segment-events.singer.jsonl into the m3ter sandbox,
 3. generates recent Segment events and loads them into the Metronome sandbox (Metronome
    refuses events older than 34 days, so a fixed file would age out),
@@ -13,9 +13,10 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from target_usage_billing.sandbox.launch import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -26,29 +27,6 @@ BIN = Path(sys.executable).parent
 def fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=30) as answer:
         return answer.read()
-
-
-def start_sandbox() -> tuple[subprocess.Popen, str]:
-    port_file = WORK / "sandbox.port"
-    process = subprocess.Popen(
-        [
-            str(BIN / "usage-billing-sandbox"),
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--data-dir",
-            str(WORK / "sandbox-data"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while not port_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            sys.exit("demo: the sandbox did not start")
-        time.sleep(0.05)
-    return process, f"http://127.0.0.1:{port_file.read_text()}"
 
 
 def run(title: str, config_name: str, input_path: Path, url: str, destination: str) -> None:
@@ -91,7 +69,8 @@ def run(title: str, config_name: str, input_path: Path, url: str, destination: s
 def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir()
-    process, url = start_sandbox()
+    sandbox = launch(WORK / "sandbox")
+    url = sandbox.url
     print(f"Sandbox listening on {url} (stats: {url}/_sandbox/stats)")
     try:
         run(
@@ -116,8 +95,7 @@ def main() -> None:
             "metronome",
         )
     finally:
-        process.terminate()
-        process.wait(10)
+        sandbox.stop()
     print(f"\nDone. Sandbox data, configs and dead letters are in {WORK.relative_to(ROOT)}/")
 
 

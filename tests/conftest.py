@@ -15,11 +15,25 @@ from pathlib import Path
 import pytest
 import requests
 
+from target_usage_billing.sandbox.launch import launch
+
 BIN = Path(sys.executable).parent
 TARGET = str(BIN / "target-usage-billing")
 SANDBOX = str(BIN / "usage-billing-sandbox")
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+# A rule for simple usage rows: {"id", "account", "at" (epoch), "tokens", "note"}.
+USAGE_RULE_M3TER = {
+    "stream": "usage",
+    "fields": {
+        "meter": "'tokens'",
+        "account": "account",
+        "ts": "at",
+        "measure": {"tokens": "tokens"},
+        "metadata": {"note": "note"},
+    },
+}
 
 M3TER_KEY = "sandbox-access-key"
 M3TER_SECRET = "sandbox-api-secret"
@@ -27,10 +41,9 @@ METRONOME_TOKEN = "sandbox-metronome-token"
 
 
 class Sandbox:
-    def __init__(self, process: subprocess.Popen, port: int, data_dir: Path):
+    def __init__(self, process: subprocess.Popen, url: str, data_dir: Path):
         self.process = process
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = url
         self.data_dir = data_dir
 
     def stats(self, destination: str | None = None) -> dict:
@@ -59,23 +72,8 @@ class Sandbox:
 
 
 def start_sandbox(tmp: Path, *args: str) -> Sandbox:
-    port_file = tmp / "port"
-    port_file.unlink(missing_ok=True)
-    data_dir = tmp / "data"
-    process = subprocess.Popen(
-        [SANDBOX, "--port", "0", "--port-file", str(port_file), "--data-dir", str(data_dir), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while not port_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            err = process.stderr.read().decode() if process.stderr else ""
-            raise RuntimeError(f"sandbox did not start: {err}")
-        time.sleep(0.05)
-    return Sandbox(process, int(port_file.read_text()), data_dir)
+    launched = launch(tmp, *args)
+    return Sandbox(launched.process, launched.url, launched.data_dir)
 
 
 def stop_sandbox(sandbox: Sandbox) -> None:

@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--pause", type=float, default=0.0)
     parser.add_argument("--stream", default="usage")
+    parser.add_argument("--base-epoch", type=int, default=1795184122, help="time of record 0")
     args = parser.parse_args()
     start = 0
     if args.state:
@@ -35,7 +36,7 @@ def main() -> None:
     for i in range(start, args.count):
         # the tokens literal is written by hand: an exact decimal the target must not round
         record = (
-            f'{{"id": {i}, "account": "a{i % 13}", "at": {1795184122 + i}, '
+            f'{{"id": {i}, "account": "a{i % 13}", "at": {args.base_epoch + i}, '
             f'"tokens": {i}.125, "note": "n{i}"}}'
         )
         out.write(f'{{"type": "RECORD", "stream": "{args.stream}", "record": {record}}}\n')

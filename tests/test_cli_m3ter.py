@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from target_usage_billing.sandbox.samples import singer_lines
-from tests.conftest import EXAMPLES, M3TER_SECRET, m3ter_config, run_target, singer
+from tests.conftest import EXAMPLES, M3TER_SECRET, USAGE_RULE_M3TER, m3ter_config, run_target, singer
 
 EXAMPLE = EXAMPLES / "segment-events.singer.jsonl"
 
@@ -30,22 +30,7 @@ def usage_records(count: int, **fields) -> list[dict]:
 
 
 def usage_config(sandbox, **overrides):
-    return m3ter_config(
-        sandbox,
-        mappings=[
-            {
-                "stream": "usage",
-                "fields": {
-                    "meter": "'tokens'",
-                    "account": "account",
-                    "ts": "at",
-                    "measure": {"tokens": "tokens"},
-                    "metadata": {"note": "note"},
-                },
-            }
-        ],
-        **overrides,
-    )
+    return m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER], **overrides)
 
 
 def test_example_arrives_once_with_the_right_fields(sandbox, tmp_path):

@@ -36,7 +36,6 @@ def tls_sandbox(tmp_path):
         capture_output=True,
     )
     sandbox = start_sandbox(tmp_path / "sandbox", "--tls-cert", str(cert), "--tls-key", str(key))
-    sandbox.url = sandbox.url.replace("http://", "https://")
     yield sandbox, cert
     stop_sandbox(sandbox)
 
