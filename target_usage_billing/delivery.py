@@ -269,7 +269,7 @@ class Delivery:
             tries += 1
             if tries > 1:
                 self.stats.add_retry(stream)
-            self._count_throttle(self.limiter.acquire())
+            self.transport.stats.throttled(self.limiter.acquire())
             request = destination.ingest_request(body)
             response = self.transport.send_once(request.method, request.url, request.headers, request.body)
             answer = destination.judge(response)
@@ -289,11 +289,6 @@ class Delivery:
             return self.transport.with_retries(attempt, what)
         except RetryBudgetExhausted as exc:
             raise DeliveryError(str(exc)) from None
-
-    def _count_throttle(self, waited: float) -> None:
-        if waited:
-            with self.transport.stats.lock:
-                self.transport.stats.throttled_seconds += waited
 
     def _mark_done(self, seq: int) -> None:
         with self._lock:

@@ -137,7 +137,8 @@ class RateLimiter:
 
 @dataclass
 class TransportStats:
-    requests: int = 0
+    """Answers by status (or "timeout", "connection error"), retries, rate-limit waits."""
+
     retries: int = 0
     throttled_seconds: float = 0.0
     statuses: collections.Counter = field(default_factory=collections.Counter)
@@ -145,12 +146,16 @@ class TransportStats:
 
     def count(self, status: int | str) -> None:
         with self.lock:
-            self.requests += 1
             self.statuses[str(status)] += 1
 
     def retried(self) -> None:
         with self.lock:
             self.retries += 1
+
+    def throttled(self, seconds: float) -> None:
+        if seconds:
+            with self.lock:
+                self.throttled_seconds += seconds
 
 
 @dataclass(frozen=True)

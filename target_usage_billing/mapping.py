@@ -89,9 +89,6 @@ class MappingRejection(Exception):
             where += ": "
         return where + self.reason
 
-    def as_dict(self) -> dict[str, t.Any]:
-        return {"field": self.field, "expression": self.expression, "reason": self.reason}
-
 
 # --- expressions -------------------------------------------------------------------
 

@@ -322,6 +322,9 @@ class BillingRun:
             f"{stats.total('retries')} retries, rejected {stats.total('rejected')}, "
             f"STATE messages emitted {self.states_emitted}{throttled}"
         )
+        if transport.statuses:
+            answers = ", ".join(f"{status} x {n}" for status, n in sorted(transport.statuses.items()))
+            lines.append(f"  HTTP answers (authentication included): {answers}")
         if self.dead_letters.path and self.dead_letters.count:
             lines.append(f"  dead letters: {self.dead_letters.count} in {self.dead_letters.path}")
         if self.dry_run:
@@ -335,7 +338,7 @@ class BillingRun:
         for name, s in sorted(self.stats.streams.items()):
             tags = {"stream": name, "destination": self.destination.name}
             for metric, value in (
-                ("record_count", s.read),
+                ("usage_billing.read", s.read),
                 ("usage_billing.filtered", s.filtered),
                 ("usage_billing.unmapped", s.unmapped),
                 ("usage_billing.sent", s.sent),

@@ -32,6 +32,7 @@ class UsageSink(BatchSink):
         self._item_bytes = 0
         self._first_index = 0  # index of the buffer's first record (for STATE release)
         self._schema_error: str | None = None
+        self._direct_uncounted = 0  # direct-path records not yet in the SDK's record counter
         destination = self.run.destination
         self._max_items = self.run.max_items_per_request
         self._max_body = self.run.max_body_bytes
@@ -81,6 +82,7 @@ class UsageSink(BatchSink):
         if self._validator is not None:
             self._validate_and_parse(record)
         self._batch_records_read += 1
+        self._direct_uncounted += 1
         self.process_record(record, None)  # type: ignore[arg-type]
 
     def process_record(self, record: dict, context: dict) -> None:
@@ -130,6 +132,9 @@ class UsageSink(BatchSink):
             self._hand_over()
 
     def _hand_over(self) -> None:
+        if self._direct_uncounted:  # the SDK's record_count METRIC, fed per batch
+            self.record_counter_metric.increment(self._direct_uncounted)
+            self._direct_uncounted = 0
         items = self._items
         self._items = []
         self._item_bytes = 0
