@@ -52,6 +52,8 @@ class LineReader(GenericSingerReader[str]):
         if read1 is None:  # text streams (e.g. io.StringIO in tests)
             lines = iter(source)
             while True:
+                if self.stop_requested:
+                    raise StopRequested
                 self.waiting_for_input = True
                 try:
                     line = next(lines, None)
@@ -62,6 +64,8 @@ class LineReader(GenericSingerReader[str]):
                 yield line
         pending = b""
         while True:
+            if self.stop_requested:  # e.g. a signal during start-up: do not wait for input
+                raise StopRequested
             self.waiting_for_input = True
             try:
                 chunk = read1(1 << 20)

@@ -460,3 +460,18 @@ def test_records_breaking_their_schema_are_dead_lettered_not_fatal(sandbox, tmp_
     assert {i: d["stage"] for i, d in dead.items()} == expected
     assert dead[10]["field"] == "ts" and "garbage" in dead[10]["reason"]
     assert sandbox.stats("m3ter")["stored"] == 50 - len(expected)
+
+
+def test_sigterm_while_the_tap_is_silent_stops_at_once(sandbox, tmp_path):
+    # The tap sends a few records, then nothing for a long time: the target must not
+    # wait for more input once asked to stop.
+    config = crash_config(sandbox, shutdown_grace_seconds=5)
+    run = Pipeline(tmp_path, config, 10_000, every=200, pause=60)
+    wait_until(lambda: sandbox.stats("m3ter")["stored"] >= 200)
+    started = time.monotonic()
+    run.target.send_signal(signal.SIGTERM)
+    code = run.target.wait(30)
+    run.tap.kill()
+    assert code == 0, run.stderr
+    assert time.monotonic() - started < 10
+    assert position(run.states[-1]) == 200
