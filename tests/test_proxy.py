@@ -1,0 +1,141 @@
+"""Proxies from the environment: plain HTTP forwarding and HTTPS through CONNECT."""
+
+from __future__ import annotations
+
+import http.server
+import select
+import socket
+import threading
+import urllib.parse
+import urllib.request
+
+import pytest
+import requests
+
+from tests.conftest import run_target, singer
+from tests.test_cli_m3ter import usage_config, usage_records
+from tests.test_tls import tls_sandbox  # noqa: F401 - fixture
+
+
+class ForwardProxy(http.server.ThreadingHTTPServer):
+    """A small forward proxy on loopback that records what went through it."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.seen: list[str] = []
+        self.auth: list[str | None] = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://user:secret@127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ForwardProxy
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _forward(self) -> None:  # plain HTTP: the request line holds the absolute URL
+        self.server.seen.append(f"{self.command} {self.path}")
+        self.server.auth.append(self.headers.get("Proxy-Authorization"))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-authorization", "host")}
+        request = urllib.request.Request(self.path, data=body, method=self.command, headers=headers)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy loop
+        try:
+            answer = opener.open(request, timeout=30)
+            status, data, answer_headers = answer.status, answer.read(), answer.headers
+        except urllib.error.HTTPError as exc:
+            status, data, answer_headers = exc.code, exc.read(), exc.headers
+        self.send_response(status)
+        for key, value in answer_headers.items():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _forward
+
+    def do_CONNECT(self) -> None:  # HTTPS: a tunnel, TLS stays end to end
+        self.server.seen.append(f"CONNECT {self.path}")
+        self.server.auth.append(self.headers.get("Proxy-Authorization"))
+        host, port = self.path.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        sockets = [self.connection, upstream]
+        while True:
+            readable, _, _ = select.select(sockets, [], [], 30)
+            if not readable:
+                break
+            for sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    upstream.close()
+                    self.close_connection = True
+                    return
+                (upstream if sock is self.connection else self.connection).sendall(data)
+
+
+@pytest.fixture
+def proxy():
+    server = ForwardProxy()
+    yield server
+    server.shutdown()
+
+
+def proxy_env(proxy: ForwardProxy, **extra: str) -> dict[str, str]:
+    env = {
+        "NO_PROXY": "",
+        "no_proxy": "",
+        "HTTP_PROXY": "",
+        "http_proxy": "",
+        "HTTPS_PROXY": "",
+        "https_proxy": "",
+    }
+    env.update(extra)
+    return env
+
+
+def test_plain_http_goes_through_the_environment_proxy_with_credentials(sandbox, proxy, tmp_path):
+    env = proxy_env(proxy, HTTP_PROXY=proxy.url, http_proxy=proxy.url)
+    result = run_target(tmp_path, usage_config(sandbox), singer("usage", usage_records(1500)), env=env)
+    assert result.returncode == 0, result.stderr
+    assert sandbox.stats("m3ter")["stored"] == 1500
+    assert any(line.startswith("POST http://127.0.0.1:") and "/oauth/token" in line for line in proxy.seen)
+    assert sum("/measurements" in line for line in proxy.seen) == 2
+    assert set(proxy.auth) == {"Basic dXNlcjpzZWNyZXQ="}  # user:secret
+
+
+def test_https_is_tunnelled_through_connect(tls_sandbox, proxy, tmp_path):  # noqa: F811
+    sandbox, cert = tls_sandbox
+    env = proxy_env(
+        proxy,
+        HTTPS_PROXY=proxy.url,
+        https_proxy=proxy.url,
+        REQUESTS_CA_BUNDLE=str(cert),
+        SSL_CERT_FILE=str(cert),
+    )
+    result = run_target(tmp_path, usage_config(sandbox), singer("usage", usage_records(1500)), env=env)
+    assert result.returncode == 0, result.stderr
+    assert proxy.seen and all(line.startswith("CONNECT 127.0.0.1:") for line in proxy.seen)
+    assert set(proxy.auth) == {"Basic dXNlcjpzZWNyZXQ="}
+    stats = requests.get(f"{sandbox.url}/_sandbox/stats", verify=str(cert), timeout=10).json()["m3ter"]
+    assert stats["stored"] == 1500
+
+
+def test_no_proxy_bypasses_the_proxy(sandbox, proxy, tmp_path):
+    env = proxy_env(
+        proxy, HTTP_PROXY=proxy.url, http_proxy=proxy.url, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1"
+    )
+    result = run_target(tmp_path, usage_config(sandbox), singer("usage", usage_records(10)), env=env)
+    assert result.returncode == 0, result.stderr
+    assert proxy.seen == []
+    assert sandbox.stats("m3ter")["stored"] == 10
