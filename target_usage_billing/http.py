@@ -191,6 +191,17 @@ class HttpTransport:
         self._tls = ssl.create_default_context(cafile=ca_file)
         self._routes: dict[str, _Route] = {}
         self._local = threading.local()
+        # The retry policy, built once (not per request): calls attempt(), waits, again.
+        self._retrying = backoff.on_exception(
+            backoff_waits,
+            RetryableFailure,
+            max_time=self.retry_budget_seconds,
+            jitter=None,  # backoff_waits jitters itself and must not shorten Retry-After
+            on_backoff=self._on_backoff,
+            base=self.backoff_base_seconds,
+            cap=self.backoff_cap_seconds,
+            logger=None,
+        )(_call)
 
     def _route(self, parts: urllib.parse.SplitResult) -> _Route:
         origin = f"{parts.scheme}://{parts.netloc}"
@@ -292,27 +303,17 @@ class HttpTransport:
 
     def with_retries(self, attempt: t.Callable[[], t.Any], what: str) -> t.Any:
         """Call ``attempt`` until it stops raising RetryableFailure or the budget is spent."""
-
-        def on_backoff(details: dict) -> None:
-            self.stats.retried()
-            exc = details.get("exception")
-            logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], details["wait"])
-
-        retrying = backoff.on_exception(
-            backoff_waits,
-            RetryableFailure,
-            max_time=self.retry_budget_seconds,
-            jitter=None,  # backoff_waits jitters itself and must not shorten Retry-After
-            on_backoff=on_backoff,
-            base=self.backoff_base_seconds,
-            cap=self.backoff_cap_seconds,
-            logger=None,
-        )(attempt)
         try:
-            return retrying()
+            return self._retrying(attempt, what)
         except RetryableFailure as exc:
             msg = f"{what}: still failing after the {self.retry_budget_seconds:g}s retry budget: {exc}"
             raise RetryBudgetExhausted(msg) from None
+
+    def _on_backoff(self, details: dict) -> None:
+        self.stats.retried()
+        _attempt, what = details["args"]
+        exc = details.get("exception")
+        logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], details["wait"])
 
 
 def retryable_status(response: Response, what: str) -> RetryableFailure | None:
@@ -321,6 +322,10 @@ def retryable_status(response: Response, what: str) -> RetryableFailure | None:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return RetryableFailure(f"{what} answered {response.status}", retry_after)
     return None
+
+
+def _call(attempt: t.Callable[[], t.Any], what: str) -> t.Any:
+    return attempt()
 
 
 # Errors that mean a kept-alive connection had been closed by the server before we used

@@ -397,28 +397,28 @@ def to_string(value: t.Any) -> str:
 
 
 def to_json_value(value: t.Any, numbers_as_strings: bool) -> t.Any:
-    """Free-form JSON with exact numbers; datetimes become UTC ISO strings."""
-    kind = type(value)
-    if kind is str or kind is bool or value is None:
+    """Free-form JSON with exact numbers; datetimes become UTC ISO strings.
+
+    The general case: _json_as_text and _json_exact handle the common types first.
+    """
+    if value is None or isinstance(value, bool):
         return value
-    if kind is dict:
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            if type(key) is not str:
+            if not isinstance(key, str):
                 raise ValueError(f"object key {key!r} is not a string")
             out[key] = to_json_value(item, numbers_as_strings)
         return out
-    if kind is list:
+    if isinstance(value, list):
         return [to_json_value(item, numbers_as_strings) for item in value]
-    if kind is int:
-        return str(value) if numbers_as_strings else value
     if isinstance(value, (int, Decimal, float)):
         number = to_number(value)
         return to_string(number) if numbers_as_strings else number
     if isinstance(value, (dt.datetime, dt.date)):
         return to_utc_timestamp(value)
-    if isinstance(value, (dict, list, str)):  # subclasses
-        return to_json_value(kind.__mro__[-2](value), numbers_as_strings)
     raise ValueError(f"{_describe(value)} is not JSON")
 
 

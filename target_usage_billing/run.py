@@ -171,7 +171,6 @@ class BillingRun:
         self._last_flush = time.monotonic()
         self._last_emitted: str | None = None
         self._stdout_lock = threading.Lock()
-        self.line_number: t.Callable[[], int] = lambda: 0
         self.states_emitted = 0
         self._progress: threading.Thread | None = None
         self._finished = threading.Event()
@@ -195,6 +194,8 @@ class BillingRun:
         record: t.Any,
         stage: str,
         rejection: MappingRejection,
+        *,
+        line: int | None,
         payload: t.Any = None,
     ) -> None:
         self.dead_letters.write(
@@ -202,7 +203,7 @@ class BillingRun:
             record=record,
             stage=stage,
             reason=str(rejection),
-            line=self.line_number(),
+            line=line,
             field=rejection.field,
             expression=rejection.expression,
             payload=payload,

@@ -93,12 +93,18 @@ class UsageSink(BatchSink):
             counts.unmapped += 1
             return
         if self._schema_error is not None:
-            self.run.reject(self.stream_name, record, "schema", MappingRejection(self._schema_error))
+            self.run.reject(
+                self.stream_name,
+                record,
+                "schema",
+                MappingRejection(self._schema_error),
+                line=self._reader.line_number,
+            )
             return
         try:
             payload = rule.apply(record, self.stream_name, self._keys)
         except MappingRejection as rejection:
-            self.run.reject(self.stream_name, record, "mapping", rejection)
+            self.run.reject(self.stream_name, record, "mapping", rejection, line=self._reader.line_number)
             return
         if payload is None:
             counts.filtered += 1
@@ -112,7 +118,14 @@ class UsageSink(BatchSink):
                 f"{self._max_body}-byte limit"
             )
         if reason is not None:
-            self.run.reject(self.stream_name, record, "validation", MappingRejection(reason), payload=payload)
+            self.run.reject(
+                self.stream_name,
+                record,
+                "validation",
+                MappingRejection(reason),
+                line=self._reader.line_number,
+                payload=payload,
+            )
             return
         items = self._items
         if items and (

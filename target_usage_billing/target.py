@@ -185,8 +185,6 @@ class TargetUsageBilling(Target):
         super().__init__(**kwargs)
         defaults = {name: prop.get("default") for name, prop in self.config_jsonschema["properties"].items()}
         self.run_context = BillingRun(self.config, defaults)
-        reader = self.message_reader
-        self.run_context.line_number = lambda: reader.line_number
         # Drains only hand batches to the delivery pipeline, which is where the parallelism is.
         self.max_parallelism = 1
         self._stop_signal: int | None = None
@@ -215,8 +213,7 @@ class TargetUsageBilling(Target):
         run = self.run_context
 
         def secrets() -> list[str]:
-            token = getattr(run.destination, "_token", None)
-            return [*run.secrets, token] if token else run.secrets
+            return [*run.secrets, *run.destination.live_secrets()]
 
         redact = _RedactSecrets(secrets)
         for handler in logging.getLogger().handlers:

@@ -79,6 +79,10 @@ class Destination(abc.ABC):
         names = [p.name for p in cls.settings if p.to_dict()[p.name].get("secret")]
         return [str(config[n]) for n in names if config.get(n)]
 
+    def live_secrets(self) -> list[str]:
+        """Secrets obtained while running (e.g. an access token), to keep out of logs."""
+        return []
+
     # --- payloads --------------------------------------------------------------------
 
     def validate_payload(self, payload: dict[str, t.Any]) -> str | None:

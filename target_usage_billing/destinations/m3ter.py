@@ -171,6 +171,10 @@ class M3terDestination(Destination):
     def check_credentials(self) -> None:
         self._bearer()
 
+    def live_secrets(self) -> list[str]:
+        token = self._token
+        return [token] if token else []
+
     # --- requests --------------------------------------------------------------------
 
     def ingest_request(self, body: bytes) -> OutgoingRequest:
