@@ -61,15 +61,20 @@ def events_file(count: int) -> Path:
     return path
 
 
-def run_child(command: list[str], input_path: Path, log_path: Path) -> tuple[float, int, int]:
-    """(seconds, exit code, peak RSS in bytes) of one process reading input_path."""
+def run_child(command: list[str], input_path: Path, log_path: Path) -> tuple[float, int, int, float]:
+    """(seconds, exit code, peak RSS in bytes, CPU seconds) of one process reading input_path.
+
+    It runs in log_path's folder, so that its output files (dead letters) stay there.
+    """
     with open(input_path, "rb") as stdin, open(log_path, "wb") as log:
         started = time.perf_counter()
-        child = subprocess.Popen(command, stdin=stdin, stdout=subprocess.DEVNULL, stderr=log)
+        child = subprocess.Popen(
+            command, stdin=stdin, stdout=subprocess.DEVNULL, stderr=log, cwd=log_path.parent
+        )
         _, status, usage = os.wait4(child.pid, 0)
         elapsed = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
-    return elapsed, child.returncode, usage.ru_maxrss * 1024
+    return elapsed, child.returncode, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def fetch(url: str, method: str = "GET", body: bytes | None = None) -> dict:
@@ -119,7 +124,7 @@ def bench(
         try:
             config_path = work / "config.json"
             config_path.write_text(json.dumps(target_config(destination, url, rate_limited, in_flight)))
-            seconds, code, rss = run_child(
+            seconds, code, rss, cpu = run_child(
                 [str(BIN / "target-usage-billing"), "--config", str(config_path)],
                 input_path,
                 work / "target.log",
@@ -141,6 +146,9 @@ def bench(
         "requests_per_s": round(stats["requests"] / seconds, 1),
         "max_requests_in_1s": stats["max_requests_in_1s"],
         "peak_rss_mb": round(rss / 2**20, 1),
+        # user+sys of the target alone: steadier than wall time on a shared machine
+        "cpu_seconds": round(cpu, 2),
+        "cpu_us_per_record": round(cpu / count * 1e6, 1),
     }
     if baseline:
         result["baseline_records_per_s"] = round(baseline)
@@ -151,7 +159,7 @@ def bench(
 def baseline_rate(count: int) -> tuple[float, float]:
     input_path = events_file(count)
     with tempfile.TemporaryDirectory() as tmp:
-        seconds, code, rss = run_child(
+        seconds, code, rss, _cpu = run_child(
             [sys.executable, str(HERE / "noop_target.py")], input_path, Path(tmp) / "log"
         )
     if code != 0:

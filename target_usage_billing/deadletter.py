@@ -14,6 +14,9 @@ import msgspec
 logger = logging.getLogger("target-usage-billing.deadletter")
 
 _encoder = msgspec.json.Encoder(decimal_format="number")
+# Where rejected records go when dead_letter_path is not set: the working directory
+# (under Meltano, the project's root), so that no rejected usage is ever only logged.
+DEFAULT_PATH = "target-usage-billing-dead-letters.jsonl"
 # How many rejections are logged one by one before only the summary counts them.
 LOGGED_REJECTIONS = 20
 
@@ -21,22 +24,26 @@ LOGGED_REJECTIONS = 20
 class DeadLetters:
     """Append-only JSONL of rejected records; thread-safe; flushed per line.
 
-    One line per record: stream, input line, stage (mapping | validation | api),
-    reason, field and expression when known, the original record, the mapped payload
-    when there is one, and the time. ``sync()`` makes the file durable before a STATE
-    that covers those records is emitted.
+    One line per record: stream, input line, stage (schema | mapping | validation |
+    conflict | api), reason, field and expression when known, the original record, the
+    mapped payload when there is one, and the time. ``sync()`` makes the file durable
+    before a STATE that covers those records is emitted.
+
+    The file is opened (created if need be) when the run starts, so an unwritable path
+    stops the run before any input is read; a file this run created and left empty is
+    removed at the end.
     """
 
-    def __init__(self, path: str | os.PathLike | None, secrets: t.Sequence[str] = ()):
-        self.path = Path(path) if path else None
+    def __init__(self, path: str | os.PathLike, secrets: t.Sequence[str] = ()):
+        self.path = Path(path)
         self._secrets = [s.encode() for s in secrets if s]
         self._lock = threading.Lock()
-        self._file: t.BinaryIO | None = None
         self._dirty = False
         self.count = 0
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the run
+        existed = self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: t.BinaryIO | None = open(self.path, "ab")  # noqa: SIM115 - held open for the run
+        self._created = not existed
 
     def write(
         self,
@@ -49,7 +56,9 @@ class DeadLetters:
         field: str | None = None,
         expression: str | None = None,
         payload: t.Any = None,
+        **details: t.Any,
     ) -> None:
+        """One rejected record; ``details`` adds stage-specific keys (e.g. batch_file)."""
         entry = {
             "stream": stream,
             "line": line,
@@ -59,6 +68,7 @@ class DeadLetters:
             "expression": expression,
             "record": record,
             "payload": payload,
+            **details,
             "rejected_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         data = _encoder.encode(entry)
@@ -70,7 +80,7 @@ class DeadLetters:
                 where = f"line {line}, " if line else ""
                 logger.warning("Rejected a record of stream '%s' (%s%s): %s", stream, where, stage, reason)
             elif self.count == LOGGED_REJECTIONS + 1:
-                logger.warning("More rejections: see the summary%s", f" and {self.path}" if self.path else "")
+                logger.warning("More rejections: see the summary and %s", self.path)
             if self._file is not None:
                 self._file.write(data + b"\n")
                 self._file.flush()
@@ -89,3 +99,5 @@ class DeadLetters:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+                if self._created and not self.count:
+                    self.path.unlink(missing_ok=True)

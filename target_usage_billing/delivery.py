@@ -55,17 +55,22 @@ class Item(t.NamedTuple):
     line: int | None  # position in the input
 
 
-def original_record(item: Item) -> t.Any:
-    """The record as the tap sent it, decoded again from the input line (rare path).
+def original_record(item: Item) -> tuple[t.Any, dict[str, t.Any]]:
+    """The record as the tap sent it, decoded again from the input line (rare path), and
+    where it came from when that was a BATCH file (``batch_file``, ``batch_row``).
 
     Items keep the raw line rather than the decoded record: a bytes object is invisible
     to the garbage collector, while thousands of buffered dicts made it rescan them
     over and over (about a fifth of the run time).
     """
     try:
-        return _line_decoder.decode(item.message).get("record")
-    except (msgspec.DecodeError, AttributeError):
-        return None
+        message = _line_decoder.decode(item.message)
+    except msgspec.DecodeError:
+        return None, {}
+    if not isinstance(message, dict):
+        return None, {}
+    location = {key: message[key] for key in ("batch_file", "batch_row") if key in message}
+    return message.get("record"), location
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Delivery:
         *,
         max_in_flight: int,
         on_states: t.Callable[[list[dict]], None],
+        on_api_rejection: t.Callable[[], None] = lambda: None,
         dry_run: DryRunWriter | None = None,
     ):
         self.destination = destination
@@ -116,6 +122,8 @@ class Delivery:
         self.stats = stats
         self.dry_run = dry_run
         self._on_states = on_states
+        # called after each item the API refused; raises to stop splitting (rejection limits)
+        self._on_api_rejection = on_api_rejection
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -196,9 +204,14 @@ class Delivery:
         if self.failure is not None:
             raise self.failure
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the workers; each closes its connections. Busy ones (a stop cut their
+        retries short) are waited for only ``timeout`` seconds in all."""
         for _ in self._workers:
             self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     # --- worker side -------------------------------------------------------------------
 
@@ -206,6 +219,7 @@ class Delivery:
         while True:
             batch = self._queue.get()
             if batch is None:
+                self.transport.close_connections()
                 return
             try:
                 if self.failure is None:  # after a failure, stop sending: restart resends
@@ -223,6 +237,7 @@ class Delivery:
 
     def _deliver(self, stream: str, items: list[Item]) -> None:
         """Send items; on a content rejection, bisect until the bad items are isolated."""
+        self.raise_if_failed()  # e.g. the rejection limit was crossed while splitting
         body = self.destination.envelope([item.body for item in items])
         self.stats.add_request(stream)
         if self.dry_run is not None:
@@ -237,15 +252,18 @@ class Delivery:
         # about 2*log2(n) extra requests per bad item, every good item still delivered.
         if len(items) == 1:
             item = items[0]
+            record, location = original_record(item)
             self.dead_letters.write(
                 stream=stream,
-                record=original_record(item),
+                record=record,
                 stage="api",
                 reason=answer.message,
                 line=item.line,
                 payload=msgspec.Raw(item.body),
+                **location,
             )
             self.stats.add_rejected(stream, "api", answer.message)
+            self._on_api_rejection()
             return
         middle = len(items) // 2
         logger.info(
@@ -275,9 +293,11 @@ class Delivery:
             answer = destination.judge(response)
             if answer.verdict is Verdict.RETRY:
                 raise retryable_status(response, what) or RetryableFailure(answer.message)
+            if answer.verdict is Verdict.DENIED:
+                raise CredentialsError(answer.message)
             if answer.verdict is Verdict.REAUTH:
                 if renewed:
-                    raise CredentialsError(destination.reauth_failed_message())
+                    raise CredentialsError(destination.reauth_failed_message(response.status))
                 renewed = True
                 destination.refresh_credentials(request)
                 raise RetryableFailure(f"{answer.message}; renewing credentials", retry_after=0)

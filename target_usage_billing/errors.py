@@ -15,6 +15,10 @@ class ConfigError(UsageBillingError):
     exit_code = 2
 
 
+class UnmatchedStreamError(ConfigError):
+    """A stream arrived that no mapping rule matches, and unmatched_streams is "fail"."""
+
+
 class CredentialsError(UsageBillingError):
     """The billing platform refused the credentials."""
 

@@ -21,6 +21,7 @@ import collections
 import email.utils
 import http.client
 import logging
+import math
 import os
 import random
 import socket
@@ -63,8 +64,33 @@ class RetryableFailure(Exception):
         self.retry_after = retry_after
 
 
-class RetryBudgetExhausted(Exception):
+class RetryBudgetExhausted(DeliveryError):
     """Transient failures went on for longer than the retry budget."""
+
+
+def transient(response: Response) -> bool:
+    """Whether an error answer is worth sending again unchanged: the vendors' SDKs' rule.
+
+    ``x-should-retry: true|false`` from the server decides; otherwise 408, 409, 429 and
+    5xx are transient and every other status is not.
+    """
+    hint = response.headers.get("x-should-retry")
+    if hint is not None and hint.strip().lower() in ("true", "false"):
+        return hint.strip().lower() == "true"
+    return response.status in RETRY_STATUSES or response.status >= 500
+
+
+def retry_after_seconds(headers: t.Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait a server asked for: ``retry-after-ms`` first, then ``Retry-After``."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            value = float(millis) / 1000
+            if math.isfinite(value):
+                return max(0.0, value)
+        except ValueError:
+            pass
+    return parse_retry_after(headers.get("Retry-After"), now)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -73,7 +99,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     except ValueError:
         pass
     try:
@@ -88,7 +115,10 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 def backoff_waits(base: float = 0.5, cap: float = 30.0) -> t.Generator[float, t.Any, None]:
     """Wait generator for ``backoff``: it is sent the exception of each failed try.
 
-    Capped exponential with equal jitter; a server's Retry-After, when given, wins.
+    Capped exponential with equal jitter; a server's wait (Retry-After, retry-after-ms),
+    when given and above zero, wins. A wait of 0 gets the backoff delay, so a server
+    answering "now" cannot cause a hot loop; backoff itself cuts any wait at what is left
+    of the retry budget.
     """
     attempt = 0
     failure = yield  # primed by backoff with None
@@ -96,7 +126,7 @@ def backoff_waits(base: float = 0.5, cap: float = 30.0) -> t.Generator[float, t.
         ceiling = min(cap, base * (2**attempt))
         delay = ceiling / 2 + random.uniform(0, ceiling / 2)
         retry_after = getattr(failure, "retry_after", None)
-        if retry_after is not None:
+        if retry_after is not None and retry_after > 0:
             delay = retry_after
         attempt += 1
         failure = yield delay
@@ -278,6 +308,15 @@ class HttpTransport:
                     f"({exc.verify_message}); for a private CA set SSL_CERT_FILE or REQUESTS_CA_BUNDLE"
                 )
                 raise DeliveryError(msg) from None
+            except ValueError:
+                # http.client refuses a header or URL with a line break; its message would
+                # quote the header (a credential): say what, never the value.
+                self._drop(connections, route)
+                msg = (
+                    f"{method} {_no_query(url)}: a request header holds a character HTTP forbids "
+                    "(check the credential settings for line breaks)"
+                )
+                raise DeliveryError(msg) from None
             except TimeoutError:
                 self._drop(connections, route)
                 self.stats.count("timeout")
@@ -294,6 +333,13 @@ class HttpTransport:
             self.stats.count(answer.status)
             return Response(answer.status, answer.headers, data)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def close_connections(self) -> None:
+        """Close the calling thread's kept-alive connections (each thread, when it is done)."""
+        connections = getattr(self._local, "connections", None)
+        while connections:
+            _route, conn = connections.popitem()
+            conn.close()
 
     @staticmethod
     def _drop(connections: dict, route: _Route) -> None:
@@ -313,14 +359,26 @@ class HttpTransport:
         self.stats.retried()
         _attempt, what = details["args"]
         exc = details.get("exception")
-        logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], details["wait"])
+        wait = details["wait"]
+        asked = getattr(exc, "retry_after", None)
+        if asked is not None and asked > wait + 1:
+            logger.warning(
+                "%s: %s; the server asked to wait %.0fs, longer than what is left of the %gs retry "
+                "budget (max_retry_seconds): one last try in %.1fs",
+                what,
+                exc,
+                asked,
+                self.retry_budget_seconds,
+                wait,
+            )
+            return
+        logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], wait)
 
 
 def retryable_status(response: Response, what: str) -> RetryableFailure | None:
-    """A RetryableFailure for 408/409/429/5xx answers, else None."""
-    if response.status in RETRY_STATUSES or response.status >= 500:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        return RetryableFailure(f"{what} answered {response.status}", retry_after)
+    """A RetryableFailure for a transient error answer (see ``transient``), else None."""
+    if response.status >= 300 and transient(response):
+        return RetryableFailure(f"{what} answered {response.status}", retry_after_seconds(response.headers))
     return None
 
 

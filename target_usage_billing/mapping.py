@@ -34,6 +34,10 @@ EPOCH_MILLIS_THRESHOLD = 100_000_000_000
 # Namespace of derived ids (UUIDv5). Changing it would change every derived id: never do.
 ID_NAMESPACE = uuid.UUID("6f1c7a52-3d0e-4b8e-9a51-2f1d0c7e9b44")
 
+# A number whose decimal point sits more than this many digits from its first digit
+# (1e200000000, 1e-5000) is refused: written out it would take megabytes, and no usage
+# quantity needs it. Checked with Decimal.adjusted(), which costs nothing.
+MAX_NUMBER_DIGITS = 1000
 _NANOS = re.compile(r"(.*\.\d{6})\d+(.*)\Z")
 _NUMERIC = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
 
@@ -286,8 +290,18 @@ def format_utc(moment: dt.datetime) -> str:
     return f"{base}.{micros:06d}Z"
 
 
+def _bounded(value: Decimal) -> Decimal:
+    """``value`` when its exact text is a sane length, else ValueError."""
+    if -MAX_NUMBER_DIGITS < value.adjusted() < MAX_NUMBER_DIGITS:
+        return value
+    text = str(value)
+    raise ValueError(f"number {text[:40]} is out of range (over {MAX_NUMBER_DIGITS} digits written out)")
+
+
 def _from_epoch(number: Decimal | int | float) -> dt.datetime:
     value = Decimal(repr(number)) if isinstance(number, float) else Decimal(number)
+    if value.adjusted() > 16:  # beyond any epoch in seconds or milliseconds
+        raise OverflowError
     if abs(value) >= EPOCH_MILLIS_THRESHOLD:
         value = value / 1000
     micros = int((value * 1_000_000).to_integral_value(rounding=ROUND_HALF_EVEN))
@@ -339,7 +353,9 @@ def to_utc_timestamp(value: t.Any) -> str:
         msg = f"{_describe(value)} is not a timestamp"
         raise ValueError(msg)
     elif isinstance(value, (int, float, Decimal)):
-        if isinstance(value, (float, Decimal)) and not math.isfinite(value):
+        if (isinstance(value, float) and not math.isfinite(value)) or (
+            isinstance(value, Decimal) and not value.is_finite()
+        ):
             msg = f"{_describe(value)} is not a timestamp"
             raise ValueError(msg)
         try:
@@ -364,14 +380,18 @@ def to_number(value: t.Any) -> int | float | Decimal:
         raise ValueError(f"expected a number, got {_describe(value)}")
     if isinstance(value, int):
         return value
-    if isinstance(value, (Decimal, float)):
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"expected a finite number, got {value}")
+        return _bounded(value)
+    if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"expected a finite number, got {value}")
         return value
     if isinstance(value, str):
         text = value.strip()
         if _NUMERIC.match(text):
-            return Decimal(text)
+            return _bounded(Decimal(text))
     raise ValueError(f"expected a number, got {_describe(value)}")
 
 
@@ -386,7 +406,7 @@ def to_string(value: t.Any) -> str:
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ValueError(f"expected a string, got {value}")
-        return format(value, "f")
+        return format(_bounded(value), "f")
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"expected a string, got {value}")
@@ -427,10 +447,16 @@ def derive_id(stream: str, record: Mapping[str, t.Any], key_properties: Sequence
 
     The same record always gets the same id, so a re-send after a crash or an overlapping
     backfill is de-duplicated by the billing platform. SDK metadata (_sdc_*) is ignored.
+    A key property that is missing, null or empty cannot tell records apart (every such
+    record would share one id and all but the first would be dropped as re-sends): then
+    the whole record is the basis.
     """
+    basis: t.Any = None
     if key_properties:
-        basis: t.Any = [record.get(key) for key in key_properties]
-    else:
+        basis = [record.get(key) for key in key_properties]
+        if any(value is None or value == "" for value in basis):
+            basis = None
+    if basis is None:
         basis = {k: v for k, v in record.items() if not k.startswith("_sdc_")}
     digest = hashlib.sha1(
         ID_NAMESPACE.bytes + stream.encode() + b"\x00" + _canonical_encoder.encode(basis)
@@ -462,7 +488,9 @@ def _text(value: t.Any) -> str | None:
 
 def _exact_number(value: t.Any) -> t.Any:
     kind = type(value)
-    if kind is int or (kind is Decimal and value.is_finite()):
+    if kind is int or (
+        kind is Decimal and value.is_finite() and -MAX_NUMBER_DIGITS < value.adjusted() < MAX_NUMBER_DIGITS
+    ):
         return value
     return to_number(value)
 
@@ -482,7 +510,7 @@ def _json_as_text(value: t.Any) -> t.Any:
         return value
     if kind is int:
         return str(value)
-    if kind is Decimal and value.is_finite():
+    if kind is Decimal and value.is_finite() and -MAX_NUMBER_DIGITS < value.adjusted() < MAX_NUMBER_DIGITS:
         return format(value, "f")
     if kind is dict and all(type(k) is str for k in value):
         return {key: _json_as_text(item) for key, item in value.items()}
@@ -494,7 +522,7 @@ def _json_exact(value: t.Any) -> t.Any:
     kind = type(value)
     if kind is str or kind is bool or kind is int or value is None:
         return value
-    if kind is Decimal and value.is_finite():
+    if kind is Decimal and value.is_finite() and -MAX_NUMBER_DIGITS < value.adjusted() < MAX_NUMBER_DIGITS:
         return value
     if kind is dict and all(type(k) is str for k in value):
         return {key: _json_exact(item) for key, item in value.items()}
@@ -617,7 +645,11 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
 
 
 class CompiledRule:
-    """One mapping rule, compiled: apply() turns a record into a payload dict."""
+    """One mapping rule, compiled: apply() turns a record into a payload dict.
+
+    A rule with ``skip`` set maps nothing: it says that the streams it matches carry no
+    usage, so their records are counted and left out on purpose.
+    """
 
     def __init__(
         self,
@@ -625,17 +657,24 @@ class CompiledRule:
         stream_pattern: str,
         filter_expression: Expression | None,
         fields: list[CompiledField],
-        preset: str | None,
+        *,
+        skip: bool = False,
     ):
         self.index = index
         self.stream_pattern = stream_pattern
         self._stream_regex = re.compile(fnmatch.translate(stream_pattern))
         self.filter = filter_expression
-        self.fields = fields
-        self.preset = preset
+        self.skip = skip
+        # the payload field that carries the idempotency key (None: the platform has none)
+        self.id_field = next((f.spec.name for f in fields if f.spec.kind is FieldKind.ID), None)
         self._plan = [
             (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
         ]
+
+    @property
+    def where(self) -> str:
+        """How the user wrote the rule, for messages: ``mappings[1] (stream 'api_*')``."""
+        return f"mappings[{self.index}] (stream {self.stream_pattern!r})"
 
     def matches(self, stream: str) -> bool:
         return self._stream_regex.match(stream) is not None
@@ -686,13 +725,25 @@ def compile_rules(
         where = f"mappings[{index}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: a rule must be an object, got {raw!r}")
-        unknown = sorted(set(raw) - {"stream", "filter", "fields", "preset"})
+        unknown = sorted(set(raw) - {"stream", "filter", "fields", "preset", "skip"})
         if unknown:
-            msg = f"{where}: unknown key(s) {', '.join(unknown)} (allowed: stream, preset, filter, fields)"
+            msg = (
+                f"{where}: unknown key(s) {', '.join(unknown)} "
+                "(allowed: stream, preset, filter, fields, skip)"
+            )
             raise ConfigError(msg)
         stream = raw.get("stream")
         if not isinstance(stream, str) or not stream:
             raise ConfigError(f"{where}.stream: give a stream name or glob pattern")
+        skip = raw.get("skip", False)
+        if not isinstance(skip, bool):
+            raise ConfigError(f"{where}.skip: must be true or false, got {skip!r}")
+        if skip:
+            if set(raw) - {"stream", "skip"}:
+                msg = f"{where}: a rule with skip: true maps nothing; give it only stream and skip"
+                raise ConfigError(msg)
+            rules.append(CompiledRule(index, stream, None, [], skip=True))
+            continue
         fields_raw = raw.get("fields", {})
         if not isinstance(fields_raw, dict):
             raise ConfigError(f"{where}.fields: must be an object of field -> expression")
@@ -729,7 +780,7 @@ def compile_rules(
         filter_expression = (
             compile_expression(filter_source, f"{where}.filter") if filter_source is not None else None
         )
-        rules.append(CompiledRule(index, stream, filter_expression, compiled_fields, preset_name))
+        rules.append(CompiledRule(index, stream, filter_expression, compiled_fields))
     return rules
 
 

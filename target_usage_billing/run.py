@@ -7,6 +7,8 @@ prints the summary. The Target class feeds it from the SDK's message callbacks.
 
 from __future__ import annotations
 
+import collections
+import difflib
 import json
 import logging
 import sys
@@ -21,8 +23,9 @@ from singer_sdk.metrics import get_metrics_logger
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.delivery import Delivery, DryRunWriter
 from target_usage_billing.destinations import DESTINATIONS, Destination
-from target_usage_billing.errors import ConfigError, RejectionLimitError
+from target_usage_billing.errors import ConfigError, RejectionLimitError, UnmatchedStreamError
 from target_usage_billing.http import HttpTransport, RateLimiter
+from target_usage_billing.ledger import IdLedger
 from target_usage_billing.mapping import CompiledRule, MappingRejection, compile_rules, find_rule
 from target_usage_billing.stats import RunStats
 
@@ -30,6 +33,17 @@ logger = logging.getLogger("target-usage-billing")
 # The ratio limit is judged only once this many records reached a rule, so that two bad
 # records among the first ten do not stop a run of millions.
 MIN_RECORDS_FOR_RATIO = 1000
+# A partial batch is sent at the latest this long after the previous hand-over, and never
+# sooner because of time alone: a STATE after every record must not shrink requests to
+# one record each (state_checkpoint_seconds below this counts as this).
+MIN_CHECKPOINT_SECONDS = 1.0
+UNMATCHED_STREAMS = ("fail", "skip")
+# Each request in flight is a thread with its own connection; more than this only adds
+# memory and sockets (the APIs' own rate limits bind long before).
+MAX_REQUESTS_IN_FLIGHT = 64
+# STATE values go out exactly as the tap wrote them: Decimal keeps a fraction's digits,
+# integers of any size stay integers.
+_state_encoder = msgspec.json.Encoder(decimal_format="number")
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,8 @@ class Settings:
     max_retry_seconds: float
     state_checkpoint_seconds: float
     shutdown_grace_seconds: float
-    dead_letter_path: str | None
+    dead_letter_path: str
+    unmatched_streams: str
     max_rejected_records: int | None
     max_rejected_ratio: float | None
     progress_interval_seconds: float
@@ -57,7 +72,7 @@ class Settings:
     def from_config(cls, config: t.Mapping[str, t.Any], defaults: t.Mapping[str, t.Any]) -> Settings:
         def get(name: str) -> t.Any:
             value = config.get(name)
-            return defaults.get(name) if value is None else value
+            return defaults.get(name) if value is None or value == "" else value
 
         values = {name: get(name) for name in cls.__dataclass_fields__}
         # JSON config files arrive with Decimal numbers (the SDK reads them exactly):
@@ -68,6 +83,15 @@ class Settings:
                     values[name] = kind(values[name])
                 except (TypeError, ValueError):
                     raise ConfigError(f"{name}: expected a number, got {values[name]!r}") from None
+        in_flight = values["max_requests_in_flight"]
+        if isinstance(in_flight, int) and in_flight > MAX_REQUESTS_IN_FLIGHT:
+            logger.warning(
+                "max_requests_in_flight=%d is more than this target starts (one thread and "
+                "connection each): using %d",
+                in_flight,
+                MAX_REQUESTS_IN_FLIGHT,
+            )
+            values["max_requests_in_flight"] = MAX_REQUESTS_IN_FLIGHT
         settings = cls(**values)
         settings.check()
         return settings
@@ -91,6 +115,11 @@ class Settings:
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{name}: must be 0 or more, got {value}")
+        if self.max_rejected_records is not None and self.max_rejected_records < 0:
+            raise ConfigError(f"max_rejected_records: must be 0 or more, got {self.max_rejected_records}")
+        if self.max_requests_per_second is not None and self.max_requests_per_second < 0:
+            msg = f"max_requests_per_second: must be 0 (no limit) or more, got {self.max_requests_per_second}"
+            raise ConfigError(msg)
         if self.batch_size_rows is not None and self.batch_size_rows < 1:
             raise ConfigError(f"batch_size_rows: must be at least 1, got {self.batch_size_rows}")
         if self.batch_max_bytes is not None and self.batch_max_bytes < 1024:
@@ -103,6 +132,10 @@ class Settings:
             raise ConfigError(msg)
         if self.max_rejected_ratio is not None and not 0 <= self.max_rejected_ratio <= 1:
             raise ConfigError(f"max_rejected_ratio: must be between 0 and 1, got {self.max_rejected_ratio}")
+        if self.unmatched_streams not in UNMATCHED_STREAMS:
+            allowed = ", ".join(UNMATCHED_STREAMS)
+            msg = f"unmatched_streams: must be one of {allowed}, got {self.unmatched_streams!r}"
+            raise ConfigError(msg)
 
 
 _NUMBER_SETTINGS: dict[str, type] = {
@@ -148,13 +181,21 @@ class BillingRun:
         if settings.max_requests_per_second is None:
             windows = destination_class.rate_limits
         elif settings.max_requests_per_second > 0:
-            windows = ((max(1, round(settings.max_requests_per_second)), 1.0),)
+            # n requests per n/rate seconds: exactly the rate asked, also below 1 per second
+            rate = settings.max_requests_per_second
+            burst = max(1, int(rate))
+            windows = ((burst, burst / rate),)
         else:
             windows = ()  # 0: no client-side limit
         self.limiter = RateLimiter(windows)
         self.stats = RunStats()
-        self.dead_letters = DeadLetters(settings.dead_letter_path, self.secrets)
-        self.dry_run = DryRunWriter(settings.dry_run_path) if settings.dry_run else None
+        self.dead_letters = _open_output(
+            "dead_letter_path", DeadLetters, settings.dead_letter_path, self.secrets
+        )
+        self.dry_run = (
+            _open_output("dry_run_path", DryRunWriter, settings.dry_run_path) if settings.dry_run else None
+        )
+        self.ledger = IdLedger()
         self.delivery = Delivery(
             self.destination,
             self.transport,
@@ -163,28 +204,70 @@ class BillingRun:
             self.stats,
             max_in_flight=settings.max_requests_in_flight,
             on_states=self._emit_states,
+            on_api_rejection=lambda: self.check_rejection_limits(final=False),
             dry_run=self.dry_run,
         )
         self._rule_cache: dict[str, CompiledRule | None] = {}
-        self._warned_unmapped: set[str] = set()
+        self._rules_used: set[int] = set()
         self.records_seen = 0  # records read so far; a record's index is its position
         self._last_flush = time.monotonic()
-        self._last_emitted: str | None = None
+        self._last_emitted: bytes | None = None
         self._stdout_lock = threading.Lock()
         self.states_emitted = 0
+        self.states_withheld = 0  # dry run: STATEs that would have been emitted
+        self.skipped_messages: collections.Counter[str] = collections.Counter()
         self._progress: threading.Thread | None = None
         self._finished = threading.Event()
 
     # --- rules -------------------------------------------------------------------------
 
     def rule_for(self, stream: str) -> CompiledRule | None:
-        if stream not in self._rule_cache:
-            rule = find_rule(self.rules, stream)
-            self._rule_cache[stream] = rule
-            if rule is None and stream not in self._warned_unmapped:
-                self._warned_unmapped.add(stream)
-                logger.warning("Stream '%s' matches no mapping rule: its records are skipped", stream)
-        return self._rule_cache[stream]
+        """The rule for ``stream``; a stream no rule matches stops the run unless allowed.
+
+        Called when the stream's SCHEMA arrives, before any of its records is read, so
+        no STATE can ever cover records of a stream that was silently left out.
+        """
+        if stream in self._rule_cache:
+            return self._rule_cache[stream]
+        rule = find_rule(self.rules, stream)
+        self._rule_cache[stream] = rule
+        if rule is not None:
+            self._rules_used.add(rule.index)
+            if rule.skip:
+                logger.info(
+                    "Stream '%s': %s says skip: its records are counted, not sent", stream, rule.where
+                )
+            return rule
+        patterns = [r.stream_pattern for r in self.rules]
+        closest = difflib.get_close_matches(stream, patterns, n=1, cutoff=0.5)
+        hint = f"; closest: {closest[0]!r}" if closest else ""
+        listed = ", ".join(repr(p) for p in patterns)
+        if self.settings.unmatched_streams == "skip":
+            logger.warning(
+                "Stream '%s' matches no mapping rule (patterns: %s%s): its records are skipped "
+                "(unmatched_streams is skip)",
+                stream,
+                listed,
+                hint,
+            )
+            return None
+        msg = (
+            f"stream {stream!r} matches no mapping rule (patterns: {listed}{hint}), so its usage "
+            "would not be billed; fix the rule's stream, add a rule "
+            f'{{"stream": "{stream}", "skip": true}} if it carries no usage, or set '
+            "unmatched_streams to skip"
+        )
+        raise UnmatchedStreamError(msg)
+
+    def skip_message(self, kind: str, line: int, why: str, *, warn: bool = True) -> None:
+        """A message that carries no usage, skipped: counted in the summary."""
+        self.skipped_messages[kind] += 1
+        if self.skipped_messages[kind] == 1 or warn:
+            log = logger.warning if warn else logger.info
+            log("line %d: skipping %s message (%s)", line, kind, why)
+
+    def unused_rules(self) -> list[CompiledRule]:
+        return [rule for rule in self.rules if rule.index not in self._rules_used]
 
     # --- rejections --------------------------------------------------------------------
 
@@ -197,6 +280,7 @@ class BillingRun:
         *,
         line: int | None,
         payload: t.Any = None,
+        **details: t.Any,
     ) -> None:
         self.dead_letters.write(
             stream=stream,
@@ -207,6 +291,7 @@ class BillingRun:
             field=rejection.field,
             expression=rejection.expression,
             payload=payload,
+            **details,
         )
         self.stats.add_rejected(stream, stage, str(rejection))
         self.check_rejection_limits(final=False)
@@ -222,7 +307,8 @@ class BillingRun:
             raise RejectionLimitError(msg)
         if settings.max_rejected_ratio is None or not rejected:
             return
-        considered = self.stats.total("mapped") + self.stats.total("rejected")
+        # Records refused by the API were counted as mapped when they were batched.
+        considered = self.stats.total("mapped") + rejected - self.stats.total("rejected_by_api")
         if considered and (final or considered >= MIN_RECORDS_FOR_RATIO):
             ratio = rejected / considered
             if ratio > settings.max_rejected_ratio:
@@ -233,9 +319,7 @@ class BillingRun:
                 raise RejectionLimitError(msg)
 
     def _dead_letter_hint(self) -> str:
-        if self.dead_letters.path:
-            return f"; see {self.dead_letters.path}"
-        return "; set dead_letter_path to keep them"
+        return f"; see {self.dead_letters.path}"
 
     # --- STATE -------------------------------------------------------------------------
 
@@ -250,32 +334,45 @@ class BillingRun:
         Full batches go at once; this bounds how long a partial batch (and so the STATE
         after it, and the usage in it) waits: at most ``state_checkpoint_seconds``.
         """
-        return time.monotonic() - self._last_flush >= self.settings.state_checkpoint_seconds and (
+        return time.monotonic() - self._last_flush >= self.checkpoint_seconds and (
             self.delivery.has_pending_states or self.delivery.has_buffered
         )
+
+    @property
+    def checkpoint_seconds(self) -> float:
+        return max(self.settings.state_checkpoint_seconds, MIN_CHECKPOINT_SECONDS)
+
+    def seconds_until_flush(self) -> float | None:
+        """How long input may stay idle before buffered usage must go; None: nothing waits."""
+        if not (self.delivery.has_pending_states or self.delivery.has_buffered):
+            return None
+        return max(0.0, self._last_flush + self.checkpoint_seconds - time.monotonic())
 
     def flushed(self) -> None:
         self._last_flush = time.monotonic()
 
-    def _emit_states(self, states: list[dict]) -> None:
+    def _emit_states(self, states: list[t.Any]) -> None:
+        if self.dry_run is not None:
+            # Nothing was billed: a STATE would move the tap's bookmark past usage that
+            # the next real run then never sees.
+            self.states_withheld += len(states)
+            return
         # Dead letters first: a STATE must never cover a rejection that is not on disk.
         self.dead_letters.sync()
         lines = []
         for state in states:
-            try:
-                line = json.dumps(state)
-            except TypeError:  # Decimal bookmarks: keep them exact
-                line = msgspec.json.encode(state, decimal_format="number").decode()
+            line = _state_encoder.encode(state)  # the value alone, as Singer targets write it
             if line != self._last_emitted:
                 lines.append(line)
                 self._last_emitted = line
         if not lines:
             return
         with self._stdout_lock:
-            sys.stdout.write("".join(line + "\n" for line in lines))
-            sys.stdout.flush()
+            out = sys.stdout.buffer
+            out.write(b"".join(line + b"\n" for line in lines))
+            out.flush()
             self.states_emitted += len(lines)
-        logger.debug("Emitted STATE %s", lines[-1])
+        logger.debug("Emitted STATE %s", lines[-1].decode())
 
     # --- progress and summary ----------------------------------------------------------
 
@@ -309,26 +406,42 @@ class BillingRun:
             else ""
         )
         noun = self.destination.item_noun
-        mode = " (dry run: nothing was sent)" if self.dry_run else ""
+        dry = self.dry_run is not None
+        sent = "would send" if dry else "sent"
+        mode = " (dry run: nothing was sent, no STATE was written)" if dry else ""
         lines = [f"Summary for {self.destination.label}{mode}, {stats.elapsed:.1f}s:"]
         for name, s in sorted(stats.streams.items()):
+            duplicates = f", duplicates {s.duplicates}" if s.duplicates else ""
             lines.append(
                 f"  stream {name}: read {s.read}, filtered {s.filtered}, unmapped {s.unmapped}, "
-                f"sent {s.sent} {noun}, rejected {s.rejected}, requests {s.requests}, retries {s.retries}"
+                f"{sent} {s.sent} {noun}, rejected {s.rejected}{duplicates}, requests {s.requests}, "
+                f"retries {s.retries}"
             )
             for reason, count in s.reasons.most_common(3):
                 lines.append(f"    rejected {count} x {reason}")
+        states = (
+            f"STATE messages withheld {self.states_withheld}"
+            if dry
+            else f"STATE messages emitted {self.states_emitted}"
+        )
+        duplicates = stats.total("duplicates")
         lines.append(
-            f"  total: sent {stats.total('sent')} {noun} in {stats.total('requests')} requests, "
+            f"  total: {sent} {stats.total('sent')} {noun} in {stats.total('requests')} requests, "
             f"{stats.total('retries')} retries, rejected {stats.total('rejected')}, "
-            f"STATE messages emitted {self.states_emitted}{throttled}"
+            + (f"duplicates skipped {duplicates}, " if duplicates else "")
+            + f"{states}{throttled}"
         )
         if transport.statuses:
             answers = ", ".join(f"{status} x {n}" for status, n in sorted(transport.statuses.items()))
             lines.append(f"  HTTP answers (authentication included): {answers}")
-        if self.dead_letters.path and self.dead_letters.count:
+        if self.dead_letters.count:
             lines.append(f"  dead letters: {self.dead_letters.count} in {self.dead_letters.path}")
-        if self.dry_run:
+        if self.skipped_messages:
+            skipped = ", ".join(f"{kind} x {n}" for kind, n in sorted(self.skipped_messages.items()))
+            lines.append(f"  messages skipped: {skipped}")
+        for rule in self.unused_rules():
+            lines.append(f"  {rule.where} matched no stream")
+        if dry:
             lines.append(f"  request bodies written to {self.settings.dry_run_path}")
         return lines
 
@@ -343,6 +456,7 @@ class BillingRun:
                 ("usage_billing.filtered", s.filtered),
                 ("usage_billing.unmapped", s.unmapped),
                 ("usage_billing.sent", s.sent),
+                ("usage_billing.duplicates", s.duplicates),
                 ("usage_billing.rejected", s.rejected),
                 ("usage_billing.requests", s.requests),
                 ("usage_billing.retries", s.retries),
@@ -361,6 +475,19 @@ class BillingRun:
     def close(self) -> None:
         self._finished.set()
         self.delivery.close()
+        self.transport.close_connections()  # the reading thread's (credential check)
         self.dead_letters.close()
         if self.dry_run is not None:
             self.dry_run.close()
+
+
+_Output = t.TypeVar("_Output")
+
+
+def _open_output(setting: str, kind: t.Callable[..., _Output], path: str, *args: t.Any) -> _Output:
+    """Open an output file at start-up: an unwritable path is a settings error, not a crash."""
+    try:
+        return kind(path, *args)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{setting}: cannot write {path!r}: {reason}") from None

@@ -14,6 +14,7 @@ from singer_sdk.sinks import BatchSink
 
 from target_usage_billing.delivery import Item
 from target_usage_billing.destinations.base import Destination
+from target_usage_billing.ledger import Seen
 from target_usage_billing.mapping import MappingRejection, encode_payload
 
 if t.TYPE_CHECKING:
@@ -26,7 +27,10 @@ class UsageSink(BatchSink):
     def __init__(self, target: TargetUsageBilling, *args: t.Any, **kwargs: t.Any):
         super().__init__(target, *args, **kwargs)
         self.run = target.run_context
+        # before any record of the stream: a stream no rule matches stops the run here
         self.rule = self.run.rule_for(self.stream_name)
+        self._id_field = self.rule.id_field if self.rule is not None else None
+        self._ledger = self.run.ledger
         self.counts = self.run.stats.stream(self.stream_name)
         self._items: list[Item] = []
         self._item_bytes = 0
@@ -89,22 +93,16 @@ class UsageSink(BatchSink):
         counts = self.counts
         counts.read += 1
         rule = self.rule
-        if rule is None:
+        if rule is None or rule.skip:
             counts.unmapped += 1
             return
         if self._schema_error is not None:
-            self.run.reject(
-                self.stream_name,
-                record,
-                "schema",
-                MappingRejection(self._schema_error),
-                line=self._reader.line_number,
-            )
+            self._reject(record, "schema", MappingRejection(self._schema_error))
             return
         try:
             payload = rule.apply(record, self.stream_name, self._keys)
         except MappingRejection as rejection:
-            self.run.reject(self.stream_name, record, "mapping", rejection, line=self._reader.line_number)
+            self._reject(record, "mapping", rejection)
             return
         if payload is None:
             counts.filtered += 1
@@ -118,15 +116,19 @@ class UsageSink(BatchSink):
                 f"{self._max_body}-byte limit"
             )
         if reason is not None:
-            self.run.reject(
-                self.stream_name,
-                record,
-                "validation",
-                MappingRejection(reason),
-                line=self._reader.line_number,
-                payload=payload,
-            )
+            # the record is kept whole; a payload too large to send is not copied beside it
+            kept = payload if size <= self._max_body else None
+            self._reject(record, "validation", MappingRejection(reason), payload=kept)
             return
+        if self._id_field is not None:
+            item_id = payload.get(self._id_field)
+            seen, first = self._ledger.check(item_id, body)
+            if seen is not Seen.NEW:
+                if seen is Seen.DUPLICATE:  # the same event again: sent once is enough
+                    counts.duplicates += 1
+                    return
+                self._reject_conflict(record, payload, item_id, first, body)
+                return
         items = self._items
         if items and (
             len(items) >= self._max_items
@@ -143,6 +145,35 @@ class UsageSink(BatchSink):
         counts.mapped += 1
         if len(items) >= self._max_items:
             self._hand_over()
+
+    def _reject(self, record: dict, stage: str, rejection: MappingRejection, **details: t.Any) -> None:
+        reader = self._reader
+        self.run.reject(
+            self.stream_name,
+            record,
+            stage,
+            rejection,
+            line=reader.line_number,
+            **details,
+            **reader.batch_location,
+        )
+
+    def _reject_conflict(self, record: dict, payload: dict, item_id: str, first: int, body: bytes) -> None:
+        platform = self.run.destination.label
+        reason = (
+            f"id {item_id!r} was already sent in this run with a different body: {platform} keeps "
+            "the first and would drop this one without a word; give each usage event its own id "
+            "(see Corrections in the README)"
+        )
+        self._reject(
+            record,
+            "conflict",
+            MappingRejection(reason, self._id_field),
+            payload=payload,
+            id=item_id,
+            sent_body_digest=f"{first & (2**64 - 1):016x}",
+            body_digest=f"{hash(body) & (2**64 - 1):016x}",
+        )
 
     def _hand_over(self) -> None:
         if self._direct_uncounted:  # the SDK's record_count METRIC, fed per batch

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 class StreamStats:
     read: int = 0  # records received
     filtered: int = 0  # dropped by the rule's filter
-    unmapped: int = 0  # no rule matches the stream
+    unmapped: int = 0  # the stream's rule says skip (or, when allowed, no rule matches)
     mapped: int = 0  # became a payload, buffered for sending
+    duplicates: int = 0  # same id and body as an item already sent in this run: not re-sent
     sent: int = 0  # acknowledged by the API (or written by a dry run)
     rejected: int = 0  # dead-lettered, any stage
+    rejected_by_api: int = 0  # of those, refused by the API (they were counted as mapped too)
     requests: int = 0  # ingest requests for this stream (bisecting included)
     retries: int = 0  # requests sent again after a transient failure
     reasons: collections.Counter = field(default_factory=collections.Counter)
@@ -52,6 +54,8 @@ class RunStats:
         with self.lock:
             entry = self.streams[stream]
             entry.rejected += 1
+            if stage == "api":
+                entry.rejected_by_api += 1
             entry.reasons[f"{stage}: {_generic(reason)}"] += 1
 
     def total(self, attribute: str) -> int:

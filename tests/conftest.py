@@ -189,3 +189,96 @@ def singer(
     if state is not None:
         lines.append(json.dumps({"type": "STATE", "value": state}))
     return lines
+
+
+FAKE_TAP = str(Path(__file__).with_name("fake_tap.py"))
+USAGE_RULE_METRONOME = {
+    "stream": "usage",
+    "fields": {
+        "customer_id": "account",
+        "event_type": "'tokens'",
+        "timestamp": "now_ts",
+        "properties": {"tokens": "tokens", "note": "note"},
+    },
+}
+
+
+class Pipeline:
+    """fake_tap | target-usage-billing, with the target's stdout (STATE) in a file."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict,
+        count: int,
+        *,
+        state: dict | None = None,
+        every: int = 100,
+        pause: float = 0.0,
+        name: str = "run",
+        base_epoch: int = 1795184122,
+    ):
+        self.tmp = tmp
+        config_path = tmp / f"{name}-config.json"
+        config_path.write_text(json.dumps(config))
+        tap_args = [
+            sys.executable,
+            FAKE_TAP,
+            "--count",
+            str(count),
+            "--every",
+            str(every),
+            "--pause",
+            str(pause),
+            "--base-epoch",
+            str(base_epoch),
+        ]
+        if state is not None:
+            state_path = tmp / f"{name}-state-in.json"
+            state_path.write_text(json.dumps(state))
+            tap_args += ["--state", str(state_path)]
+        self.stdout_path = tmp / f"{name}-stdout.txt"
+        self.stderr_path = tmp / f"{name}-stderr.txt"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TARGET_USAGE_BILLING_")}
+        self.tap = subprocess.Popen(tap_args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.target = subprocess.Popen(
+                [TARGET, "--config", str(config_path)],
+                stdin=self.tap.stdout,
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=tmp,
+            )
+        self.tap.stdout.close()
+
+    def wait(self, timeout: float = 120) -> int:
+        code = self.target.wait(timeout)
+        self.tap.wait(timeout)
+        return code
+
+    def kill(self) -> None:
+        self.target.send_signal(signal.SIGKILL)
+        self.wait()
+
+    @property
+    def states(self) -> list[dict]:
+        # only complete lines: a SIGKILL can cut the last one
+        text = self.stdout_path.read_text()
+        return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def wait_until(predicate, timeout: float = 60, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(step)
+
+
+def position(state: dict | None) -> int:
+    return state["bookmarks"]["usage"]["position"] if state else 0

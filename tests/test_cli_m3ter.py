@@ -196,9 +196,9 @@ def test_invalid_settings_stop_before_input_with_one_line(sandbox, tmp_path, cha
     assert "Traceback" not in result.stderr
 
 
-def test_unmapped_streams_are_skipped_with_one_warning(sandbox, tmp_path):
+def test_unmatched_streams_are_skipped_with_one_warning_when_allowed(sandbox, tmp_path):
     lines = singer("usage", usage_records(10)) + singer("other", [{"x": i} for i in range(50)])
-    result = run_target(tmp_path, usage_config(sandbox), lines)
+    result = run_target(tmp_path, usage_config(sandbox, unmatched_streams="skip"), lines)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("Stream 'other' matches no mapping rule") == 1
     assert sandbox.stats("m3ter")["accepted"] == 10

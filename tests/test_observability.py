@@ -32,7 +32,7 @@ def test_summary_and_metric_lines(sandbox, tmp_path):
     lines = singer("usage", records) + singer("other", [{"x": 1}])[0:2]
     rule = {**USAGE_RULE_M3TER, "filter": "id < `90`"}
     sandbox.faults({"kind": "503", "count": 1})
-    config = m3ter_config(sandbox, mappings=[rule], max_rejected_ratio=1)
+    config = m3ter_config(sandbox, mappings=[rule], max_rejected_ratio=1, unmatched_streams="skip")
     result = run_target(tmp_path, config, lines)
     assert result.returncode == 0, result.stderr
     summary = [

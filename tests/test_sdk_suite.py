@@ -18,7 +18,7 @@ SDK_SUITE_CONFIG = {
     "destination": "m3ter",
     "dry_run": True,
     "dry_run_path": f"{DRY_RUN_DIR}/requests.jsonl",
-    "state_checkpoint_seconds": 0,  # release every STATE as soon as it is safe
+    "dead_letter_path": f"{DRY_RUN_DIR}/dead-letters.jsonl",
     "max_rejected_ratio": 1,
     "progress_interval_seconds": 0,
     "mappings": [

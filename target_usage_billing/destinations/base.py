@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import abc
 import enum
+import re
 import typing as t
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from singer_sdk import typing as th
 
-from target_usage_billing.http import HttpTransport, Response
+from target_usage_billing.http import HttpTransport, Response, transient
 from target_usage_billing.mapping import FieldSpec, Preset
+
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 class Verdict(enum.Enum):
@@ -23,7 +27,8 @@ class Verdict(enum.Enum):
     RETRY = "retry"  # transient: same body again after a wait
     REAUTH = "reauth"  # credentials went stale: refresh once, resend
     REJECTED = "rejected"  # the content was refused: isolate the bad items
-    FATAL = "fatal"  # nothing sent again will help (bad credentials, unknown answer)
+    DENIED = "denied"  # the credentials were refused: exit 3, nothing sent again will help
+    FATAL = "fatal"  # nothing sent again will help (unknown answer, wrong URL)
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,26 @@ class Destination(abc.ABC):
 
     @classmethod
     def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
-        """Problems with this destination's settings, each one line."""
-        return []
+        """Problems with this destination's settings, each one line (no secret shown).
+
+        The base checks what holds for every platform: ``*_url`` settings are http(s)
+        URLs with a host; ids, keys and tokens have no spaces or control characters (they
+        go into URLs and headers). Subclasses add theirs.
+        """
+        problems = []
+        for prop in cls.settings:
+            value = config.get(prop.name)
+            if not isinstance(value, str) or not value:
+                continue
+            if prop.name.endswith("_url"):
+                parts = urllib.parse.urlsplit(value)
+                if parts.scheme not in ("http", "https") or not parts.hostname or _UNSAFE.search(value):
+                    problems.append(
+                        f"{prop.name}: {value[:200]!r} is not an http:// or https:// URL with a host"
+                    )
+            elif _UNSAFE.search(value):
+                problems.append(f"{prop.name}: must not contain spaces or control characters")
+        return problems
 
     @classmethod
     @abc.abstractmethod
@@ -104,15 +127,36 @@ class Destination(abc.ABC):
     def ingest_request(self, body: bytes) -> OutgoingRequest:
         """The ingest request for ``body``, authenticated."""
 
-    @abc.abstractmethod
     def judge(self, response: Response) -> Answer:
-        """What an ingest answer means."""
+        """What an ingest answer means: a small pure decision, in this order.
+
+        2xx accepted; ``x-should-retry: true`` from the server, retry; then the
+        platform's own reading of refusals (``judge_refusal``); then transient statuses
+        (408, 409, 429, 5xx, unless ``x-should-retry: false``), retry; anything else fatal.
+        """
+        status = response.status
+        if 200 <= status < 300:
+            return Answer(Verdict.ACCEPTED)
+        hint = response.headers.get("x-should-retry", "").strip().lower()
+        if hint == "true":
+            return Answer(Verdict.RETRY, f"{self.label} answered {status} (x-should-retry: true)")
+        answer = self.judge_refusal(response)
+        if answer is not None:
+            return answer
+        if transient(response):
+            return Answer(Verdict.RETRY, f"{self.label} answered {status}")
+        return Answer(Verdict.FATAL, f"{self.label} answered {status}: {response.text()}")
+
+    @abc.abstractmethod
+    def judge_refusal(self, response: Response) -> Answer | None:
+        """The platform's meaning of an error answer (REAUTH, DENIED, REJECTED, FATAL), or
+        None to let the generic rules decide."""
 
     def refresh_credentials(self, stale: OutgoingRequest) -> None:  # noqa: B027 - optional hook
         """Drop cached credentials after a REAUTH answer to ``stale`` (e.g. an OAuth token)."""
 
-    def reauth_failed_message(self) -> str:
-        return f"{self.label} refused the credentials again after renewing them"
+    def reauth_failed_message(self, status: int) -> str:
+        return f"{self.label} refused the credentials again ({status}) after renewing them"
 
     @abc.abstractmethod
     def check_credentials(self) -> None:

@@ -22,6 +22,10 @@ from target_usage_billing.errors import CredentialsError, DeliveryError
 from target_usage_billing.http import RetryableFailure, retryable_status
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
+# Organization ids are UUIDs; anything outside this set would change the request path.
+ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+# Clock difference allowed between this machine and m3ter's before a time counts as future.
+FUTURE_TOLERANCE = 5
 DATA_FIELD_CODE = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]{0,79}\Z")
 _ENVELOPE_HEAD = b'{"measurements":['
 _ENVELOPE_TAIL = b"]}"
@@ -74,6 +78,8 @@ class M3terDestination(Destination):
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
         super().__init__(config, transport)
+        self._latest_allowed = ""  # now + FUTURE_TOLERANCE as canonical UTC text
+        self._latest_refresh_at = 0.0
         self.org_id = config.get("m3ter_org_id") or "dry-run-org"
         self.ingest_url = config.get("m3ter_ingest_url", "https://ingest.m3ter.com").rstrip("/")
         self.auth_url = config.get("m3ter_auth_url", "https://api.m3ter.com").rstrip("/")
@@ -84,13 +90,17 @@ class M3terDestination(Destination):
 
     @classmethod
     def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
+        problems = super().config_errors(config, dry_run=dry_run)
+        org = config.get("m3ter_org_id")
+        if isinstance(org, str) and org and not ORG_ID.match(org):
+            problems.append(f"m3ter_org_id: {org[:80]!r} is not an Organization id (letters, digits, '-')")
         if dry_run:
-            return []
+            return problems
         names = ("m3ter_org_id", "m3ter_access_key_id", "m3ter_api_secret")
         missing = [name for name in names if not config.get(name)]
         if missing:
-            return [f"destination m3ter needs {', '.join(missing)} (or turn on dry_run)"]
-        return []
+            problems.append(f"destination m3ter needs {', '.join(missing)} (or turn on dry_run)")
+        return problems
 
     @classmethod
     def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
@@ -111,6 +121,20 @@ class M3terDestination(Destination):
             *strings,
             *numbers,
         ]
+
+    def validate_payload(self, payload: dict[str, t.Any]) -> str | None:
+        # m3ter refuses usage stamped in the future (and one such item may fail the whole
+        # request): refuse it here, naming the field. Timestamps are canonical UTC text,
+        # so comparing text compares times; "now" is refreshed once a second.
+        now = time.time()
+        if now >= self._latest_refresh_at:
+            self._latest_allowed = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now + FUTURE_TOLERANCE))
+            self._latest_refresh_at = now + 1
+        for name in ("ts", "ets"):
+            value = payload.get(name)
+            if value is not None and value[:19] > self._latest_allowed:
+                return f"{name} {value} is in the future: m3ter refuses usage stamped later than now"
+        return None
 
     # --- body ------------------------------------------------------------------------
 
@@ -181,10 +205,8 @@ class M3terDestination(Destination):
         headers = {"Authorization": f"Bearer {self._bearer()}", "Content-Type": "application/json"}
         return OutgoingRequest("POST", self.ingest_url + self.ingest_path, self.ingest_path, headers, body)
 
-    def judge(self, response: t.Any) -> Answer:
+    def judge_refusal(self, response: t.Any) -> Answer | None:
         status = response.status
-        if 200 <= status < 300:
-            return Answer(Verdict.ACCEPTED)
         if status in (401, 403):
             # m3ter answers an expired or invalid token with 403 (also an oversize body,
             # which the sink never builds): renew the token once.
@@ -196,13 +218,11 @@ class M3terDestination(Destination):
                 Verdict.FATAL,
                 f"m3ter answered 404 for {self.ingest_path}: check m3ter_org_id and m3ter_ingest_url",
             )
-        if retryable_status(response, "") is not None:
-            return Answer(Verdict.RETRY, f"m3ter answered {status}")
-        return Answer(Verdict.FATAL, f"m3ter answered {status}: {response.text()}")
+        return None
 
-    def reauth_failed_message(self) -> str:
+    def reauth_failed_message(self, status: int) -> str:
         return (
-            "m3ter refused a freshly issued token (403): check that the Service User has "
+            f"m3ter refused a freshly issued token ({status}): check that the Service User has "
             f"measurements:upload permission on organization {self.org_id}"
         )
 

@@ -76,9 +76,10 @@ class MetronomeDestination(Destination):
 
     @classmethod
     def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
+        problems = super().config_errors(config, dry_run=dry_run)
         if not dry_run and not config.get("metronome_api_token"):
-            return ["destination metronome needs metronome_api_token (or turn on dry_run)"]
-        return []
+            problems.append("destination metronome needs metronome_api_token (or turn on dry_run)")
+        return problems
 
     @classmethod
     def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
@@ -127,20 +128,16 @@ class MetronomeDestination(Destination):
                 body = packed
         return OutgoingRequest("POST", f"{self.api_url}/v1/ingest", "/v1/ingest", headers, body)
 
-    def judge(self, response: t.Any) -> Answer:
+    def judge_refusal(self, response: t.Any) -> Answer | None:
         status = response.status
-        if 200 <= status < 300:
-            return Answer(Verdict.ACCEPTED)
         if status in (401, 403):
             return Answer(
-                Verdict.FATAL,
+                Verdict.DENIED,
                 f"Metronome refused the API token ({status} from POST /v1/ingest): check metronome_api_token",
             )
         if status in (400, 422):
             return Answer(Verdict.REJECTED, f"Metronome answered {status}: {response.text()}")
-        if retryable_status(response, "") is not None:
-            return Answer(Verdict.RETRY, f"Metronome answered {status}")
-        return Answer(Verdict.FATAL, f"Metronome answered {status}: {response.text()}")
+        return None
 
     def check_credentials(self) -> None:
         url = f"{self.api_url}/v1/customers?limit=1"

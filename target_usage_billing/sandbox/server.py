@@ -15,8 +15,9 @@ Control endpoints (all under /_sandbox):
   GET  /tokens                   the m3ter tokens issued so far
   POST /expire-tokens            every issued m3ter token expires now
   POST /reset                    forget everything (items, stats, faults, tokens)
-A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D} with
-K one of 403, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
+A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D,
+"headers": {NAME: VALUE}} with
+K one of 401, 403, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
 expire-tokens (every m3ter token expires just before this request is checked).
 """
 
@@ -48,6 +49,7 @@ from target_usage_billing.sandbox.contracts import (
 
 DESTINATIONS = ("m3ter", "metronome")
 FAULT_KINDS = (
+    "401",
     "403",
     "429",
     "500",
@@ -85,6 +87,7 @@ class Fault:
     retry_after: str | None = None  # 429/503: Retry-After header value
     destination: str | None = None  # m3ter, metronome, or both when None
     delay_ms: float = 0.0  # slow: extra delay
+    headers: dict[str, str] = field(default_factory=dict)  # status kinds: extra answer headers
     seen: int = 0
 
     @classmethod
@@ -105,6 +108,7 @@ class Fault:
             retry_after=str(retry_after) if retry_after is not None else None,
             destination=destination,
             delay_ms=float(spec.get("delay_ms", 0)),
+            headers={str(k): str(v) for k, v in dict(spec.get("headers") or {}).items()},
         )
 
     @classmethod
@@ -423,8 +427,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
                 elif fault.kind == "drop":
                     raise _Dropped
-                elif fault.kind in ("403", "429", "500", "502", "503", "504"):
+                elif fault.kind in ("401", "403", "429", "500", "502", "503", "504"):
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+                    headers.update(fault.headers)
                     raise _json_reply(int(fault.kind), {"message": f"injected {fault.kind}"}, headers)
             if destination == "m3ter":
                 items = self._m3ter_items(raw_body, stats)
