@@ -1,7 +1,12 @@
-"""Meltano setting definitions derived from `target-usage-billing --about --format=json`.
+"""Meltano plugin definition derived from `target-usage-billing --about --format=json`.
 
-`python scripts/meltano_settings.py` prints the YAML list for meltano.yml's loader
-`settings:`; tests compare meltano.yml with `expected_settings()`.
+    python scripts/meltano_settings.py                 # the settings: list for meltano.yml
+    python scripts/meltano_settings.py --definition    # meltano/target-usage-billing.yml
+    python scripts/meltano_settings.py --definition --pip-url "$PWD"   # installs this checkout
+
+The definition (Meltano Hub format) is what `meltano add --plugin-type loader
+target-usage-billing --from-ref FILE` reads; tests keep the shipped file and meltano.yml
+equal to what this script generates.
 """
 
 from __future__ import annotations
@@ -54,5 +59,41 @@ def expected_settings(info: dict | None = None) -> list[dict]:
     return settings
 
 
+PIP_URL = "target-usage-billing"
+DEFINITION_PATH = Path(__file__).resolve().parent.parent / "meltano" / "target-usage-billing.yml"
+
+
+def plugin_definition(info: dict | None = None, pip_url: str = PIP_URL) -> dict:
+    """The loader as Meltano Hub describes plugins, with one settings group per destination."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from target_usage_billing.destinations import DESTINATIONS
+
+    info = info or about()
+    required = info["settings"].get("required", [])
+    return {
+        "name": info["name"],
+        "namespace": "target_usage_billing",
+        "variant": "usage-billing",
+        "label": "Usage billing (m3ter, Metronome)",
+        "description": info.get("description") or "",
+        "pip_url": pip_url,
+        "executable": info["name"],
+        "capabilities": info["capabilities"],
+        "settings_group_validation": [
+            [*required, *destination.required_settings] for destination in DESTINATIONS.values()
+        ],
+        "settings": expected_settings(info),
+    }
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if "--definition" in args:
+        pip_url = args[args.index("--pip-url") + 1] if "--pip-url" in args else PIP_URL
+        print(yaml.safe_dump(plugin_definition(pip_url=pip_url), sort_keys=False, width=100), end="")
+    else:
+        print(yaml.safe_dump(expected_settings(), sort_keys=False, width=100))
+
+
 if __name__ == "__main__":
-    print(yaml.safe_dump(expected_settings(), sort_keys=False, width=100))
+    main()

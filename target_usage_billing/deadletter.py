@@ -56,12 +56,15 @@ class DeadLetters:
         field: str | None = None,
         expression: str | None = None,
         payload: t.Any = None,
+        keys: dict[str, t.Any] | None = None,
         **details: t.Any,
     ) -> None:
-        """One rejected record; ``details`` adds stage-specific keys (e.g. batch_file)."""
+        """One rejected record; ``keys`` are its key property values, ``details`` adds
+        stage-specific keys (e.g. batch_file)."""
         entry = {
             "stream": stream,
             "line": line,
+            "keys": keys,
             "stage": stage,
             "reason": reason,
             "field": field,
@@ -78,6 +81,8 @@ class DeadLetters:
             self.count += 1
             if self.count <= LOGGED_REJECTIONS:
                 where = f"line {line}, " if line else ""
+                if keys:
+                    where += ", ".join(f"{k}={v!r}"[:80] for k, v in keys.items()) + ", "
                 logger.warning("Rejected a record of stream '%s' (%s%s): %s", stream, where, stage, reason)
             elif self.count == LOGGED_REJECTIONS + 1:
                 logger.warning("More rejections: see the summary and %s", self.path)

@@ -113,6 +113,7 @@ class Delivery:
         max_in_flight: int,
         on_states: t.Callable[[list[dict]], None],
         on_api_rejection: t.Callable[[], None] = lambda: None,
+        key_properties: t.Mapping[str, t.Sequence[str]] | None = None,
         dry_run: DryRunWriter | None = None,
     ):
         self.destination = destination
@@ -124,6 +125,7 @@ class Delivery:
         self._on_states = on_states
         # called after each item the API refused; raises to stop splitting (rejection limits)
         self._on_api_rejection = on_api_rejection
+        self._key_properties = key_properties if key_properties is not None else {}
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -253,6 +255,9 @@ class Delivery:
         if len(items) == 1:
             item = items[0]
             record, location = original_record(item)
+            keys = self._key_properties.get(stream)
+            if keys and isinstance(record, dict):
+                location["keys"] = {key: record.get(key) for key in keys}
             self.dead_letters.write(
                 stream=stream,
                 record=record,

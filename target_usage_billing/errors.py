@@ -15,7 +15,11 @@ class ConfigError(UsageBillingError):
     exit_code = 2
 
 
-class UnmatchedStreamError(ConfigError):
+class StreamMappingError(ConfigError):
+    """A stream's SCHEMA or first records show the mapping cannot work for it."""
+
+
+class UnmatchedStreamError(StreamMappingError):
     """A stream arrived that no mapping rule matches, and unmatched_streams is "fail"."""
 
 

@@ -16,14 +16,12 @@ per run, and the record is dead-lettered, not lost.
 
 from __future__ import annotations
 
-import enum
 from array import array
 
-
-class Seen(enum.Enum):
-    NEW = "new"  # first time this id is sent in this run
-    DUPLICATE = "duplicate"  # same id, same body: already sent
-    CONFLICT = "conflict"  # same id, different body: the platform would drop it
+# What check() says about an id (plain ints: this runs once per record).
+NEW = 0  # first time this id is sent in this run
+DUPLICATE = 1  # same id, same body: already sent
+CONFLICT = 2  # same id, different body: the platform would drop it
 
 
 class IdLedger:
@@ -35,43 +33,39 @@ class IdLedger:
             size <<= 1
         self._new_table(size)
         self.count = 0
+        self.first_body_hash = 0  # after a DUPLICATE or CONFLICT: the hash of the first body
 
     def _new_table(self, size: int) -> None:
         self._size = size
         self._limit = size * 2 // 3
-        # slot i is (_slots[2i], _slots[2i+1]) = (id hash, body hash); an id hash of 0 is free
+        self._span = 2 * size - 1  # slot i is (_slots[2i], _slots[2i+1]): (id hash, body hash)
         self._slots = array("q", bytes(16 * size))
 
-    @staticmethod
-    def _key(item_id: str) -> int:
-        return hash(item_id) or 1  # 0 marks a free slot
-
-    def check(self, item_id: str, body: bytes) -> tuple[Seen, int]:
-        """Record ``item_id`` with ``body``; says whether it was seen, and the first body's hash."""
-        key = self._key(item_id)
-        value = hash(body)
+    def check(self, item_id: str, body: bytes) -> int:
+        """Record ``item_id`` with ``body``: NEW, DUPLICATE or CONFLICT."""
+        key = hash(item_id) or 1  # an id hash of 0 marks a free slot
         slots = self._slots
-        span = 2 * self._size - 1
+        span = self._span
         i = (key << 1) & span
-        while True:
-            found = slots[i]
-            if found == 0:
-                slots[i] = key
-                slots[i + 1] = value
-                self.count += 1
-                if self.count > self._limit:
-                    self._grow()
-                return Seen.NEW, value
+        found = slots[i]
+        while found:
             if found == key:
-                first = slots[i + 1]
-                return (Seen.DUPLICATE if first == value else Seen.CONFLICT), first
+                first = self.first_body_hash = slots[i + 1]
+                return DUPLICATE if first == hash(body) else CONFLICT
             i = (i + 2) & span
+            found = slots[i]
+        slots[i] = key
+        slots[i + 1] = hash(body)
+        self.count += 1
+        if self.count > self._limit:
+            self._grow()
+        return NEW
 
     def _grow(self) -> None:
         old = self._slots
         self._new_table(self._size * 2)
         slots = self._slots
-        span = 2 * self._size - 1
+        span = self._span
         for j in range(0, len(old), 2):
             key = old[j]
             if key:

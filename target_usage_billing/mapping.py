@@ -9,6 +9,7 @@ HTTP or of any particular billing platform.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import enum
 import fnmatch
 import hashlib
@@ -22,6 +23,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 import jmespath
 import jmespath.exceptions
+import jmespath.functions
 import jmespath.visitor as _jp
 import msgspec
 
@@ -100,11 +102,12 @@ class MappingRejection(Exception):
 class Expression:
     """A compiled JMESPath expression; plain field paths skip the interpreter."""
 
-    __slots__ = ("search", "source")
+    __slots__ = ("path", "search", "source")
 
-    def __init__(self, source: str, search: Callable[[t.Any], t.Any]):
+    def __init__(self, source: str, search: Callable[[t.Any], t.Any], path: list[str] | None = None):
         self.source = source
         self.search = search
+        self.path = path  # the keys, when the expression is a plain field path
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -194,7 +197,14 @@ def _compile_node(node: dict) -> Callable[[t.Any], t.Any] | None:
             if text is not None:
                 # Against a string, JMESPath equality is plain equality (its special case
                 # only concerns 0/1 against booleans), so skip its number checks.
-                other = left if node["children"][1]["type"] == "literal" else right
+                other_node = node["children"][0 if node["children"][1]["type"] == "literal" else 1]
+                other = left if other_node is node["children"][0] else right
+                key_path = _field_path(other_node)
+                if key_path is not None and len(key_path) == 1:
+                    (key,) = key_path  # `field == 'text'`: the most common filter of all
+                    if node["value"] == "eq":
+                        return lambda value: type(value) is dict and value.get(key) == text
+                    return lambda value: not (type(value) is dict and value.get(key) == text)
                 if node["value"] == "eq":
                     return lambda value: other(value) == text  # type: ignore[misc]
                 return lambda value: other(value) != text  # type: ignore[misc]
@@ -244,11 +254,46 @@ def compile_expression(source: t.Any, where: str) -> Expression:
     try:
         compiled = jmespath.compile(source)
     except jmespath.exceptions.JMESPathError as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        msg = f"{where}: expression {source!r} does not compile: {detail}"
-        raise ConfigError(msg) from None
+        raise ConfigError(
+            f"{where}: expression {source!r} does not compile: {_compile_error(source, exc)}"
+        ) from None
+    for name in _function_names(compiled.parsed):
+        if name not in _KNOWN_FUNCTIONS:
+            close = difflib.get_close_matches(name, _KNOWN_FUNCTIONS, n=1, cutoff=0.6)
+            hint = (
+                f"; did you mean {close[0]}()?"
+                if close
+                else f" (functions: {', '.join(sorted(_KNOWN_FUNCTIONS))})"
+            )
+            raise ConfigError(f"{where}: expression {source!r} calls unknown function {name}(){hint}")
     fast = _compile_node(compiled.parsed)
-    return Expression(source, fast if fast is not None else compiled.search)
+    return Expression(source, fast if fast is not None else compiled.search, _field_path(compiled.parsed))
+
+
+_KNOWN_FUNCTIONS = frozenset(jmespath.functions.Functions.FUNCTION_TABLE)
+
+
+def _function_names(node: t.Any) -> t.Iterator[str]:
+    if isinstance(node, dict):
+        if node.get("type") == "function_expression":
+            yield node["value"]
+        for child in node.get("children", ()):
+            yield from _function_names(child)
+
+
+def _compile_error(source: str, exc: Exception) -> str:
+    """The parser's complaint with its position marked in the expression, on one line."""
+    if isinstance(exc, jmespath.exceptions.IncompleteExpressionError):
+        reason = "it ends too early"
+    else:
+        reason = getattr(exc, "message", None) or getattr(exc, "msg", None) or type(exc).__name__
+        token = getattr(exc, "token_value", None)
+        if token is not None and not isinstance(exc, jmespath.exceptions.LexerError):
+            reason += f" {token!r}"
+    position = getattr(exc, "lex_position", None)
+    if not isinstance(position, int) or not 0 <= position <= len(source):
+        return reason
+    return f"{reason} at column {position + 1}: {source[:position]}\u2192{source[position:]}"
 
 
 def is_truthy(value: t.Any) -> bool:
@@ -631,6 +676,9 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
         return CompiledField(spec, compute_object, expression.source)
 
     convert = to_utc_timestamp if spec.kind is FieldKind.TIMESTAMP else _text
+    path = expression.path
+    if path is not None and len(path) <= 2:
+        return CompiledField(spec, _plain_scalar(path, convert, name, expression.source), expression.source)
 
     def compute_scalar(record: dict) -> t.Any:
         value = get(record)
@@ -642,6 +690,34 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
             raise MappingRejection(str(exc), name, expression.source) from None
 
     return CompiledField(spec, compute_scalar, expression.source)
+
+
+def _plain_scalar(
+    path: list[str], convert: Callable[[t.Any], t.Any], name: str, source: str
+) -> Callable[[dict], t.Any]:
+    """A scalar field read from ``record[a]`` or ``record[a][b]``: one call per record.
+
+    The most common shape of all (ids, customers, times): the lookup and the common
+    string case are inlined. The record itself is always an object here.
+    """
+    first = path[0]
+    second = path[1] if len(path) == 2 else None
+    is_text = convert is _text
+
+    def compute_plain(record: dict) -> t.Any:
+        value = record.get(first)
+        if second is not None:
+            value = value.get(second) if type(value) is dict else None
+        if value is None:
+            return None
+        if is_text and type(value) is str:
+            return value if value and not value.isspace() else None
+        try:
+            return convert(value)
+        except ValueError as exc:
+            raise MappingRejection(str(exc), name, source) from None
+
+    return compute_plain
 
 
 class CompiledRule:
@@ -665,6 +741,7 @@ class CompiledRule:
         self._stream_regex = re.compile(fnmatch.translate(stream_pattern))
         self.filter = filter_expression
         self.skip = skip
+        self.reads: list[FieldRead] = []  # set by compile_rules
         # the payload field that carries the idempotency key (None: the platform has none)
         self.id_field = next((f.spec.name for f in fields if f.spec.kind is FieldKind.ID), None)
         self._plan = [
@@ -690,7 +767,8 @@ class CompiledRule:
         try:
             if self.filter is not None:
                 name, source = "filter", self.filter.source
-                if not is_truthy(self.filter.search(record)):
+                matched = self.filter.search(record)
+                if matched is not True and not is_truthy(matched):
                     return None
             payload: dict[str, t.Any] = {}
             for name, compute, required, is_id, source in self._plan:
@@ -780,8 +858,37 @@ def compile_rules(
         filter_expression = (
             compile_expression(filter_source, f"{where}.filter") if filter_source is not None else None
         )
-        rules.append(CompiledRule(index, stream, filter_expression, compiled_fields))
+        rule = CompiledRule(index, stream, filter_expression, compiled_fields)
+        rule.reads = [
+            FieldRead(label, text, path, spec.required)
+            for spec in specs
+            if fields_raw.get(spec.name) is not None
+            for label, text, path in _reads(spec.name, fields_raw[spec.name])
+        ]
+        rules.append(rule)
     return rules
+
+
+class FieldRead(t.NamedTuple):
+    """A record property a rule reads, for checking it against the stream's schema."""
+
+    label: str  # the payload field, e.g. "measure.tokens"
+    source: str  # the expression
+    path: list[str] | None  # the keys when the expression is a plain path
+    required: bool
+
+
+def _reads(name: str, source: t.Any) -> list[tuple[str, str, list[str] | None]]:
+    sources = source.items() if isinstance(source, dict) else [(None, source)]
+    out = []
+    for key, text in sources:
+        label = f"{name}.{key}" if key is not None else name
+        try:
+            path = _field_path(jmespath.compile(text).parsed)
+        except jmespath.exceptions.JMESPathError:  # pragma: no cover - compiled already
+            path = None
+        out.append((label, text, path))
+    return out
 
 
 def find_rule(rules: Sequence[CompiledRule], stream: str) -> CompiledRule | None:

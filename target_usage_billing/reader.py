@@ -88,6 +88,9 @@ class LineReader(GenericSingerReader[str]):
             if self.stop_requested:  # e.g. a signal during start-up: do not wait for input
                 raise StopRequested
             timeout = self.idle_timeout() if fd is not None else None
+            if timeout is not None and timeout <= 0:  # buffered usage is due: send it first
+                yield IDLE
+                timeout = self.idle_timeout()
             self.waiting_for_input = True
             try:
                 # read1 with a size over the buffer's always empties it, so the file
@@ -139,10 +142,6 @@ class LineReader(GenericSingerReader[str]):
             raise InputError(msg) from None
         if not isinstance(message, dict):
             msg = f"line {self.line_number}: a Singer message must be a JSON object"
-            raise InputError(msg)
-        stream = message.get("stream")
-        if stream is not None and not isinstance(stream, str):
-            msg = f"line {self.line_number}: a message's stream must be a string, got {type(stream).__name__}"
             raise InputError(msg)
         return message
 

@@ -189,6 +189,8 @@ class BillingRun:
             windows = ()  # 0: no client-side limit
         self.limiter = RateLimiter(windows)
         self.stats = RunStats()
+        self.key_properties: dict[str, tuple[str, ...]] = {}  # per stream, set by its sink
+        self.first_payloads: dict[str, t.Any] = {}  # dry run: the first payload of each stream
         self.dead_letters = _open_output(
             "dead_letter_path", DeadLetters, settings.dead_letter_path, self.secrets
         )
@@ -205,12 +207,14 @@ class BillingRun:
             max_in_flight=settings.max_requests_in_flight,
             on_states=self._emit_states,
             on_api_rejection=lambda: self.check_rejection_limits(final=False),
+            key_properties=self.key_properties,
             dry_run=self.dry_run,
         )
         self._rule_cache: dict[str, CompiledRule | None] = {}
         self._rules_used: set[int] = set()
         self.records_seen = 0  # records read so far; a record's index is its position
-        self._last_flush = time.monotonic()
+        self.checkpoint_seconds = max(settings.state_checkpoint_seconds, MIN_CHECKPOINT_SECONDS)
+        self._next_flush = time.monotonic() + self.checkpoint_seconds
         self._last_emitted: bytes | None = None
         self._stdout_lock = threading.Lock()
         self.states_emitted = 0
@@ -334,22 +338,18 @@ class BillingRun:
         Full batches go at once; this bounds how long a partial batch (and so the STATE
         after it, and the usage in it) waits: at most ``state_checkpoint_seconds``.
         """
-        return time.monotonic() - self._last_flush >= self.checkpoint_seconds and (
+        return time.monotonic() >= self._next_flush and (
             self.delivery.has_pending_states or self.delivery.has_buffered
         )
-
-    @property
-    def checkpoint_seconds(self) -> float:
-        return max(self.settings.state_checkpoint_seconds, MIN_CHECKPOINT_SECONDS)
 
     def seconds_until_flush(self) -> float | None:
         """How long input may stay idle before buffered usage must go; None: nothing waits."""
         if not (self.delivery.has_pending_states or self.delivery.has_buffered):
             return None
-        return max(0.0, self._last_flush + self.checkpoint_seconds - time.monotonic())
+        return max(0.0, self._next_flush - time.monotonic())
 
     def flushed(self) -> None:
-        self._last_flush = time.monotonic()
+        self._next_flush = time.monotonic() + self.checkpoint_seconds
 
     def _emit_states(self, states: list[t.Any]) -> None:
         if self.dry_run is not None:
@@ -419,6 +419,14 @@ class BillingRun:
             )
             for reason, count in s.reasons.most_common(3):
                 lines.append(f"    rejected {count} x {reason}")
+            if dry and name in self._rule_cache:
+                rule = self._rule_cache[name]
+                lines.append(
+                    f"    rule: {rule.where if rule is not None else 'none (unmatched_streams is skip)'}"
+                )
+                if name in self.first_payloads:
+                    shown = _state_encoder.encode(self.first_payloads[name]).decode()
+                    lines.append(f"    first payload: {shown[:1000]}{'...' if len(shown) > 1000 else ''}")
         states = (
             f"STATE messages withheld {self.states_withheld}"
             if dry

@@ -14,7 +14,8 @@ from singer_sdk.sinks import BatchSink
 
 from target_usage_billing.delivery import Item
 from target_usage_billing.destinations.base import Destination
-from target_usage_billing.ledger import Seen
+from target_usage_billing.diagnostics import SampleWatch, check_schema
+from target_usage_billing.ledger import DUPLICATE
 from target_usage_billing.mapping import MappingRejection, encode_payload
 
 if t.TYPE_CHECKING:
@@ -30,7 +31,13 @@ class UsageSink(BatchSink):
         # before any record of the stream: a stream no rule matches stops the run here
         self.rule = self.run.rule_for(self.stream_name)
         self._id_field = self.rule.id_field if self.rule is not None else None
+        self._watch: SampleWatch | None = None
+        if self.rule is not None and not self.rule.skip:
+            undecided = check_schema(self.stream_name, self.rule, self.schema)
+            if undecided:
+                self._watch = SampleWatch(self.stream_name, self.rule, undecided)
         self._ledger = self.run.ledger
+        self._ledger_check = self._ledger.check
         self.counts = self.run.stats.stream(self.stream_name)
         self._items: list[Item] = []
         self._item_bytes = 0
@@ -47,6 +54,8 @@ class UsageSink(BatchSink):
             validate if type(destination).validate_payload is not Destination.validate_payload else None
         )
         self._keys = tuple(self.key_properties or ())
+        self.run.key_properties[self.stream_name] = self._keys
+        self._show_first = self.run.dry_run is not None  # the dry-run summary shows one payload
         self._reader = target.message_reader
 
     @property
@@ -96,6 +105,8 @@ class UsageSink(BatchSink):
         if rule is None or rule.skip:
             counts.unmapped += 1
             return
+        if self._watch is not None and not self._watch.observe(record):
+            self._watch = None
         if self._schema_error is not None:
             self._reject(record, "schema", MappingRejection(self._schema_error))
             return
@@ -122,13 +133,16 @@ class UsageSink(BatchSink):
             return
         if self._id_field is not None:
             item_id = payload.get(self._id_field)
-            seen, first = self._ledger.check(item_id, body)
-            if seen is not Seen.NEW:
-                if seen is Seen.DUPLICATE:  # the same event again: sent once is enough
+            seen = self._ledger_check(item_id, body)
+            if seen:
+                if seen == DUPLICATE:  # the same event again: sent once is enough
                     counts.duplicates += 1
                     return
-                self._reject_conflict(record, payload, item_id, first, body)
+                self._reject_conflict(record, payload, item_id, self._ledger.first_body_hash, body)
                 return
+        if self._show_first:
+            self._show_first = False
+            self.run.first_payloads.setdefault(self.stream_name, payload)
         items = self._items
         if items and (
             len(items) >= self._max_items
@@ -148,6 +162,8 @@ class UsageSink(BatchSink):
 
     def _reject(self, record: dict, stage: str, rejection: MappingRejection, **details: t.Any) -> None:
         reader = self._reader
+        if self._keys and type(record) is dict:
+            details["keys"] = {key: record.get(key) for key in self._keys}
         self.run.reject(
             self.stream_name,
             record,

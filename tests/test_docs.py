@@ -33,3 +33,23 @@ def test_meltano_yml_loader_matches_about():
     assert sorted(loader["capabilities"]) == sorted(info["capabilities"])
     secrets = {s["name"] for s in loader["settings"] if s.get("sensitive")}
     assert secrets == {"m3ter_api_secret", "metronome_api_token"}
+
+
+def test_shipped_meltano_plugin_definition_matches_about():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from meltano_settings import DEFINITION_PATH, plugin_definition
+    finally:
+        sys.path.pop(0)
+    import yaml
+
+    shipped = yaml.safe_load(DEFINITION_PATH.read_text())
+    assert shipped == plugin_definition(), (
+        "run: python scripts/meltano_settings.py --definition > meltano/target-usage-billing.yml"
+    )
+    groups = shipped["settings_group_validation"]
+    assert ["destination", "mappings", "metronome_api_token"] in groups
+    assert {s["name"] for s in shipped["settings"] if s.get("sensitive")} == {
+        "m3ter_api_secret",
+        "metronome_api_token",
+    }

@@ -375,6 +375,8 @@ def test_unknown_preset_is_a_config_error():
 COMPILED_SUBSET = [
     "type == 'track'",
     "type != 'track'",
+    "'track' == type",
+    "'track' != @.type",
     "type == 'track' && event == 'API Request'",
     "event == 'Tokens Consumed' && 'llm_tokens' || 'api_requests'",
     "n > `1`",

@@ -61,6 +61,8 @@ class Destination(abc.ABC):
     presets: t.ClassVar[dict[str, Preset]] = {}
     # Settings of this destination, prefixed with its name (e.g. m3ter_org_id).
     settings: t.ClassVar[list[th.Property]] = []
+    # Those a real (not dry) run cannot do without.
+    required_settings: t.ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: HttpTransport):
         self.config = config
@@ -89,6 +91,9 @@ class Destination(abc.ABC):
                     )
             elif _UNSAFE.search(value):
                 problems.append(f"{prop.name}: must not contain spaces or control characters")
+        missing = [name for name in cls.required_settings if not config.get(name)]
+        if missing and not dry_run:
+            problems.append(f"destination {cls.name} needs {', '.join(missing)} (or turn on dry_run)")
         return problems
 
     @classmethod

@@ -49,6 +49,7 @@ class M3terDestination(Destination):
             fields={"uid": "messageId", "ts": "timestamp", "account": "context.groupId"},
         ),
     }
+    required_settings = ("m3ter_org_id", "m3ter_access_key_id", "m3ter_api_secret")
     settings: t.ClassVar[list[th.Property]] = [
         th.Property("m3ter_org_id", th.StringType, description="m3ter Organization id."),
         th.Property(
@@ -94,12 +95,6 @@ class M3terDestination(Destination):
         org = config.get("m3ter_org_id")
         if isinstance(org, str) and org and not ORG_ID.match(org):
             problems.append(f"m3ter_org_id: {org[:80]!r} is not an Organization id (letters, digits, '-')")
-        if dry_run:
-            return problems
-        names = ("m3ter_org_id", "m3ter_access_key_id", "m3ter_api_secret")
-        missing = [name for name in names if not config.get(name)]
-        if missing:
-            problems.append(f"destination m3ter needs {', '.join(missing)} (or turn on dry_run)")
         return problems
 
     @classmethod
@@ -128,12 +123,16 @@ class M3terDestination(Destination):
         # so comparing text compares times; "now" is refreshed once a second.
         now = time.time()
         if now >= self._latest_refresh_at:
+            # whole seconds: a time within the allowed second compares greater (its
+            # fraction and "Z" follow), so the tolerance is 4 to 5 s
             self._latest_allowed = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now + FUTURE_TOLERANCE))
             self._latest_refresh_at = now + 1
-        for name in ("ts", "ets"):
-            value = payload.get(name)
-            if value is not None and value[:19] > self._latest_allowed:
-                return f"{name} {value} is in the future: m3ter refuses usage stamped later than now"
+        latest = self._latest_allowed
+        if payload["ts"] > latest:
+            return f"ts {payload['ts']} is in the future: m3ter refuses usage stamped later than now"
+        ets = payload.get("ets")
+        if ets is not None and ets > latest:
+            return f"ets {ets} is in the future: m3ter refuses usage stamped later than now"
         return None
 
     # --- body ------------------------------------------------------------------------

@@ -46,6 +46,7 @@ class MetronomeDestination(Destination):
             },
         ),
     }
+    required_settings = ("metronome_api_token",)
     settings: t.ClassVar[list[th.Property]] = [
         th.Property("metronome_api_token", th.StringType, secret=True, description="Metronome API token."),
         th.Property(
@@ -73,13 +74,6 @@ class MetronomeDestination(Destination):
         super().__init__(config, transport)
         self.api_url = config.get("metronome_api_url", "https://api.metronome.com").rstrip("/")
         self.gzip = bool(config.get("metronome_gzip", True))
-
-    @classmethod
-    def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
-        problems = super().config_errors(config, dry_run=dry_run)
-        if not dry_run and not config.get("metronome_api_token"):
-            problems.append("destination metronome needs metronome_api_token (or turn on dry_run)")
-        return problems
 
     @classmethod
     def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
