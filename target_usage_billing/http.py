@@ -1,11 +1,9 @@
-"""HTTP transport: keep-alive connections, the retry policy, Retry-After, rate limiting.
+"""HTTP transport: requests sessions, the retry policy, Retry-After, rate limiting.
 
-Each delivery thread keeps one keep-alive connection per origin (http.client). Measured
-on loopback, that costs 132 us of client CPU per request, against 224 us through
-urllib3's pools and 612 us through a requests.Session; with Metronome's 100-event cap
-meaning hundreds of requests per second, it is 15% of the whole run. TLS verifies
-against certifi's CA bundle (or REQUESTS_CA_BUNDLE / SSL_CERT_FILE); proxies come from
-the environment (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), HTTPS through a CONNECT tunnel.
+All HTTP goes through ``requests`` (one Session per delivery thread, see HttpTransport),
+which brings what enterprise networks use: HTTP(S)_PROXY, ALL_PROXY, NO_PROXY with CIDR
+ranges, ``https://`` proxies and, with the ``socks`` extra, ``socks5h://`` ones; CA
+bundles from REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or SSL_CERT_FILE (else certifi's).
 
 The policy follows the billing vendors' SDKs: retry connection errors, timeouts, 408,
 409, 429 and 5xx with capped exponential backoff plus jitter, honour Retry-After
@@ -16,25 +14,23 @@ the destination; this module only carries bytes and waits.
 
 from __future__ import annotations
 
-import base64
 import collections
 import email.utils
-import http.client
 import logging
 import math
 import os
 import random
-import socket
-import ssl
 import threading
 import time
 import typing as t
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 
 import backoff
 import certifi
+import requests
+import requests.utils
+from requests.adapters import HTTPAdapter
 
 from target_usage_billing import __version__
 from target_usage_billing.errors import DeliveryError
@@ -188,19 +184,17 @@ class TransportStats:
                 self.throttled_seconds += seconds
 
 
-@dataclass(frozen=True)
-class _Route:
-    """How to reach an origin: directly or through a proxy."""
-
-    scheme: str
-    host: str
-    port: int
-    proxy: urllib.parse.SplitResult | None
-    proxy_auth: str | None  # a Proxy-Authorization value, for proxies with credentials
-
-
 class HttpTransport:
-    """Sends requests over keep-alive connections, one per origin and delivery thread."""
+    """Sends requests through one ``requests.Session`` per delivery thread.
+
+    A Session is not documented as safe to share between threads, so each thread keeps
+    its own, with a keep-alive pool sized for one request at a time. What the
+    environment says (proxies, CA bundle) is read once per origin rather than per request
+    (``requests`` scans the whole environment on every request otherwise, and Meltano's
+    is large), and ``trust_env`` is off so that a ``~/.netrc`` entry for the API host
+    cannot replace the Authorization header (psf/requests#3929). Redirects are not
+    followed: an ingest endpoint that redirects is misconfigured.
+    """
 
     def __init__(
         self,
@@ -217,10 +211,16 @@ class HttpTransport:
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_cap_seconds = backoff_cap_seconds
         self.stats = TransportStats()
-        ca_file = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or certifi.where()
-        self._tls = ssl.create_default_context(cafile=ca_file)
-        self._routes: dict[str, _Route] = {}
+        self._verify: str = (
+            os.environ.get("REQUESTS_CA_BUNDLE")
+            or os.environ.get("CURL_CA_BUNDLE")
+            or os.environ.get("SSL_CERT_FILE")
+            or certifi.where()
+        )
+        self._proxies: dict[str, dict[str, str]] = {}
         self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
         # The retry policy, built once (not per request): calls attempt(), waits, again.
         self._retrying = backoff.on_exception(
             backoff_waits,
@@ -233,119 +233,91 @@ class HttpTransport:
             logger=None,
         )(_call)
 
-    def _route(self, parts: urllib.parse.SplitResult) -> _Route:
-        origin = f"{parts.scheme}://{parts.netloc}"
-        route = self._routes.get(origin)
-        if route is None:
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"unsupported URL {origin!r}")
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            proxy_url = urllib.request.getproxies().get(parts.scheme)
-            proxy = proxy_auth = None
-            if proxy_url and not urllib.request.proxy_bypass(parts.hostname):
-                proxy = urllib.parse.urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
-                if proxy.username:
-                    user = urllib.parse.unquote(proxy.username)
-                    password = urllib.parse.unquote(proxy.password or "")
-                    proxy_auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-            route = _Route(parts.scheme, parts.hostname, port, proxy, proxy_auth)
-            route = self._routes.setdefault(origin, route)
-        return route
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # proxies and CA come from _proxies_for / _verify
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = USER_AGENT
+            self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
 
-    def _connect(self, route: _Route) -> http.client.HTTPConnection:
-        proxy = route.proxy
-        if proxy is None:
-            if route.scheme == "https":
-                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    route.host, route.port, timeout=self.connect_timeout, context=self._tls
-                )
-            else:
-                conn = http.client.HTTPConnection(route.host, route.port, timeout=self.connect_timeout)
-        else:
-            proxy_port = proxy.port or (443 if proxy.scheme == "https" else 80)
-            if route.scheme == "https":  # a CONNECT tunnel, TLS end to end with the API
-                conn = http.client.HTTPSConnection(
-                    proxy.hostname, proxy_port, timeout=self.connect_timeout, context=self._tls
-                )
-                auth = {"Proxy-Authorization": route.proxy_auth} if route.proxy_auth else None
-                conn.set_tunnel(route.host, route.port, headers=auth)
-            else:
-                conn = http.client.HTTPConnection(proxy.hostname, proxy_port, timeout=self.connect_timeout)
-        conn.connect()
-        if conn.sock is not None:
-            conn.sock.settimeout(self.read_timeout)
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+    def _proxies_for(self, url: str) -> dict[str, str]:
+        """The environment's proxies for ``url``'s origin (HTTP(S)_PROXY, ALL_PROXY, and
+        NO_PROXY with host names, domains and CIDR ranges), worked out once per origin."""
+        parts = urllib.parse.urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        found = self._proxies.get(origin)
+        if found is None:
+            found = self._proxies[origin] = requests.utils.get_environ_proxies(url)
+        return found
 
     def send_once(self, method: str, url: str, headers: t.Mapping[str, str], body: bytes | None) -> Response:
         """One request; connection errors and timeouts become RetryableFailure."""
-        parts = urllib.parse.urlsplit(url)
-        route = self._route(parts)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        if route.proxy is not None and route.scheme == "http":
-            target = url  # plain HTTP through a proxy: the absolute URL
-        connections = getattr(self._local, "connections", None)
-        if connections is None:
-            connections = self._local.connections = {}
-        all_headers = {"User-Agent": USER_AGENT, **headers}
-        if route.proxy_auth and route.scheme == "http":
-            all_headers["Proxy-Authorization"] = route.proxy_auth
+        session = self._session()
+        proxies = self._proxies_for(url)
         for attempt in (1, 2):
-            conn = connections.get(route)
-            reused = conn is not None
             try:
-                if conn is None:
-                    conn = connections[route] = self._connect(route)
-                conn.request(method, target, body=body, headers=all_headers)
-                answer = conn.getresponse()
-                data = answer.read()
-            except ssl.SSLCertVerificationError as exc:
-                self._drop(connections, route)
-                msg = (
-                    f"{method} {_no_query(url)}: the server's TLS certificate is not trusted "
-                    f"({exc.verify_message}); for a private CA set SSL_CERT_FILE or REQUESTS_CA_BUNDLE"
+                answer = session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    proxies=proxies,
+                    verify=self._verify,
+                    timeout=(self.connect_timeout, self.read_timeout),
+                    allow_redirects=False,
                 )
-                raise DeliveryError(msg) from None
-            except ValueError:
-                # http.client refuses a header or URL with a line break; its message would
-                # quote the header (a credential): say what, never the value.
-                self._drop(connections, route)
-                msg = (
-                    f"{method} {_no_query(url)}: a request header holds a character HTTP forbids "
-                    "(check the credential settings for line breaks)"
-                )
-                raise DeliveryError(msg) from None
-            except TimeoutError:
-                self._drop(connections, route)
+                data = answer.content
+            except requests.exceptions.SSLError as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+                    msg = (
+                        f"{method} {_no_query(url)}: the server's TLS certificate is not trusted; for a "
+                        "private CA set SSL_CERT_FILE or REQUESTS_CA_BUNDLE"
+                    )
+                    raise DeliveryError(msg) from None
+                self.stats.count("connection error")
+                raise RetryableFailure(
+                    f"{method} {_no_query(url)}: TLS failed ({_short_reason(exc)})"
+                ) from None
+            except requests.exceptions.Timeout:
                 self.stats.count("timeout")
                 raise RetryableFailure(f"{method} {_no_query(url)}: timed out") from None
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(connections, route)
-                if reused and attempt == 1 and isinstance(exc, _STALE_ERRORS):
+            except requests.exceptions.ConnectionError as exc:
+                reason = _short_reason(exc)
+                if attempt == 1 and reason in _STALE_REASONS:
                     continue  # the server closed an idle kept-alive connection: reconnect now
                 self.stats.count("connection error")
-                reason = _short_reason(exc)
                 raise RetryableFailure(f"{method} {_no_query(url)}: connection failed ({reason})") from None
-            if answer.will_close:
-                self._drop(connections, route)
-            self.stats.count(answer.status)
-            return Response(answer.status, answer.headers, data)
+            except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, ValueError):
+                # A header or URL with a line break: the library's message would quote the
+                # header (a credential). Say what, never the value.
+                msg = (
+                    f"{method} {_no_query(url)}: a request header or the URL holds a character HTTP "
+                    "forbids (check the credential and URL settings for line breaks)"
+                )
+                raise DeliveryError(msg) from None
+            except requests.exceptions.RequestException as exc:
+                self.stats.count("connection error")
+                reason = type(exc).__name__
+                raise RetryableFailure(f"{method} {_no_query(url)}: request failed ({reason})") from None
+            self.stats.count(answer.status_code)
+            return Response(answer.status_code, answer.headers, data)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close_connections(self) -> None:
         """Close the calling thread's kept-alive connections (each thread, when it is done)."""
-        connections = getattr(self._local, "connections", None)
-        while connections:
-            _route, conn = connections.popitem()
-            conn.close()
-
-    @staticmethod
-    def _drop(connections: dict, route: _Route) -> None:
-        conn = connections.pop(route, None)
-        if conn is not None:
-            conn.close()
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+            self._local.session = None
+            with self._sessions_lock:
+                self._sessions.remove(session)
 
     def with_retries(self, attempt: t.Callable[[], t.Any], what: str) -> t.Any:
         """Call ``attempt`` until it stops raising RetryableFailure or the budget is spent."""
@@ -386,9 +358,14 @@ def _call(attempt: t.Callable[[], t.Any], what: str) -> t.Any:
     return attempt()
 
 
-# Errors that mean a kept-alive connection had been closed by the server before we used
+# Reasons that mean a kept-alive connection had been closed by the server before we used
 # it; the request is sent once more on a fresh connection at once (ids make it safe).
-_STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+_STALE_REASONS = (
+    "RemoteDisconnected",
+    "Remote end closed connection",
+    "Connection reset",
+    "Connection aborted",
+)
 
 
 def _short_reason(exc: Exception) -> str:

@@ -82,8 +82,10 @@ class LineReader(GenericSingerReader[str]):
                 if line is None:
                     return
                 yield line
-        pending: list[bytes] = []  # pieces of a line longer than one chunk: joined once
-        pending_bytes = 0
+        # The start of a line the chunk did not finish. A bytearray grows in place (large
+        # ones by mremap, without copying) and the JSON decoder reads it as it is, so a
+        # 50 MB line costs its own size once, in linear time.
+        pending = bytearray()
         while True:
             if self.stop_requested:  # e.g. a signal during start-up: do not wait for input
                 raise StopRequested
@@ -108,9 +110,8 @@ class LineReader(GenericSingerReader[str]):
                 break
             lines = chunk.split(b"\n")
             if len(lines) == 1:
-                pending.append(chunk)
-                pending_bytes += len(chunk)
-                if pending_bytes > MAX_LINE_BYTES:
+                pending += chunk
+                if len(pending) > MAX_LINE_BYTES:
                     self.line_number += 1
                     msg = (
                         f"line {self.line_number}: longer than {MAX_LINE_BYTES // 2**20} MiB; no Singer "
@@ -119,15 +120,13 @@ class LineReader(GenericSingerReader[str]):
                     raise InputError(msg)
                 continue
             if pending:
-                pending.append(lines[0])
-                lines[0] = b"".join(pending)
-                pending, pending_bytes = [], 0
+                pending += lines[0]
+                lines[0] = pending  # handed over whole: a new buffer starts below
             tail = lines.pop()
-            if tail:
-                pending, pending_bytes = [tail], len(tail)
+            pending = bytearray(tail)
             yield from lines
         if pending:
-            yield b"".join(pending)
+            yield pending
 
     def deserialize_json(self, line: str | bytes) -> dict:
         try:

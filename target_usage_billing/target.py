@@ -177,7 +177,15 @@ def _config_schema() -> dict:
     schema = COMMON_SETTINGS.to_dict()
     for destination in DESTINATIONS.values():
         for prop in destination.settings:
-            schema["properties"].update(prop.to_dict())
+            entry = prop.to_dict()
+            if prop.name in destination.required_settings:
+                # JSON Schema cannot say "required when destination is X" in a way --about,
+                # the README and Meltano show: the description says it, and the Meltano
+                # plugin definition's settings_group_validation enforces it.
+                entry[prop.name]["description"] += (
+                    f" Required with destination {destination.name} (not for dry runs)."
+                )
+            schema["properties"].update(entry)
     return schema
 
 

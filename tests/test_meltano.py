@@ -1,9 +1,11 @@
-"""Real Meltano: `meltano run tap-jsonl target-usage-billing` with this project's meltano.yml.
+"""Real Meltano: the README's commands, then `meltano run tap-jsonl target-usage-billing`.
 
 Meltano is installed in its own virtualenv by the test (it is not a dependency of the
-target), cached in .cache/ between local runs. The project file is copied to a temporary
-directory with the loader pointing at this checkout, and the sandbox URL given the way
-Meltano users give settings: environment variables.
+target), cached in .cache/ between local runs. The project is this repository's
+meltano.yml (for tap-jsonl) in a temporary directory; the loader is added with `meltano
+add --plugin-type loader target-usage-billing --from-ref` from the generated plugin
+definition (pip_url: this checkout) and configured with `meltano config set`; the
+sandbox URL is given the way Meltano users give settings: environment variables.
 """
 
 from __future__ import annotations
@@ -41,14 +43,54 @@ def meltano() -> Path:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, meltano: Path) -> Path:
+    """This repository's meltano.yml without the loader, which is then added the way the
+    README says: from the plugin definition, with `meltano config set`."""
     directory = tmp_path_factory.mktemp("meltano-project")
     document = yaml.safe_load((ROOT / "meltano.yml").read_text())
     (extractor,) = document["plugins"]["extractors"]
-    (loader,) = document["plugins"]["loaders"]
+    (loader,) = document["plugins"].pop("loaders")
     extractor["config"]["path"] = str(ROOT / "examples" / "segment-events.jsonl")
-    loader["pip_url"] = f"-e {ROOT}"
-    loader["config"]["dead_letter_path"] = str(directory / "dead-letters.jsonl")
     (directory / "meltano.yml").write_text(yaml.safe_dump(document, sort_keys=False))
+    definition = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "meltano_settings.py"),
+            "--definition",
+            "--pip-url",
+            f"-e {ROOT}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (directory / "target-usage-billing.yml").write_text(definition)
+    added = run_meltano(
+        meltano,
+        directory,
+        "add",
+        "--plugin-type",
+        "loader",
+        "target-usage-billing",
+        "--from-ref",
+        "target-usage-billing.yml",
+        "--no-install",
+    )
+    assert added.returncode == 0, added.stderr[-3000:]
+    config = loader["config"]
+    settings = {
+        "destination": config["destination"],
+        "m3ter_org_id": config["m3ter_org_id"],
+        "m3ter_access_key_id": config["m3ter_access_key_id"],
+        "m3ter_api_secret": config["m3ter_api_secret"],
+        "mappings": json.dumps(config["mappings"]),
+        "dead_letter_path": str(directory / "dead-letters.jsonl"),
+    }
+    for name, value in settings.items():
+        done = run_meltano(meltano, directory, "config", "set", "target-usage-billing", name, value)
+        assert done.returncode == 0, done.stderr[-2000:]
+    listed = run_meltano(meltano, directory, "config", "list", "target-usage-billing")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "m3ter_api_secret" in listed.stdout and "sandbox-api-secret" not in listed.stdout  # sensitive
     done = run_meltano(meltano, directory, "install", timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     return directory
@@ -110,3 +152,26 @@ def test_meltano_invoke_about_lists_the_settings(meltano, project):
     assert done.returncode == 0, done.stderr[-2000:]
     about = json.loads(done.stdout[done.stdout.index("{") :])
     assert "mappings" in about["settings"]["properties"]
+
+
+def test_meltano_select_list_and_a_forced_run_after_a_kill(meltano, project, sandbox):
+    # the README's tap-postgres walkthrough uses these command forms
+    listed = run_meltano(meltano, project, "select", "tap-jsonl", "--list")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "segment_events" in listed.stdout
+    env = {
+        "TARGET_USAGE_BILLING_M3TER_INGEST_URL": sandbox.url,
+        "TARGET_USAGE_BILLING_M3TER_AUTH_URL": sandbox.url,
+    }
+    forced = run_meltano(meltano, project, "run", "--force", "tap-jsonl", "target-usage-billing", env=env)
+    assert forced.returncode == 0, forced.stderr[-4000:]
+    dry = run_meltano(
+        meltano,
+        project,
+        "run",
+        "tap-jsonl",
+        "target-usage-billing",
+        env={**env, "TARGET_USAGE_BILLING_DRY_RUN": "true"},
+    )
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    assert "would send" in dry.stderr

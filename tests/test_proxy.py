@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import select
 import socket
+import ssl
 import threading
 import urllib.parse
 import urllib.request
@@ -138,4 +139,54 @@ def test_no_proxy_bypasses_the_proxy(sandbox, proxy, tmp_path):
     result = run_target(tmp_path, usage_config(sandbox), singer("usage", usage_records(10)), env=env)
     assert result.returncode == 0, result.stderr
     assert proxy.seen == []
+    assert sandbox.stats("m3ter")["stored"] == 10
+
+
+def test_all_proxy_is_used_when_no_scheme_proxy_is_set(sandbox, proxy, tmp_path):
+    env = proxy_env(proxy, ALL_PROXY=proxy.url, all_proxy=proxy.url)
+    result = run_target(tmp_path, usage_config(sandbox), singer("usage", usage_records(10)), env=env)
+    assert result.returncode == 0, result.stderr
+    assert any("/measurements" in line for line in proxy.seen)
+    assert sandbox.stats("m3ter")["stored"] == 10
+
+
+def test_a_cidr_range_in_no_proxy_bypasses_the_proxy(sandbox, proxy, tmp_path):
+    env = proxy_env(
+        proxy, HTTP_PROXY=proxy.url, http_proxy=proxy.url, NO_PROXY="10.0.0.0/8,127.0.0.0/8", no_proxy=""
+    )
+    result = run_target(tmp_path, usage_config(sandbox), singer("usage", usage_records(10)), env=env)
+    assert result.returncode == 0, result.stderr
+    assert proxy.seen == []
+    assert sandbox.stats("m3ter")["stored"] == 10
+
+
+def test_an_https_proxy_is_reached_over_tls(tls_sandbox, sandbox, tmp_path):  # noqa: F811
+    _tls, cert = tls_sandbox  # only its certificate: the proxy presents it
+    key = cert.with_name("key.pem")
+    server = ForwardProxy()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    try:
+        url = f"https://user:secret@127.0.0.1:{server.server_address[1]}"
+        env = proxy_env(server, HTTP_PROXY=url, http_proxy=url, REQUESTS_CA_BUNDLE=str(cert))
+        result = run_target(tmp_path, usage_config(sandbox), singer("usage", usage_records(10)), env=env)
+        assert result.returncode == 0, result.stderr
+        assert any("/measurements" in line for line in server.seen)
+        assert set(server.auth) == {"Basic dXNlcjpzZWNyZXQ="}
+        assert sandbox.stats("m3ter")["stored"] == 10
+    finally:
+        server.shutdown()
+
+
+def test_a_netrc_entry_for_the_api_host_does_not_replace_our_credentials(sandbox, tmp_path):
+    # requests would put ~/.netrc credentials in place of the Authorization header
+    # (psf/requests#3929) if it read the environment per request
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text("machine 127.0.0.1 login intruder password wrong\n")
+    (home / ".netrc").chmod(0o600)
+    config = usage_config(sandbox)
+    result = run_target(tmp_path, config, singer("usage", usage_records(10)), env={"HOME": str(home)})
+    assert result.returncode == 0, result.stderr
     assert sandbox.stats("m3ter")["stored"] == 10

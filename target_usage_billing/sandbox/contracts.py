@@ -38,7 +38,9 @@ class Measurement(Struct, forbid_unknown_fields=True):
 
 
 CATEGORIES = ("who", "what", "where", "other", "metadata", "measure", "cost", "income")
-_UTC_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z\Z")
+# ISO 8601 date-time with an offset: m3ter documents "ISO 8601 format" and its own SDK
+# sends "+00:00" for a datetime, so any offset is accepted, not only Z.
+_ISO_WITH_OFFSET = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)\Z")
 _DATA_FIELD_CODE = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]{0,79}\Z")
 
 
@@ -100,6 +102,7 @@ def m3ter_items(body: bytes) -> list[tuple[str | None, bytes]]:
                 raise ItemError(f"measurements[{index}]: {exc}") from None
         raise
     latest = (dt.datetime.now(UTC) + CLOCK_SKEW).strftime("%Y-%m-%dT%H:%M:%S")
+    latest_moment = dt.datetime.now(UTC) + CLOCK_SKEW
     good_codes: set[str] = set()
     out = []
     for index, (item, raw) in enumerate(zip(items, envelope.measurements)):
@@ -107,14 +110,20 @@ def m3ter_items(body: bytes) -> list[tuple[str | None, bytes]]:
             value = getattr(item, name)
             if value is None:
                 continue
-            if not _UTC_ISO.match(value):
-                raise ItemError(f"measurements[{index}].{name}: {value!r} is not ISO 8601 UTC ending in Z")
+            if not _ISO_WITH_OFFSET.match(value):
+                raise ItemError(
+                    f"measurements[{index}].{name}: {value!r} is not an ISO 8601 date-time with an offset"
+                )
             try:
                 dt.datetime.fromisoformat(value[:19])  # digits in range, a real date
             except ValueError:
                 raise ItemError(f"measurements[{index}].{name}: {value!r} is not a valid time") from None
-            # the text is UTC to the second, so comparing text compares times
-            if value[:19] > latest:
+            if value[-1] == "Z":  # UTC to the second: comparing text compares times
+                future = value[:19] > latest
+            else:
+                moment = dt.datetime.fromisoformat(value[:19] + value[-6:])
+                future = moment.replace(microsecond=0) > latest_moment
+            if future:
                 raise ItemError(f"measurements[{index}].{name}: {value} is in the future")
         for category in CATEGORIES:
             fields = getattr(item, category)
