@@ -11,6 +11,7 @@ target with default settings on the same input as the baseline and prints the ra
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -156,15 +157,72 @@ def bench(
     return result
 
 
-def baseline_rate(count: int) -> tuple[float, float]:
+def baseline_rate(count: int) -> tuple[float, float, float]:
+    """(records/s, peak RSS, CPU seconds) of the no-op SDK target."""
     input_path = events_file(count)
     with tempfile.TemporaryDirectory() as tmp:
-        seconds, code, rss, _cpu = run_child(
+        seconds, code, rss, cpu = run_child(
             [sys.executable, str(HERE / "noop_target.py")], input_path, Path(tmp) / "log"
         )
     if code != 0:
         sys.exit("benchmark: the no-op baseline target failed")
-    return count / seconds, rss
+    return count / seconds, rss, cpu
+
+
+def stage_costs(destination: str, count: int) -> dict:
+    """CPU microseconds per record for decoding, mapping and encoding, measured in this
+    process on the same input with the target's own functions; sending is the rest."""
+    from target_usage_billing.destinations import DESTINATIONS
+    from target_usage_billing.mapping import MappingRejection, compile_rules, encode_payload
+    from target_usage_billing.reader import _decoder
+
+    config = target_config(destination, "http://unused", False, None)
+    cls = DESTINATIONS[destination]
+    (rule,) = compile_rules(config["mappings"], cls.field_specs(config), cls.presets, destination)
+    lines = [line for line in events_file(count).read_bytes().split(b"\n") if line]
+    gc.disable()  # as in the target (it relaxes the collector): measure the work, not GC
+    try:
+        started = time.process_time()
+        for line in lines:
+            _decoder.decode(line)
+        decode = time.process_time() - started
+        started = time.process_time()
+        payloads = []
+        for line in lines:
+            message = _decoder.decode(line)
+            if message.get("type") != "RECORD":
+                continue
+            try:
+                payload = rule.apply(message["record"], "segment_events", ("messageId",))
+            except MappingRejection:
+                continue
+            if payload is not None:
+                payloads.append(payload)
+        mapping = time.process_time() - started - decode
+        started = time.process_time()
+        for payload in payloads:
+            encode_payload(payload)
+        encode = time.process_time() - started
+    finally:
+        gc.enable()
+    per = 1e6 / count
+    return {
+        "cpu_us_per_record_decode": round(decode * per, 1),
+        "cpu_us_per_record_map": round(mapping * per, 1),
+        "cpu_us_per_record_encode": round(encode * per, 1),
+    }
+
+
+def stage_costs_in_child(destination: str, count: int) -> dict:
+    # A child of its own: the decoded input must not inflate this process, whose size a
+    # forked target would inherit in its peak-RSS figure.
+    done = subprocess.run(
+        [sys.executable, __file__, "--stage-costs", destination, "--events", str(count)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout)
 
 
 def main() -> None:
@@ -174,11 +232,15 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 50.0])
     parser.add_argument("--in-flight", type=int, help="max_requests_in_flight (default: the target's)")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--stage-costs", choices=["m3ter", "metronome"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stage_costs:
+        print(json.dumps(stage_costs(args.stage_costs, args.events)))
+        return
     destinations = ["m3ter", "metronome"] if args.destination == "both" else [args.destination]
     baseline = None
     if not args.no_baseline:
-        baseline, base_rss = baseline_rate(args.events)
+        baseline, base_rss, base_cpu = baseline_rate(args.events)
         print(
             json.dumps(
                 {
@@ -186,13 +248,19 @@ def main() -> None:
                     "events": args.events,
                     "records_per_s": round(baseline),
                     "peak_rss_mb": round(base_rss / 2**20, 1),
+                    "cpu_seconds": round(base_cpu, 2),
                 }
             ),
             flush=True,
         )
     for latency in args.latency_ms:
         for destination in destinations:
-            print(json.dumps(bench(destination, args.events, latency, baseline, args.in_flight)), flush=True)
+            result = bench(destination, args.events, latency, baseline, args.in_flight)
+            if baseline:
+                # CPU time is steadier than wall time on a shared machine: the bar
+                result["cpu_ratio_to_baseline"] = round(base_cpu / result["cpu_seconds"], 2)
+                result.update(stage_costs_in_child(destination, args.events))
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

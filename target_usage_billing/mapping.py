@@ -503,9 +503,9 @@ def derive_id(stream: str, record: Mapping[str, t.Any], key_properties: Sequence
             basis = None
     if basis is None:
         basis = {k: v for k, v in record.items() if not k.startswith("_sdc_")}
-    digest = hashlib.sha1(
-        ID_NAMESPACE.bytes + stream.encode() + b"\x00" + _canonical_encoder.encode(basis)
-    ).digest()
+    hasher = hashlib.sha1(ID_NAMESPACE.bytes + stream.encode() + b"\x00")
+    hasher.update(_canonical_encoder.encode(basis))  # no concatenated copy of a large record
+    digest = hasher.digest()
     return str(uuid.UUID(bytes=digest[:16], version=5))
 
 

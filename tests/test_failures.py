@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -175,6 +176,16 @@ def test_a_byte_order_mark_on_the_first_line_is_accepted(sandbox, tmp_path):
 # --- resource bombs ---------------------------------------------------------------------
 
 
+# Starts the target and reports its peak RSS: a small process of its own, because a
+# forked child's peak-RSS figure starts from its parent's size (pytest holds the input).
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+sys.stdout.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss * 1024}")
+"""
+
+
 def run_measured(tmp_path: Path, config: dict, feed: bytes | list[bytes]) -> tuple[int, str, int]:
     """Run the CLI with input fed through a pipe in pieces; (exit code, stderr, peak RSS bytes)."""
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -182,9 +193,9 @@ def run_measured(tmp_path: Path, config: dict, feed: bytes | list[bytes]) -> tup
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "wb") as err:
         child = subprocess.Popen(
-            [TARGET, "--config", str(tmp_path / "config.json")],
+            [sys.executable, "-c", _MEASURE, TARGET, "--config", str(tmp_path / "config.json")],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=err,
             env=env,
             cwd=tmp_path,
@@ -199,9 +210,10 @@ def run_measured(tmp_path: Path, config: dict, feed: bytes | list[bytes]) -> tup
 
         writer = threading.Thread(target=write)
         writer.start()
-        _, status, usage_ = os.wait4(child.pid, 0)
+        code, rss = child.stdout.read().split()
+        child.wait(60)
         writer.join(60)
-    return os.waitstatus_to_exitcode(status), err_path.read_text(), usage_.ru_maxrss * 1024
+    return int(code), err_path.read_text(), int(rss)
 
 
 BOMBS = {

@@ -156,6 +156,8 @@ def test_meltano_invoke_about_lists_the_settings(meltano, project):
 
 def test_meltano_select_list_and_a_forced_run_after_a_kill(meltano, project, sandbox):
     # the README's tap-postgres walkthrough uses these command forms
+    selected = run_meltano(meltano, project, "select", "tap-jsonl", "segment_events", "*")
+    assert selected.returncode == 0, selected.stderr[-2000:]
     listed = run_meltano(meltano, project, "select", "tap-jsonl", "--list")
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "segment_events" in listed.stdout

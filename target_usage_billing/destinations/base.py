@@ -7,8 +7,10 @@ pipeline only use this interface, so Orb, Lago, OpenMeter or Stripe are one more
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import enum
 import re
+import time
 import typing as t
 import urllib.parse
 from collections.abc import Sequence
@@ -20,6 +22,32 @@ from target_usage_billing.http import HttpTransport, Response, transient
 from target_usage_billing.mapping import FieldSpec, Preset
 
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+class TimeWindow:
+    """The times a platform accepts, as canonical UTC text ("YYYY-MM-DDTHH:MM:SS").
+
+    Payload timestamps are canonical UTC text (mapping makes them so), so comparing their
+    first 19 characters with these bounds compares times, for a few string operations a
+    record instead of parsing a datetime. The bounds are worked out once a second and
+    kept a second inside the platform's window, so that nothing sent falls outside it.
+    """
+
+    def __init__(self, behind: dt.timedelta | None, ahead: dt.timedelta):
+        self._behind = behind.total_seconds() - 1 if behind is not None else None
+        self._ahead = ahead.total_seconds() - 1
+        self._refresh_at = 0.0
+        self.oldest = ""  # empty: no lower bound
+        self.latest = ""
+
+    def bounds(self) -> tuple[str, str]:
+        now = time.time()
+        if now >= self._refresh_at:
+            self.latest = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now + self._ahead))
+            if self._behind is not None:
+                self.oldest = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - self._behind))
+            self._refresh_at = now + 1
+        return self.oldest, self.latest
 
 
 class Verdict(enum.Enum):

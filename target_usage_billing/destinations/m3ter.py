@@ -8,6 +8,7 @@ with 1..1000 items and under 512,000 bytes; ``uid`` de-duplicates re-sends for 3
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import re
 import threading
@@ -17,7 +18,13 @@ from collections.abc import Sequence
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import Answer, Destination, OutgoingRequest, Verdict
+from target_usage_billing.destinations.base import (
+    Answer,
+    Destination,
+    OutgoingRequest,
+    TimeWindow,
+    Verdict,
+)
 from target_usage_billing.errors import CredentialsError, DeliveryError
 from target_usage_billing.http import RetryableFailure, retryable_status
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
@@ -79,8 +86,7 @@ class M3terDestination(Destination):
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
         super().__init__(config, transport)
-        self._latest_allowed = ""  # now + FUTURE_TOLERANCE as canonical UTC text
-        self._latest_refresh_at = 0.0
+        self._window = TimeWindow(None, dt.timedelta(seconds=FUTURE_TOLERANCE))
         self.org_id = config.get("m3ter_org_id") or "dry-run-org"
         self.ingest_url = config.get("m3ter_ingest_url", "https://ingest.m3ter.com").rstrip("/")
         self.auth_url = config.get("m3ter_auth_url", "https://api.m3ter.com").rstrip("/")
@@ -121,13 +127,7 @@ class M3terDestination(Destination):
         # m3ter refuses usage stamped in the future (and one such item may fail the whole
         # request): refuse it here, naming the field. Timestamps are canonical UTC text,
         # so comparing text compares times; "now" is refreshed once a second.
-        now = time.time()
-        if now >= self._latest_refresh_at:
-            # whole seconds: a time within the allowed second compares greater (its
-            # fraction and "Z" follow), so the tolerance is 4 to 5 s
-            self._latest_allowed = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now + FUTURE_TOLERANCE))
-            self._latest_refresh_at = now + 1
-        latest = self._latest_allowed
+        _oldest, latest = self._window.bounds()
         if payload["ts"] > latest:
             return f"ts {payload['ts']} is in the future: m3ter refuses usage stamped later than now"
         ets = payload.get("ets")
