@@ -28,6 +28,7 @@ import jmespath.visitor as _jp
 import msgspec
 
 from target_usage_billing.errors import ConfigError
+from target_usage_billing.rulecode import FieldCode, generate_apply
 
 UTC = dt.timezone.utc
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
@@ -515,12 +516,19 @@ def derive_id(stream: str, record: Mapping[str, t.Any], key_properties: Sequence
 class CompiledField:
     """How one payload field is computed: ``compute(record)`` gives its value or None."""
 
-    __slots__ = ("compute", "source", "spec")
+    __slots__ = ("compute", "inline", "source", "spec")
 
-    def __init__(self, spec: FieldSpec, compute: Callable[[t.Any], t.Any], source: str | None):
+    def __init__(
+        self,
+        spec: FieldSpec,
+        compute: Callable[[t.Any], t.Any],
+        source: str | None,
+        inline: tuple | None = None,
+    ):
         self.spec = spec
         self.compute = compute
         self.source = source  # the expression, for error messages
+        self.inline = inline  # how rulecode may inline it (see FieldCode.inline)
 
 
 _MAP_KINDS = (FieldKind.STRING_MAP, FieldKind.NUMBER_MAP, FieldKind.OBJECT)
@@ -538,6 +546,17 @@ def _exact_number(value: t.Any) -> t.Any:
     ):
         return value
     return to_number(value)
+
+
+def _kept_as_is(spec: FieldSpec) -> tuple[frozenset[type], bool]:
+    """Value types the field's converter returns unchanged, and whether ints become text."""
+    if spec.kind is FieldKind.NUMBER_MAP:
+        return frozenset({int}), False
+    if spec.kind is FieldKind.STRING_MAP:
+        return frozenset({str}), False
+    if spec.numbers_as_strings:
+        return frozenset({str, bool}), True
+    return frozenset({str, bool, int}), False
 
 
 def _map_value_converter(spec: FieldSpec) -> Callable[[t.Any], t.Any]:
@@ -627,7 +646,11 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
                         raise MappingRejection(str(exc), field_name, expression_source) from None
                 return out or None
 
-            return CompiledField(spec, compute_children, None)
+            value_kind = {FieldKind.NUMBER_MAP: "number", FieldKind.STRING_MAP: "string"}.get(
+                spec.kind, "json"
+            )
+            inline = ("children", parent, children, value_kind, convert)
+            return CompiledField(spec, compute_children, None, inline)
 
         def compute_keyed(record: dict) -> t.Any:
             out = {}
@@ -652,6 +675,7 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
     if spec.kind in _MAP_KINDS:
         convert = _map_value_converter(spec)
         key_pattern = spec.key_pattern
+        keep, ints_as_text = _kept_as_is(spec)
 
         def compute_object(record: dict) -> t.Any:
             value = get(record)
@@ -667,6 +691,13 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
                     raise MappingRejection(msg, f"{name}.{key}", expression.source)
                 if item is None:
                     continue
+                kind = type(item)
+                if kind in keep:  # already what the converter would give: no call
+                    out[key] = item
+                    continue
+                if ints_as_text and kind is int:
+                    out[key] = str(item)
+                    continue
                 try:
                     out[key] = convert(item)
                 except ValueError as exc:
@@ -678,7 +709,9 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
     convert = to_utc_timestamp if spec.kind is FieldKind.TIMESTAMP else _text
     path = expression.path
     if path is not None and len(path) <= 2:
-        return CompiledField(spec, _plain_scalar(path, convert, name, expression.source), expression.source)
+        compute = _plain_scalar(path, convert, name, expression.source)
+        inline = ("plain", list(path), convert, convert is _text)
+        return CompiledField(spec, compute, expression.source, inline)
 
     def compute_scalar(record: dict) -> t.Any:
         value = get(record)
@@ -747,6 +780,18 @@ class CompiledRule:
         self._plan = [
             (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
         ]
+        # The hot path: the same rule as one generated function (see rulecode).
+        self.apply = generate_apply(
+            [
+                FieldCode(
+                    f.spec.name, f.source, f.spec.required, f.spec.kind is FieldKind.ID, f.compute, f.inline
+                )
+                for f in fields
+            ],
+            filter_expression.search if filter_expression is not None else None,
+            filter_expression.source if filter_expression is not None else None,
+            {"MappingRejection": MappingRejection, "derive_id": derive_id, "is_truthy": is_truthy},
+        )
 
     @property
     def where(self) -> str:
@@ -756,8 +801,11 @@ class CompiledRule:
     def matches(self, stream: str) -> bool:
         return self._stream_regex.match(stream) is not None
 
-    def apply(self, record: dict, stream: str, key_properties: Sequence[str] = ()) -> dict[str, t.Any] | None:
-        """The payload for ``record``, None when the filter drops it.
+    def apply_generic(
+        self, record: dict, stream: str, key_properties: Sequence[str] = ()
+    ) -> dict[str, t.Any] | None:
+        """The payload for ``record``, None when the filter drops it (``apply`` is the same,
+        generated as one function; this is the reference it is tested against).
 
         Raises MappingRejection naming the field and expression when the record cannot
         become a valid payload (including an expression that fails on this record).

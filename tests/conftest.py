@@ -282,3 +282,39 @@ def wait_until(predicate, timeout: float = 60, step: float = 0.05) -> None:
 
 def position(state: dict | None) -> int:
     return state["bookmarks"]["usage"]["position"] if state else 0
+
+
+# --- helpers shared by the delivery, loss and failure tests ------------------------------
+
+RECENT = int(time.time()) - 3600  # inside Metronome's 34-day window, never in the future
+DEFAULT_DEAD_LETTERS = "target-usage-billing-dead-letters.jsonl"
+# Metronome's rule for the usage rows below (and fake_tap's): event time from "at"
+USAGE_RULE_METRONOME_AT = {
+    "stream": "usage",
+    "fields": {
+        "customer_id": "account",
+        "event_type": "'tokens'",
+        "timestamp": "at",
+        "properties": {"tokens": "tokens", "note": "note"},
+    },
+}
+
+
+def config_for(destination: str, sandbox: Sandbox, **overrides: t.Any) -> dict:
+    """The example config of ``destination`` with the usage-row rule and ``overrides``."""
+    if destination == "m3ter":
+        return m3ter_config(sandbox, **{"mappings": [USAGE_RULE_M3TER], **overrides})
+    return metronome_config(sandbox, **{"mappings": [USAGE_RULE_METRONOME_AT], **overrides})
+
+
+def usage(count: int, start: int = 0, **extra: t.Any) -> list[dict]:
+    """Usage rows id = start .. start+count-1, stamped an hour ago."""
+    return [
+        {"id": i, "account": f"a{i % 7}", "at": RECENT + i, "tokens": i, "note": f"n{i}", **extra}
+        for i in range(start, start + count)
+    ]
+
+
+def dead_letters(directory: Path, name: str = DEFAULT_DEAD_LETTERS) -> list[dict]:
+    path = directory / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

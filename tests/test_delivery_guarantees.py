@@ -14,6 +14,7 @@ from tests.conftest import (
     METRONOME_TOKEN,
     USAGE_RULE_M3TER,
     USAGE_RULE_METRONOME,
+    USAGE_RULE_METRONOME_AT,
     Pipeline,
     m3ter_config,
     metronome_config,
@@ -23,15 +24,6 @@ from tests.conftest import (
     wait_until,
 )
 
-CRASH_RULE_METRONOME = {
-    "stream": "usage",
-    "fields": {
-        "customer_id": "account",
-        "event_type": "'tokens'",
-        "timestamp": "at",
-        "properties": {"tokens": "tokens", "note": "note"},
-    },
-}
 # Record 0's time for crash tests: yesterday, fixed for both runs of a test so that a
 # re-emitted record is byte-identical, and inside Metronome's 34-day window.
 YESTERDAY = int(time.time()) - 86400
@@ -39,7 +31,7 @@ YESTERDAY = int(time.time()) - 86400
 
 def crash_config(sandbox, destination: str = "m3ter", **overrides) -> dict:
     settings = {
-        "mappings": [USAGE_RULE_M3TER if destination == "m3ter" else CRASH_RULE_METRONOME],
+        "mappings": [USAGE_RULE_M3TER if destination == "m3ter" else USAGE_RULE_METRONOME_AT],
         "batch_size_rows": 50,
         "max_requests_in_flight": 3,
         "state_checkpoint_seconds": 0.1,

@@ -20,41 +20,21 @@ import pytest
 
 from target_usage_billing.http import Response, backoff_waits, retry_after_seconds, transient
 from tests.conftest import (
+    DEFAULT_DEAD_LETTERS,
+    RECENT,
     TARGET,
     USAGE_RULE_M3TER,
     Pipeline,
-    m3ter_config,
-    metronome_config,
+    config_for,
+    dead_letters,
     run_target,
     singer,
+    usage,
     wait_until,
 )
 
-RECENT = int(time.time()) - 3600
-DEAD = "target-usage-billing-dead-letters.jsonl"
-RULE_METRONOME = {
-    "stream": "usage",
-    "fields": {
-        "customer_id": "account",
-        "event_type": "'tokens'",
-        "timestamp": "at",
-        "properties": {"tokens": "tokens", "note": "note"},
-    },
-}
 both = pytest.mark.parametrize("destination", ["m3ter", "metronome"])
-
-
-def config_for(destination: str, sandbox, **overrides) -> dict:
-    if destination == "m3ter":
-        return m3ter_config(sandbox, **{"mappings": [USAGE_RULE_M3TER], **overrides})
-    return metronome_config(sandbox, **{"mappings": [RULE_METRONOME], **overrides})
-
-
-def usage(count: int, start: int = 0) -> list[dict]:
-    return [
-        {"id": i, "account": f"a{i % 7}", "at": RECENT + i, "tokens": i, "note": f"n{i}"}
-        for i in range(start, start + count)
-    ]
+DEAD = DEFAULT_DEAD_LETTERS
 
 
 def record_line(record_json: str) -> str:
@@ -65,11 +45,6 @@ def clean(result) -> None:
     """What every failure owes the operator: no traceback, at most one error line."""
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(result.error_lines) <= 1, result.error_lines
-
-
-def dead_letters(tmp_path: Path) -> list[dict]:
-    path = tmp_path / DEAD
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 # --- input that stops the run (exit 5, after delivering what came before) -----------------

@@ -19,51 +19,26 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
+    DEFAULT_DEAD_LETTERS,
+    RECENT,
     TARGET,
     USAGE_RULE_M3TER,
     Pipeline,
-    m3ter_config,
-    metronome_config,
+    config_for,
+    dead_letters,
     position,
     run_target,
     singer,
+    usage,
     wait_until,
 )
 
 BATCH_TAP = str(Path(__file__).with_name("batch_tap.py"))
-DEFAULT_DEAD_LETTERS = "target-usage-billing-dead-letters.jsonl"
-RECENT = int(time.time()) - 3600  # inside Metronome's 34-day window
-BATCH_RULE_METRONOME = {
-    "stream": "usage",
-    "fields": {
-        "customer_id": "account",
-        "event_type": "'tokens'",
-        "timestamp": "at",
-        "properties": {"tokens": "tokens", "note": "note"},
-    },
-}
-
-
-def config_for(destination: str, sandbox, **overrides) -> dict:
-    if destination == "m3ter":
-        return m3ter_config(sandbox, **{"mappings": [USAGE_RULE_M3TER], **overrides})
-    return metronome_config(sandbox, **{"mappings": [BATCH_RULE_METRONOME], **overrides})
-
-
-def usage(count: int, start: int = 0, **extra) -> list[dict]:
-    return [
-        {"id": i, "account": f"a{i % 7}", "at": RECENT + i, "tokens": i, "note": f"n{i}", **extra}
-        for i in range(start, start + count)
-    ]
 
 
 def stored_notes(sandbox, destination: str) -> list[str]:
     category = "metadata" if destination == "m3ter" else "properties"
     return sorted(item[category]["note"] for item in sandbox.items(destination))
-
-
-def dead_letters(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 both = pytest.mark.parametrize("destination", ["m3ter", "metronome"])
@@ -226,7 +201,7 @@ def test_batch_rows_are_mapped_dead_lettered_and_checkpointed_like_records(sandb
     assert result.returncode == 0, result.stderr
     assert sandbox.stats("m3ter")["stored"] == 299
     assert result.states == [{"position": 150}, {"position": 300}]
-    (dead,) = dead_letters(tmp_path / DEFAULT_DEAD_LETTERS)
+    (dead,) = dead_letters(tmp_path)
     assert dead["record"]["id"] == 7 and dead["stage"] == "mapping"
     assert dead["batch_file"] == first and dead["batch_row"] == 8 and dead["line"] == 2
 
@@ -274,7 +249,7 @@ def test_rejections_go_to_the_default_dead_letter_file(sandbox, tmp_path, destin
     assert "dead_letter_path" not in config
     result = run_target(tmp_path, config, singer("usage", records, key_properties=["id"], state={"p": 1}))
     assert result.returncode == 0, result.stderr
-    dead = dead_letters(tmp_path / DEFAULT_DEAD_LETTERS)
+    dead = dead_letters(tmp_path)
     assert sorted(d["record"]["id"] for d in dead) == [3, 9]
     assert f"dead letters: 2 in {DEFAULT_DEAD_LETTERS}" in result.stderr
     assert result.states == [{"p": 1}]
@@ -308,7 +283,7 @@ def test_a_second_body_for_an_id_already_sent_is_a_conflict_not_a_silent_drop(sa
     assert result.returncode == 0, result.stderr
     stats = sandbox.stats(destination)
     assert stats["stored"] == 10 and stats["items_received"] == 10  # the duplicate was not re-sent
-    (dead,) = dead_letters(tmp_path / DEFAULT_DEAD_LETTERS)
+    (dead,) = dead_letters(tmp_path)
     assert dead["stage"] == "conflict" and dead["line"] == 12 and dead["record"]["tokens"] == 999
     assert dead["sent_body_digest"] != dead["body_digest"]
     assert dead["id"] == dead["payload"]["uid" if destination == "m3ter" else "transaction_id"]
@@ -377,7 +352,7 @@ def test_records_refused_by_the_api_count_once_in_the_ratio(sandbox, tmp_path):
     result = run_target(tmp_path, config, singer("usage", records))
     assert result.returncode == 6, result.stderr
     assert "2 of 4 mappable records rejected (50.0%)" in result.error_lines[0]
-    assert len(dead_letters(tmp_path / DEFAULT_DEAD_LETTERS)) == 2
+    assert len(dead_letters(tmp_path)) == 2
 
 
 def test_a_run_whose_every_record_is_refused_stops_at_the_limit_while_splitting(sandbox, tmp_path):

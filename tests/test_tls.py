@@ -40,14 +40,16 @@ def tls_sandbox(tmp_path):
     stop_sandbox(sandbox)
 
 
-def test_https_with_a_trusted_certificate(tls_sandbox, tmp_path):
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"])
+def test_https_with_a_trusted_certificate(tls_sandbox, tmp_path, variable):
     sandbox, cert = tls_sandbox
     config = usage_config(sandbox)
+    unset = {name: "" for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")}
     result = run_target(
         tmp_path,
         config,
         singer("usage", usage_records(1500)),
-        env={"REQUESTS_CA_BUNDLE": str(cert), "SSL_CERT_FILE": str(cert)},
+        env={**unset, variable: str(cert)},
     )
     assert result.returncode == 0, result.stderr
     import requests
