@@ -668,7 +668,15 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
                     raise MappingRejection(str(exc), field_name, expression_source) from None
             return out or None
 
-        return CompiledField(spec, compute_keyed, None)
+        paths = [compile_expression(text, "").path for _key, _get, text, _label in keyed]
+        inline = None
+        if all(path is not None and len(path) <= 2 for path in paths):
+            value_kind = {FieldKind.NUMBER_MAP: "number", FieldKind.STRING_MAP: "string"}.get(
+                spec.kind, "json"
+            )
+            entries = [(key, path, text, label) for (key, _get, text, label), path in zip(keyed, paths)]
+            inline = ("keyed", entries, value_kind, convert)
+        return CompiledField(spec, compute_keyed, None, inline)
 
     expression = compile_expression(source, where)
     get = expression.search

@@ -172,6 +172,7 @@ class LineReader(GenericSingerReader[str]):
         source = file_input or self.default_input
         # bytes go to the JSON decoder as they are: no UTF-8 decoding of every line
         source = getattr(source, "buffer", source)
+        decode = _decoder.decode
         for line in self._lines(source):
             if line is IDLE:
                 self.on_idle()
@@ -180,7 +181,12 @@ class LineReader(GenericSingerReader[str]):
             self.current_line = line
             if not line or (line[:1].isspace() and not line.strip()):
                 continue  # a blank line carries nothing; taps sometimes end with one
-            message = self.deserialize_json(line)
+            try:  # the common case inline; deserialize_json is the careful path
+                message = decode(line)
+            except Exception:
+                message = self.deserialize_json(line)  # raises InputError, or reads NaN/BOM
+            if type(message) is not dict:
+                message = self.deserialize_json(line)  # raises: not an object
             kind = message.get("type")
             self.current_stream = message.get("stream")
             callback = callbacks.get(kind) if isinstance(kind, str) else None

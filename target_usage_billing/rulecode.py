@@ -60,6 +60,9 @@ def generate_apply(
         if inline is not None and inline[0] == "children":
             lines += _children_code(number, field, inline, namespace)
             continue
+        if inline is not None and inline[0] == "keyed":
+            lines += _keyed_code(number, field, inline, namespace)
+            continue
         if inline is not None and inline[0] == "plain":
             lines += _plain_code(number, field, inline, namespace)
         else:
@@ -124,6 +127,32 @@ def _plain_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -
         ]
     else:
         lines.append(f"{INDENT}    value = _convert{number}(value)")
+    return lines
+
+
+def _keyed_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
+    """A map whose every key reads a plain path (``{"user": "userId"}``)."""
+    _kind, entries, value_kind, convert = inline
+    keep = {"number": "int", "string": "str"}.get(value_kind)
+    lines = [f"{INDENT}out = {{}}"]
+    for index, (key, path, source, label) in enumerate(entries):
+        helper = f"_convert{number}_{index}"
+        namespace[helper] = _rejecting(convert, namespace, label, source)
+        lines.append(f"{INDENT}item = record.get({path[0]!r})")
+        if len(path) == 2:
+            lines.append(f"{INDENT}item = item.get({path[1]!r}) if type(item) is dict else None")
+        lines.append(f"{INDENT}if item is not None:")
+        if keep is not None:
+            lines.append(f"{INDENT}    out[{key!r}] = item if type(item) is {keep} else {helper}(item)")
+        else:
+            lines.append(f"{INDENT}    out[{key!r}] = {helper}(item)")
+    lines += [f"{INDENT}if out:", f"{INDENT}    payload[{field.name!r}] = out"]
+    if field.required:
+        lines += [
+            f"{INDENT}else:",
+            f"{INDENT}    raise MappingRejection('required value is missing or empty', "
+            f"{field.name!r}, {field.source!r})",
+        ]
     return lines
 
 

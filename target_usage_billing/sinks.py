@@ -16,10 +16,13 @@ from target_usage_billing.delivery import Item
 from target_usage_billing.destinations.base import Destination
 from target_usage_billing.diagnostics import SampleWatch, check_schema
 from target_usage_billing.ledger import DUPLICATE
-from target_usage_billing.mapping import MappingRejection, encode_payload
+from target_usage_billing.mapping import MappingRejection, payload_encoder
 
 if t.TYPE_CHECKING:
     from target_usage_billing.target import TargetUsageBilling
+
+
+_encode = payload_encoder.encode  # mapping.encode_payload without its call frame
 
 
 class UsageSink(BatchSink):
@@ -119,7 +122,7 @@ class UsageSink(BatchSink):
             counts.filtered += 1
             return
         reason = self._validate(payload) if self._validate is not None else None
-        body = encode_payload(payload)
+        body = _encode(payload)
         size = len(body)
         if reason is None and self._envelope + size > self._max_body:
             reason = (
@@ -154,7 +157,7 @@ class UsageSink(BatchSink):
             self._first_index = self.run.records_seen - 1
             self.run.delivery.buffer_started(id(self), self._first_index)
         reader = self._reader
-        items.append(Item(body, reader.current_line, reader.line_number))
+        items.append((body, reader.current_line, reader.line_number))  # an Item
         self._item_bytes += size
         counts.mapped += 1
         if len(items) >= self._max_items:
