@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import select
 import socket
+import socketserver
 import ssl
 import threading
 import urllib.parse
@@ -190,3 +191,86 @@ def test_a_netrc_entry_for_the_api_host_does_not_replace_our_credentials(sandbox
     result = run_target(tmp_path, config, singer("usage", usage_records(10)), env={"HOME": str(home)})
     assert result.returncode == 0, result.stderr
     assert sandbox.stats("m3ter")["stored"] == 10
+
+
+class Socks5Proxy(socketserver.ThreadingTCPServer):
+    """A small SOCKS5 proxy (RFC 1928, user/password RFC 1929) on loopback."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Socks5Handler)
+        self.connects: list[str] = []
+        self.users: list[str] = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"socks5h://user:secret@127.0.0.1:{self.server_address[1]}"
+
+
+class _Socks5Handler(socketserver.BaseRequestHandler):
+    server: Socks5Proxy
+
+    def _read(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.request.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("client went away")
+            data += chunk
+        return data
+
+    def handle(self) -> None:
+        _version, methods = self._read(2)
+        offered = self._read(methods)
+        if 2 in offered:  # user/password
+            self.request.sendall(b"\x05\x02")
+            _sub, length = self._read(2)
+            user = self._read(length).decode()
+            (length,) = self._read(1)
+            self._read(length)  # password
+            self.server.users.append(user)
+            self.request.sendall(b"\x01\x00")
+        else:
+            self.request.sendall(b"\x05\x00")
+        _version, _command, _reserved, kind = self._read(4)
+        if kind == 1:
+            host = socket.inet_ntoa(self._read(4))
+        elif kind == 3:
+            (length,) = self._read(1)
+            host = self._read(length).decode()
+        else:
+            host = socket.inet_ntop(socket.AF_INET6, self._read(16))
+        port = int.from_bytes(self._read(2), "big")
+        self.server.connects.append(f"{host}:{port}")
+        upstream = socket.create_connection((host, port))
+        self.request.sendall(b"\x05\x00\x00\x01" + socket.inet_aton("127.0.0.1") + (0).to_bytes(2, "big"))
+        sockets = [self.request, upstream]
+        try:
+            while True:
+                readable, _, _ = select.select(sockets, [], [], 30)
+                if not readable:
+                    return
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (upstream if sock is self.request else self.request).sendall(data)
+        finally:
+            upstream.close()
+
+
+def test_a_socks5h_proxy_from_all_proxy(sandbox, tmp_path):
+    server = Socks5Proxy()
+    try:
+        env = proxy_env(server, ALL_PROXY=server.url, all_proxy=server.url)
+        result = run_target(tmp_path, usage_config(sandbox), singer("usage", usage_records(10)), env=env)
+        assert result.returncode == 0, result.stderr
+        port = sandbox.url.rsplit(":", 1)[1]
+        assert f"127.0.0.1:{port}" in server.connects  # the proxy resolved and connected
+        assert set(server.users) == {"user"}
+        assert sandbox.stats("m3ter")["stored"] == 10
+    finally:
+        server.shutdown()
