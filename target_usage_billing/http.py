@@ -227,8 +227,6 @@ class HttpTransport:
         self._proxies: dict[str, dict[str, str]] = {}
         self._templates: dict[tuple[str, str], requests.PreparedRequest] = {}
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._sessions_lock = threading.Lock()
         # The retry policy, built once (not per request): calls attempt(), waits, again.
         self._retrying = backoff.on_exception(
             backoff_waits,
@@ -249,10 +247,7 @@ class HttpTransport:
             adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
-            session.headers["User-Agent"] = USER_AGENT
-            self._local.session = session
-            with self._sessions_lock:
-                self._sessions.append(session)
+            self._local.session = session  # headers come whole from _prepare
         return session
 
     def _proxies_for(self, url: str) -> dict[str, str]:
@@ -342,8 +337,6 @@ class HttpTransport:
         if session is not None:
             session.close()
             self._local.session = None
-            with self._sessions_lock:
-                self._sessions.remove(session)
 
     def with_retries(self, attempt: t.Callable[[], t.Any], what: str) -> t.Any:
         """Call ``attempt`` until it stops raising RetryableFailure or the budget is spent."""

@@ -619,12 +619,14 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
             raise ConfigError(f"{where}: give at least one key")
         convert = _map_value_converter(spec)
         keyed = []
+        paths = []  # each key's field path, when it is a plain one
         for key, expression_source in source.items():
             if spec.key_pattern is not None and not spec.key_pattern.match(key):
                 pattern = spec.key_pattern.pattern
                 raise ConfigError(f"{where}: key {key!r} is not a valid data-field code ({pattern})")
             expression = compile_expression(expression_source, f"{where}.{key}")
             keyed.append((key, expression.search, expression.source, f"{name}.{key}"))
+            paths.append(expression.path)
 
         shared = _shared_parent(source, name)
         if shared is not None:
@@ -646,10 +648,7 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
                         raise MappingRejection(str(exc), field_name, expression_source) from None
                 return out or None
 
-            value_kind = {FieldKind.NUMBER_MAP: "number", FieldKind.STRING_MAP: "string"}.get(
-                spec.kind, "json"
-            )
-            inline = ("children", parent, children, value_kind, convert)
+            inline = ("children", parent, children, _kept_as_is(spec), convert)
             return CompiledField(spec, compute_children, None, inline)
 
         def compute_keyed(record: dict) -> t.Any:
@@ -668,14 +667,10 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
                     raise MappingRejection(str(exc), field_name, expression_source) from None
             return out or None
 
-        paths = [compile_expression(text, "").path for _key, _get, text, _label in keyed]
         inline = None
         if all(path is not None and len(path) <= 2 for path in paths):
-            value_kind = {FieldKind.NUMBER_MAP: "number", FieldKind.STRING_MAP: "string"}.get(
-                spec.kind, "json"
-            )
             entries = [(key, path, text, label) for (key, _get, text, label), path in zip(keyed, paths)]
-            inline = ("keyed", entries, value_kind, convert)
+            inline = ("keyed", entries, _kept_as_is(spec), convert)
         return CompiledField(spec, compute_keyed, None, inline)
 
     expression = compile_expression(source, where)

@@ -7,7 +7,9 @@ the value the tap sent reaches the billing API unchanged. Every error names the 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import decimal
+import gzip
 import json
 import logging
 import select
@@ -244,7 +246,7 @@ def read_batch_files(reader: LineReader, message: dict) -> t.Iterator[dict]:
                         continue
                     try:
                         record = _decoder.decode(raw)
-                    except msgspec.DecodeError as exc:
+                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                         raise InputError(
                             f"{where}: BATCH file {url}, row {row}: not valid JSON ({exc})"
                         ) from None
@@ -263,9 +265,6 @@ def read_batch_files(reader: LineReader, message: dict) -> t.Iterator[dict]:
 
 
 def _maybe_gunzip(stored: t.BinaryIO) -> t.ContextManager[t.BinaryIO]:
-    import contextlib
-    import gzip
-
     head = stored.read(2)
     stored.seek(0)
     if head == b"\x1f\x8b":  # gzip's magic number: no JSON text starts with it

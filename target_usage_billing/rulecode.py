@@ -26,7 +26,8 @@ class FieldCode(t.NamedTuple):
     required: bool
     is_id: bool
     compute: t.Callable[[t.Any], t.Any]  # the field's closure: the general case
-    # ("plain", keys, convert) | ("children", parent, [(key, child, source, label)], kind, convert) | None
+    # ("plain", keys, convert, is_text) | ("keyed", [(key, keys, source, label)], kept, convert)
+    # | ("children", parent, [(key, child, source, label)], kept, convert) | None
     inline: tuple | None
 
 
@@ -130,10 +131,40 @@ def _plain_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -
     return lines
 
 
+def _store_item(
+    indent: str, key: str, helper: str, kept: tuple[frozenset, bool], namespace: dict
+) -> list[str]:
+    """``out[key] = item`` converted: types the converter returns unchanged are kept
+    without a call (``kept`` is mapping._kept_as_is: those types, and whether whole
+    numbers become their text)."""
+    types, ints_as_text = kept
+    if len(types) == 1:
+        (only,) = types
+        test = f"kind is {only.__name__}"
+    else:
+        namespace[f"{helper}_kept"] = types
+        test = f"kind in {helper}_kept"
+    lines = [
+        f"{indent}kind = type(item)",
+        f"{indent}if {test}:",
+        f"{indent}    out[{key!r}] = item",
+    ]
+    if ints_as_text:
+        lines += [f"{indent}elif kind is int:", f"{indent}    out[{key!r}] = str(item)"]
+    lines += [f"{indent}else:", f"{indent}    out[{key!r}] = {helper}(item)"]
+    return lines
+
+
+def _missing_map(indent: str, field: FieldCode) -> list[str]:
+    return [
+        f"{indent}raise MappingRejection('required value is missing or empty', "
+        f"{field.name!r}, {field.source!r})"
+    ]
+
+
 def _keyed_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
     """A map whose every key reads a plain path (``{"user": "userId"}``)."""
-    _kind, entries, value_kind, convert = inline
-    keep = {"number": "int", "string": "str"}.get(value_kind)
+    _kind, entries, kept, convert = inline
     lines = [f"{INDENT}out = {{}}"]
     for index, (key, path, source, label) in enumerate(entries):
         helper = f"_convert{number}_{index}"
@@ -142,50 +173,28 @@ def _keyed_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -
         if len(path) == 2:
             lines.append(f"{INDENT}item = item.get({path[1]!r}) if type(item) is dict else None")
         lines.append(f"{INDENT}if item is not None:")
-        if keep is not None:
-            lines.append(f"{INDENT}    out[{key!r}] = item if type(item) is {keep} else {helper}(item)")
-        else:
-            lines.append(f"{INDENT}    out[{key!r}] = {helper}(item)")
+        lines += _store_item(INDENT + "    ", key, helper, kept, namespace)
     lines += [f"{INDENT}if out:", f"{INDENT}    payload[{field.name!r}] = out"]
     if field.required:
-        lines += [
-            f"{INDENT}else:",
-            f"{INDENT}    raise MappingRejection('required value is missing or empty', "
-            f"{field.name!r}, {field.source!r})",
-        ]
+        lines += [f"{INDENT}else:", *_missing_map(INDENT + "    ", field)]
     return lines
 
 
 def _children_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
-    _kind, parent, children, value_kind, convert = inline
-    keep = {"number": "int", "string": "str"}.get(value_kind)  # kept as they are, no call
+    """A map whose every key reads a field of one object (``properties.*``)."""
+    _kind, parent, children, kept, convert = inline
     lines = [
         f"{INDENT}base = record.get({parent!r})",
-        f"{INDENT}if type(base) is dict:",
+        f"{INDENT}if isinstance(base, dict):",
         f"{INDENT}    out = {{}}",
     ]
     for index, (key, child, source, label) in enumerate(children):
         helper = f"_convert{number}_{index}"
         namespace[helper] = _rejecting(convert, namespace, label, source)
-        lines += [
-            f"{INDENT}    item = base.get({child!r})",
-            f"{INDENT}    if item is not None:",
-        ]
-        if keep is not None:
-            lines.append(f"{INDENT}        out[{key!r}] = item if type(item) is {keep} else {helper}(item)")
-        else:
-            lines.append(f"{INDENT}        out[{key!r}] = {helper}(item)")
-    lines += [
-        f"{INDENT}    if out:",
-        f"{INDENT}        payload[{field.name!r}] = out",
-    ]
+        lines += [f"{INDENT}    item = base.get({child!r})", f"{INDENT}    if item is not None:"]
+        lines += _store_item(INDENT + "        ", key, helper, kept, namespace)
+    lines += [f"{INDENT}    if out:", f"{INDENT}        payload[{field.name!r}] = out"]
     if field.required:  # no map field is required today; keep the generic rule anyway
-        lines += [
-            f"{INDENT}    else:",
-            f"{INDENT}        raise MappingRejection('required value is missing or empty', "
-            f"{field.name!r}, {field.source!r})",
-            f"{INDENT}else:",
-            f"{INDENT}    raise MappingRejection('required value is missing or empty', "
-            f"{field.name!r}, {field.source!r})",
-        ]
+        lines += [f"{INDENT}    else:", *_missing_map(INDENT + "        ", field)]
+        lines += [f"{INDENT}else:", *_missing_map(INDENT + "    ", field)]
     return lines

@@ -343,8 +343,12 @@ class BillingRun:
         )
 
     def seconds_until_flush(self) -> float | None:
-        """How long input may stay idle before buffered usage must go; None: nothing waits."""
-        if not (self.delivery.has_pending_states or self.delivery.has_buffered):
+        """How long input may stay idle before buffered usage must go; None: nothing waits.
+
+        Only buffered usage needs the reading thread: a STATE waiting on requests in
+        flight is released by the delivery workers when they are acknowledged.
+        """
+        if not self.delivery.has_buffered:
             return None
         return max(0.0, self._next_flush - time.monotonic())
 

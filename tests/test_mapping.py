@@ -512,17 +512,45 @@ def outcome(function, record):
         return ("rejected", rejection.reason, rejection.field, rejection.expression)
 
 
-def test_generated_rule_functions_answer_exactly_like_the_generic_path():
+def metronome_rule_fields(rng) -> dict:
+    """Metronome fields: the free-form properties object is the interesting one."""
+    base = random_rule_fields(rng)
+    fields: dict = {"customer_id": base["account"], "event_type": base["meter"], "timestamp": base["ts"]}
+    if "uid" in base:
+        fields["transaction_id"] = base["uid"]
+    roll = rng.random()
+    if roll < 0.3:
+        fields["properties"] = {f"k{i}": f"o.{c}" for i, c in enumerate(rng.sample(["x", "y", "z"], 2))}
+    elif roll < 0.6:
+        fields["properties"] = {"k": rng.choice(PATHS), "j": rng.choice(PATHS)}
+    elif roll < 0.8:
+        fields["properties"] = "o"
+    return fields
+
+
+@pytest.mark.parametrize(
+    ("destination", "specs", "make_fields"),
+    [
+        ("m3ter", M3TER_SPECS, random_rule_fields),
+        ("metronome", MetronomeDestination.field_specs({}), metronome_rule_fields),
+        (
+            "metronome",
+            MetronomeDestination.field_specs({"metronome_numbers_as_strings": False}),
+            metronome_rule_fields,
+        ),
+    ],
+)
+def test_generated_rule_functions_answer_exactly_like_the_generic_path(destination, specs, make_fields):
     import random
 
     rng = random.Random(20261121)
     compared = 0
     for _ in range(300):
-        raw = {"stream": "s", "fields": random_rule_fields(rng)}
+        raw = {"stream": "s", "fields": make_fields(rng)}
         if rng.random() < 0.4:
             raw["filter"] = rng.choice(["kind == 'x'", "a", "!b", "o.x || b"])
         try:
-            (rule,) = compile_rules([raw], M3TER_SPECS, {}, "m3ter")
+            (rule,) = compile_rules([raw], specs, {}, destination)
         except ConfigError:
             continue
         for _ in range(40):

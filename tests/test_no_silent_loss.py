@@ -215,12 +215,14 @@ def test_batch_rows_are_mapped_dead_lettered_and_checkpointed_like_records(sandb
         (lambda good, bad: batch_message([good, bad], compression=None), "row 2: not valid JSON"),
         (lambda good, bad: batch_message([good.replace("rows", "cut")]), "(Compressed file ended"),
         (lambda good, bad: json.dumps({"type": "BATCH", "stream": "usage"}), "needs an encoding object"),
+        (lambda good, bad: batch_message([good.replace("rows", "deep")]), "row 1: not valid JSON"),
     ],
 )
 def test_unusable_batch_stops_before_any_state_covers_it(sandbox, tmp_path, message, expected):
     good = write_batch_file(tmp_path / "rows.jsonl.gz", [json.dumps(r) for r in usage(10, start=100)], True)
     bad = write_batch_file(tmp_path / "bad.jsonl", [json.dumps(usage(1, start=200)[0]), "{not json"], False)
     (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "rows.jsonl.gz").read_bytes()[:-12])  # truncated
+    write_batch_file(tmp_path / "deep.jsonl.gz", ['{"x": ' + "[" * 5000 + "]" * 5000 + "}"], True)
     lines = singer("usage", usage(20), key_properties=["id"], state={"position": 20})
     lines += [message(good, bad), json.dumps({"type": "STATE", "value": {"position": 30}})]
     result = run_target(tmp_path, config_for("m3ter", sandbox), lines)

@@ -40,14 +40,20 @@ class TimeWindow:
         self.oldest = ""  # empty: no lower bound
         self.latest = ""
 
-    def bounds(self) -> tuple[str, str]:
+    def outside(self, stamp: str) -> str | None:
+        """ "past" or "future" when canonical ``stamp`` falls outside the window, else None."""
         now = time.time()
         if now >= self._refresh_at:
             self.latest = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now + self._ahead))
             if self._behind is not None:
                 self.oldest = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - self._behind))
             self._refresh_at = now + 1
-        return self.oldest, self.latest
+        second = stamp[:19]
+        if second > self.latest:
+            return "future"
+        if second < self.oldest:
+            return "past"
+        return None
 
 
 class Verdict(enum.Enum):

@@ -127,12 +127,10 @@ class M3terDestination(Destination):
         # m3ter refuses usage stamped in the future (and one such item may fail the whole
         # request): refuse it here, naming the field. Timestamps are canonical UTC text,
         # so comparing text compares times; "now" is refreshed once a second.
-        _oldest, latest = self._window.bounds()
-        if payload["ts"] > latest:
-            return f"ts {payload['ts']} is in the future: m3ter refuses usage stamped later than now"
-        ets = payload.get("ets")
-        if ets is not None and ets > latest:
-            return f"ets {ets} is in the future: m3ter refuses usage stamped later than now"
+        for name in ("ts", "ets"):
+            stamp = payload.get(name)
+            if stamp is not None and self._window.outside(stamp):
+                return f"{name} {stamp} is in the future: m3ter refuses usage stamped later than now"
         return None
 
     # --- body ------------------------------------------------------------------------

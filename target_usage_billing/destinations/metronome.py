@@ -95,11 +95,10 @@ class MetronomeDestination(Destination):
 
     def validate_payload(self, payload: dict[str, t.Any]) -> str | None:
         # One event outside the window fails Metronome's whole request: refuse it here.
-        oldest, latest = self._window.bounds()
-        stamp = payload["timestamp"][:19]
-        if stamp < oldest:
+        where = self._window.outside(payload["timestamp"])
+        if where == "past":
             return f"timestamp {payload['timestamp']} is more than 34 days in the past (Metronome refuses it)"
-        if stamp > latest:
+        if where == "future":
             return (
                 f"timestamp {payload['timestamp']} is more than 24 hours in the future (Metronome refuses it)"
             )
