@@ -103,12 +103,20 @@ class MappingRejection(Exception):
 class Expression:
     """A compiled JMESPath expression; plain field paths skip the interpreter."""
 
-    __slots__ = ("path", "search", "source")
+    __slots__ = ("path", "search", "source", "tree")
 
-    def __init__(self, source: str, search: Callable[[t.Any], t.Any], path: list[str] | None = None):
+    def __init__(
+        self,
+        source: str,
+        search: Callable[[t.Any], t.Any],
+        path: list[str] | None = None,
+        tree: dict | None = None,
+    ):
         self.source = source
         self.search = search
         self.path = path  # the keys, when the expression is a plain field path
+        # the parsed expression, when it is in the subset rulecode writes as Python
+        self.tree = tree
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -211,13 +219,8 @@ def _compile_node(node: dict) -> Callable[[t.Any], t.Any] | None:
                 return lambda value: other(value) != text  # type: ignore[misc]
             return lambda value: compare(left(value), right(value))  # type: ignore[misc]
 
-        def ordered(value: t.Any) -> t.Any:
-            a, b = left(value), right(value)  # type: ignore[misc]
-            if not (_jp._is_comparable(a) and _jp._is_comparable(b)):
-                return None
-            return compare(a, b)
-
-        return ordered
+        operator = node["value"]
+        return lambda value: jmespath_order(operator, left(value), right(value))  # type: ignore[misc]
     if kind == "and_expression":
         left, right = parts
 
@@ -237,13 +240,7 @@ def _compile_node(node: dict) -> Callable[[t.Any], t.Any] | None:
     if kind == "not_expression":
         (inner,) = parts
 
-        def negate(value: t.Any) -> t.Any:
-            result = inner(value)  # type: ignore[misc]
-            if _jp._is_actual_number(result) and result == 0:
-                return False  # JMESPath: !0 is false
-            return not result
-
-        return negate
+        return lambda value: jmespath_not(inner(value))  # type: ignore[misc]
     return None
 
 
@@ -268,7 +265,9 @@ def compile_expression(source: t.Any, where: str) -> Expression:
             )
             raise ConfigError(f"{where}: expression {source!r} calls unknown function {name}(){hint}")
     fast = _compile_node(compiled.parsed)
-    return Expression(source, fast if fast is not None else compiled.search, _field_path(compiled.parsed))
+    if fast is None:
+        return Expression(source, compiled.search)
+    return Expression(source, fast, _field_path(compiled.parsed), compiled.parsed)
 
 
 _KNOWN_FUNCTIONS = frozenset(jmespath.functions.Functions.FUNCTION_TABLE)
@@ -295,6 +294,20 @@ def _compile_error(source: str, exc: Exception) -> str:
     if not isinstance(position, int) or not 0 <= position <= len(source):
         return reason
     return f"{reason} at column {position + 1}: {source[:position]}\u2192{source[position:]}"
+
+
+def jmespath_order(operator: str, a: t.Any, b: t.Any) -> t.Any:
+    """``a < b`` and kin as JMESPath answers them: null unless both are numbers or strings."""
+    if not (_jp._is_comparable(a) and _jp._is_comparable(b)):
+        return None
+    return _jp.TreeInterpreter.COMPARATOR_FUNC[operator](a, b)
+
+
+def jmespath_not(value: t.Any) -> bool:
+    """JMESPath ``!value``."""
+    if _jp._is_actual_number(value) and value == 0:
+        return False  # JMESPath: !0 is false
+    return not value
 
 
 def is_truthy(value: t.Any) -> bool:
@@ -725,7 +738,8 @@ def _compile_field(spec: FieldSpec, source: t.Any, where: str) -> CompiledField:
         except ValueError as exc:
             raise MappingRejection(str(exc), name, expression.source) from None
 
-    return CompiledField(spec, compute_scalar, expression.source)
+    inline = ("expression", expression.tree, convert, convert is _text) if expression.tree else None
+    return CompiledField(spec, compute_scalar, expression.source, inline)
 
 
 def _plain_scalar(
@@ -791,9 +805,15 @@ class CompiledRule:
                 )
                 for f in fields
             ],
-            filter_expression.search if filter_expression is not None else None,
-            filter_expression.source if filter_expression is not None else None,
-            {"MappingRejection": MappingRejection, "derive_id": derive_id, "is_truthy": is_truthy},
+            filter_expression,
+            {
+                "MappingRejection": MappingRejection,
+                "derive_id": derive_id,
+                "is_truthy": is_truthy,
+                "jmespath_equals": _jp.TreeInterpreter.COMPARATOR_FUNC["eq"],
+                "jmespath_order": jmespath_order,
+                "jmespath_not": jmespath_not,
+            },
         )
 
     @property

@@ -3,7 +3,8 @@
 ``CompiledRule.apply_generic`` walks the rule's fields and calls one closure per field;
 that dispatch is most of the mapping's cost. Here the same rule becomes the source of a
 single function: plain paths (``a``, ``a.b``) are inlined dict lookups with the common
-string case inline, keys that read fields of one object (``properties.*``) find that
+string case inline, comparisons and ``&&``/``||``/``!`` are written as Python
+expressions (ExpressionWriter), keys that read fields of one object (``properties.*``) find that
 object once, whole numbers and strings are kept without a call, and everything else
 calls the field's own closure. Answers and rejections are those of ``apply_generic``
 (the test suite compares the two on generated rules and records).
@@ -26,32 +27,49 @@ class FieldCode(t.NamedTuple):
     required: bool
     is_id: bool
     compute: t.Callable[[t.Any], t.Any]  # the field's closure: the general case
-    # ("plain", keys, convert, is_text) | ("keyed", [(key, keys, source, label)], kept, convert)
+    # ("plain", keys, convert, is_text) | ("expression", parsed JMESPath, convert, is_text)
+    # | ("keyed", [(key, keys, source, label)], kept, convert)
     # | ("children", parent, [(key, child, source, label)], kept, convert) | None
     inline: tuple | None
 
 
+class FilterCode(t.Protocol):
+    """What the generator needs of a rule's filter (a mapping.Expression)."""
+
+    source: str
+    search: t.Callable[[t.Any], t.Any]
+    tree: dict | None
+
+
 def generate_apply(
     fields: list[FieldCode],
-    filter_search: t.Callable[[t.Any], t.Any] | None,
-    filter_source: str | None,
+    filter_expression: FilterCode | None,
     helpers: dict[str, t.Any],
 ) -> t.Callable[..., t.Any]:
     """The rule as one function ``apply(record, stream, key_properties=())``.
 
-    ``helpers`` gives ``MappingRejection``, ``derive_id`` and ``is_truthy``.
+    ``helpers`` gives ``MappingRejection``, ``derive_id``, ``is_truthy`` and the
+    JMESPath operators ``jmespath_equals``, ``jmespath_order`` and ``jmespath_not``.
     """
     namespace: dict[str, t.Any] = dict(helpers)
+    writer = ExpressionWriter(namespace)
     where: list[tuple[str | None, str | None]] = []  # (field, expression) by position, for failures
     lines = ["def apply(record, stream, key_properties=()):", "    at = 0", "    try:"]
-    if filter_search is not None:
-        namespace["_filter"] = filter_search
-        where.append(("filter", filter_source))
-        lines += [
-            f"{INDENT}matched = _filter(record)",
-            f"{INDENT}if matched is not True and not is_truthy(matched):",
-            f"{INDENT}    return None",
-        ]
+    if filter_expression is not None:
+        where.append(("filter", filter_expression.source))
+        written = writer.write(filter_expression.tree) if filter_expression.tree else None
+        if written is None:
+            namespace["_filter"] = filter_expression.search
+            written = ("_filter(record)", ANY)
+        code, kind = written
+        if kind is BOOL:
+            lines += [f"{INDENT}if not {code}:", f"{INDENT}    return None"]
+        else:
+            lines += [
+                f"{INDENT}matched = {code}",
+                f"{INDENT}if matched is not True and not is_truthy(matched):",
+                f"{INDENT}    return None",
+            ]
     lines.append(f"{INDENT}payload = {{}}")
     for number, field in enumerate(fields):
         position = len(where)
@@ -64,8 +82,12 @@ def generate_apply(
         if inline is not None and inline[0] == "keyed":
             lines += _keyed_code(number, field, inline, namespace)
             continue
+        written = writer.write(inline[1]) if inline is not None and inline[0] == "expression" else None
         if inline is not None and inline[0] == "plain":
             lines += _plain_code(number, field, inline, namespace)
+        elif written is not None:
+            lines.append(f"{INDENT}value = {written[0]}")
+            lines += _converted(number, field, inline[2], inline[3], namespace)  # type: ignore[index]
         else:
             namespace[f"_compute{number}"] = field.compute
             lines.append(f"{INDENT}value = _compute{number}(record)")
@@ -113,11 +135,18 @@ def _rejecting(
 
 def _plain_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
     _kind, keys, convert, is_text = inline
-    namespace[f"_convert{number}"] = _rejecting(convert, namespace, field.name, field.source)
     lines = [f"{INDENT}value = record.get({keys[0]!r})"]
     if len(keys) == 2:
         lines.append(f"{INDENT}value = value.get({keys[1]!r}) if type(value) is dict else None")
-    lines.append(f"{INDENT}if value is not None:")
+    return lines + _converted(number, field, convert, is_text, namespace)
+
+
+def _converted(
+    number: int, field: FieldCode, convert: t.Callable, is_text: bool, namespace: dict
+) -> list[str]:
+    """``value`` converted to the field's kind (text kept as it is without a call)."""
+    namespace[f"_convert{number}"] = _rejecting(convert, namespace, field.name, field.source)
+    lines = [f"{INDENT}if value is not None:"]
     if is_text:
         lines += [
             f"{INDENT}    if type(value) is str:",
@@ -198,3 +227,121 @@ def _children_code(number: int, field: FieldCode, inline: tuple, namespace: dict
         lines += [f"{INDENT}    else:", *_missing_map(INDENT + "        ", field)]
         lines += [f"{INDENT}else:", *_missing_map(INDENT + "    ", field)]
     return lines
+
+
+# Static kinds of written expressions: BOOL is always True or False, so its truth is
+# itself; ANY needs JMESPath's truthiness (is_truthy).
+BOOL, ANY = "bool", "any"
+_PLAIN_LITERALS = (str, int, bool, type(None))
+
+
+class ExpressionWriter:
+    """Writes the JMESPath subset mapping._compile_node covers as one Python expression.
+
+    Field paths become dict lookups, comparisons against a string literal plain ``==``,
+    ``&&``/``||`` conditional expressions (``:=`` keeps a value that is both tested and
+    returned), so a rule like ``event == 'X' && 'a' || 'b'`` costs no call at all.
+    Answers are JMESPath's: the operators' own helpers decide what is not plain.
+    """
+
+    def __init__(self, namespace: dict[str, t.Any]):
+        self._namespace = namespace
+        self._names = 0
+
+    def write(self, node: dict) -> tuple[str, str] | None:
+        """(Python expression over ``record``, BOOL or ANY), or None outside the subset."""
+        return self._write(node, "record", True)
+
+    def _name(self, prefix: str) -> str:
+        self._names += 1
+        return f"_{prefix}{self._names}"
+
+    def _write(self, node: dict, subject: str, subject_is_dict: bool) -> tuple[str, str] | None:
+        kind = node["type"]
+        children = node.get("children", [])
+        if kind == "field":
+            key = node["value"]
+            if subject_is_dict:
+                return f"{subject}.get({key!r})", ANY
+            return f"({subject}.get({key!r}) if type({subject}) is dict else None)", ANY
+        if kind == "subexpression":
+            if not all(child["type"] in ("field", "current") for child in children):
+                return None  # e.g. (a || b).c: left to the field's closure
+            code, is_dict = subject, subject_is_dict
+            for child in children:
+                if child["type"] == "current":
+                    continue  # @.a is a
+                key = child["value"]
+                if is_dict:
+                    code = f"{code}.get({key!r})"
+                else:
+                    step = self._name("t")
+                    code = f"({step}.get({key!r}) if type({step} := {code}) is dict else None)"
+                is_dict = False
+            return code, ANY
+        if kind == "current":
+            return subject, ANY
+        if kind == "literal":
+            value = node["value"]
+            if type(value) in _PLAIN_LITERALS:
+                return repr(value), (BOOL if type(value) is bool else ANY)
+            name = self._name("literal")
+            self._namespace[name] = value
+            return name, ANY
+        parts = [self._write(child, subject, subject_is_dict) for child in children]
+        if any(part is None for part in parts):
+            return None
+        if kind == "comparator":
+            (left, _), (right, _) = parts  # type: ignore[misc]
+            operator = node["value"]
+            if operator in ("eq", "ne"):
+                texts = [c["value"] for c in children if c["type"] == "literal" and type(c["value"]) is str]
+                if texts:  # against a string, JMESPath equality is Python's
+                    return f"({left} {'==' if operator == 'eq' else '!='} {right})", BOOL
+                test = f"jmespath_equals({left}, {right})"
+                return (test if operator == "eq" else f"(not {test})"), BOOL
+            return f"jmespath_order({operator!r}, {left}, {right})", ANY
+        if kind == "not_expression":
+            ((inner, inner_kind),) = parts  # type: ignore[misc]
+            return (f"(not {inner})" if inner_kind is BOOL else f"jmespath_not({inner})"), BOOL
+        if kind in ("and_expression", "or_expression"):
+            (left, left_kind), (right, right_kind) = parts  # type: ignore[misc]
+            ternary = (
+                self._ternary(children[0], subject, subject_is_dict) if kind == "or_expression" else None
+            )
+            if ternary is not None:  # `test && 'a' || b`: JMESPath's if-then-else
+                test, chosen = ternary
+                return f"({chosen} if {test} else {right})", ANY
+            both_bool = BOOL if left_kind is BOOL and right_kind is BOOL else ANY
+            if left_kind is BOOL:
+                if kind == "and_expression":
+                    return f"({right} if {left} else False)", both_bool
+                return f"(True if {left} else {right})", both_bool
+            kept = self._name("t")
+            if kind == "and_expression":
+                return f"({right} if is_truthy({kept} := {left}) else {kept})", ANY
+            return f"({kept} if is_truthy({kept} := {left}) else {right})", ANY
+        return None
+
+    def _ternary(self, node: dict, subject: str, subject_is_dict: bool) -> tuple[str, str] | None:
+        """(test, value) when ``node`` is ``test && literal`` with a boolean test and a
+        truthy literal: its truth is the test's, so ``|| b`` needs no truthiness call."""
+        if node["type"] != "and_expression":
+            return None
+        test_node, value_node = node["children"]
+        if value_node["type"] != "literal" or not _static_truth(value_node["value"]):
+            return None
+        test = self._write(test_node, subject, subject_is_dict)
+        value = self._write(value_node, subject, subject_is_dict)
+        if test is None or value is None or test[1] is not BOOL:
+            return None
+        return test[0], value[0]
+
+
+def _static_truth(value: t.Any) -> bool:
+    """JMESPath truthiness of a literal (as mapping.is_truthy)."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, (str, list, dict)):
+        return len(value) > 0
+    return True

@@ -423,6 +423,101 @@ def test_compiled_expressions_answer_exactly_like_jmespath(expression):
         assert got == expected and type(got) is type(expected), (record, got, expected)
 
 
+def written_function(expression: str):
+    """The expression as rulecode writes it into a generated rule: one Python expression."""
+    import jmespath
+
+    from target_usage_billing.mapping import is_truthy, jmespath_not, jmespath_order
+    from target_usage_billing.rulecode import ExpressionWriter
+
+    namespace = {
+        "is_truthy": is_truthy,
+        "jmespath_order": jmespath_order,
+        "jmespath_not": jmespath_not,
+        "jmespath_equals": jmespath.visitor.TreeInterpreter.COMPARATOR_FUNC["eq"],
+    }
+    written = ExpressionWriter(namespace).write(jmespath.compile(expression).parsed)
+    if written is None:
+        return None
+    exec(f"def search(record):\n    return {written[0]}\n", namespace)
+    return namespace["search"]
+
+
+def random_expression(rng, depth: int = 0) -> str:
+    """Expressions of the subset rulecode writes as Python, nested at random."""
+    leaves = [
+        "type",
+        "n",
+        "m",
+        "flag",
+        "a.b",
+        "a.b.c",
+        "@",
+        "'track'",
+        "''",
+        "`1`",
+        "`0`",
+        "`true`",
+        "`null`",
+        "`1.5`",
+        "`[1]`",
+        "`{}`",
+    ]
+    if depth > 2 or rng.random() < 0.35:
+        return rng.choice(leaves)
+    left, right = random_expression(rng, depth + 1), random_expression(rng, depth + 1)
+    return rng.choice(
+        [
+            f"({left} == {right})",
+            f"({left} != {right})",
+            f"({left} < {right})",
+            f"({left} >= {right})",
+            f"({left} && {right})",
+            f"({left} || {right})",
+            f"!({left})",
+            f"({left} && 'x' || {right})",
+        ]
+    )
+
+
+@pytest.mark.parametrize("expression", COMPILED_SUBSET)
+def test_written_expressions_answer_exactly_like_jmespath(expression):
+    search = written_function(expression)
+    if search is None:
+        assert "[" in expression  # only index expressions are left to the closure
+        return
+    for record in RECORDS:
+        assert_same_answer(search, expression, record)
+
+
+def assert_same_answer(search, expression: str, record: dict) -> None:
+    import jmespath
+
+    try:
+        expected = jmespath.search(expression, record)
+    except Exception as exc:  # e.g. '>' between text and a number: both fail alike
+        with pytest.raises(type(exc)):
+            search(record)
+        return
+    got = search(record)
+    assert got == expected and type(got) is type(expected), (expression, record, got, expected)
+
+
+def test_generated_expressions_written_as_python_answer_like_jmespath():
+    import random
+
+    rng = random.Random(1121)
+    checked = 0
+    for _ in range(400):
+        expression = random_expression(rng)
+        search = written_function(expression)
+        assert search is not None, expression
+        for record in RECORDS:
+            assert_same_answer(search, expression, record)
+            checked += 1
+    assert checked == 400 * len(RECORDS)
+
+
 def test_an_expression_failing_on_a_record_rejects_that_record():
     rule = m3ter_rule({"measure": {"n": "length(n)"}})
     with pytest.raises(MappingRejection) as caught:
@@ -482,7 +577,17 @@ def random_record(rng) -> dict:
 def random_rule_fields(rng) -> dict:
     def expression() -> str:
         return rng.choice(
-            [*PATHS, "'lit'", "a || 'fallback'", "kind == 'x' && 'one' || 'two'", "to_string(a)"]
+            [
+                *PATHS,
+                "'lit'",
+                "a || 'fallback'",
+                "kind == 'x' && 'one' || 'two'",
+                "kind != 'x' && a || o.x",
+                "!a && 'none' || b",
+                "a == b && 'same' || o.y",
+                "o.x > a || 'small'",
+                "to_string(a)",
+            ]
         )
 
     fields: dict = {
@@ -548,7 +653,9 @@ def test_generated_rule_functions_answer_exactly_like_the_generic_path(destinati
     for _ in range(300):
         raw = {"stream": "s", "fields": make_fields(rng)}
         if rng.random() < 0.4:
-            raw["filter"] = rng.choice(["kind == 'x'", "a", "!b", "o.x || b"])
+            raw["filter"] = rng.choice(
+                ["kind == 'x'", "a", "!b", "o.x || b", "kind == 'x' || a == `7`", "!(o.y < `1`) && b"]
+            )
         try:
             (rule,) = compile_rules([raw], specs, {}, destination)
         except ConfigError:
