@@ -181,11 +181,11 @@ class LineReader(GenericSingerReader[str]):
                 continue
             self.line_number += 1
             self.current_line = line
-            if not line or (line[:1].isspace() and not line.strip()):
-                continue  # a blank line carries nothing; taps sometimes end with one
             try:  # the common case inline; deserialize_json is the careful path
                 message = decode(line)
             except Exception:
+                if not line.strip():
+                    continue  # a blank line carries nothing; taps sometimes end with one
                 message = self.deserialize_json(line)  # raises InputError, or reads NaN/BOM
             if type(message) is not dict:
                 message = self.deserialize_json(line)  # raises: not an object

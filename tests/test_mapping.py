@@ -424,11 +424,11 @@ def test_compiled_expressions_answer_exactly_like_jmespath(expression):
 
 
 def written_function(expression: str):
-    """The expression as rulecode writes it into a generated rule: one Python expression."""
+    """The expression as codegen writes it into a generated rule: one Python expression."""
     import jmespath
 
     from target_usage_billing.mapping import is_truthy, jmespath_not, jmespath_order
-    from target_usage_billing.rulecode import ExpressionWriter
+    from target_usage_billing.mapping.codegen import ExpressionWriter
 
     namespace = {
         "is_truthy": is_truthy,
@@ -444,7 +444,7 @@ def written_function(expression: str):
 
 
 def random_expression(rng, depth: int = 0) -> str:
-    """Expressions of the subset rulecode writes as Python, nested at random."""
+    """Expressions of the subset codegen writes as Python, nested at random."""
     leaves = [
         "type",
         "n",

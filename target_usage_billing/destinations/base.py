@@ -27,31 +27,33 @@ _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 class TimeWindow:
     """The times a platform accepts, as canonical UTC text ("YYYY-MM-DDTHH:MM:SS").
 
-    Payload timestamps are canonical UTC text (mapping makes them so), so comparing their
-    first 19 characters with these bounds compares times, for a few string operations a
-    record instead of parsing a datetime. The bounds are worked out once a second and
-    kept a second inside the platform's window, so that nothing sent falls outside it.
+    Payload timestamps are canonical UTC text (mapping makes them so), so comparing them
+    as text with these bounds compares times, for a string comparison a record instead
+    of parsing a datetime. The bounds are worked out once a second and kept a second
+    inside the platform's window, so that nothing sent falls outside it.
     """
 
     def __init__(self, behind: dt.timedelta | None, ahead: dt.timedelta):
         self._behind = behind.total_seconds() - 1 if behind is not None else None
         self._ahead = ahead.total_seconds() - 1
         self._refresh_at = 0.0
-        self.oldest = ""  # empty: no lower bound
-        self.latest = ""
+        self._oldest = ""  # empty: no lower bound
+        # The latest second accepted, followed by a character above any a stamp holds
+        # after its seconds ("." or "Z"): a stamp is later than that second exactly when
+        # it sorts after this, and earlier than the oldest second when it sorts before it.
+        self._after_latest = ""
 
     def outside(self, stamp: str) -> str | None:
         """ "past" or "future" when canonical ``stamp`` falls outside the window, else None."""
         now = time.time()
         if now >= self._refresh_at:
-            self.latest = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now + self._ahead))
+            self._after_latest = time.strftime("%Y-%m-%dT%H:%M:%S\x7f", time.gmtime(now + self._ahead))
             if self._behind is not None:
-                self.oldest = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - self._behind))
+                self._oldest = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - self._behind))
             self._refresh_at = now + 1
-        second = stamp[:19]
-        if second > self.latest:
+        if stamp > self._after_latest:
             return "future"
-        if second < self.oldest:
+        if stamp < self._oldest:
             return "past"
         return None
 

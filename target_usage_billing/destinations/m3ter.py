@@ -114,11 +114,11 @@ class M3terDestination(Destination):
             for name in ("measure", "cost", "income")
         ]
         return [
-            FieldSpec("uid", FieldKind.ID, description="idempotency key (derived if not given)"),
-            FieldSpec("meter", FieldKind.STRING, required=True, description="Meter code"),
-            FieldSpec("account", FieldKind.STRING, required=True, description="Account code"),
-            FieldSpec("ts", FieldKind.TIMESTAMP, required=True, description="usage time"),
-            FieldSpec("ets", FieldKind.TIMESTAMP, description="usage end time"),
+            FieldSpec("uid", FieldKind.ID),
+            FieldSpec("meter", FieldKind.STRING, required=True),
+            FieldSpec("account", FieldKind.STRING, required=True),
+            FieldSpec("ts", FieldKind.TIMESTAMP, required=True),
+            FieldSpec("ets", FieldKind.TIMESTAMP),
             *strings,
             *numbers,
         ]
@@ -127,10 +127,12 @@ class M3terDestination(Destination):
         # m3ter refuses usage stamped in the future (and one such item may fail the whole
         # request): refuse it here, naming the field. Timestamps are canonical UTC text,
         # so comparing text compares times; "now" is refreshed once a second.
-        for name in ("ts", "ets"):
-            stamp = payload.get(name)
-            if stamp is not None and self._window.outside(stamp):
-                return f"{name} {stamp} is in the future: m3ter refuses usage stamped later than now"
+        outside = self._window.outside
+        if outside(payload["ts"]):  # required: the mapping never leaves it out
+            return f"ts {payload['ts']} is in the future: m3ter refuses usage stamped later than now"
+        ets = payload.get("ets")
+        if ets is not None and outside(ets):
+            return f"ets {ets} is in the future: m3ter refuses usage stamped later than now"
         return None
 
     # --- body ------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class MetronomeDestination(Destination):
     def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
         as_strings = bool(config.get("metronome_numbers_as_strings", True))
         return [
-            FieldSpec("transaction_id", FieldKind.ID, description="idempotency key"),
+            FieldSpec("transaction_id", FieldKind.ID),
             FieldSpec("customer_id", FieldKind.STRING, required=True),
             FieldSpec("event_type", FieldKind.STRING, required=True),
             FieldSpec("timestamp", FieldKind.TIMESTAMP, required=True),

@@ -1,0 +1,226 @@
+"""Mapping rules: compiled from the ``mappings`` setting, matched to streams, applied."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import typing as t
+from collections.abc import Mapping, Sequence
+
+import jmespath
+import jmespath.exceptions
+import jmespath.visitor as _jp
+
+from target_usage_billing.errors import ConfigError
+from target_usage_billing.mapping.codegen import FieldCode, generate_apply
+from target_usage_billing.mapping.expressions import (
+    Expression,
+    compile_expression,
+    field_path,
+    is_truthy,
+    jmespath_not,
+    jmespath_order,
+)
+from target_usage_billing.mapping.fields import CompiledField, compile_field
+from target_usage_billing.mapping.ids import derive_id
+from target_usage_billing.mapping.spec import FieldKind, FieldSpec, MappingRejection, Preset
+
+
+class CompiledRule:
+    """One mapping rule, compiled: apply() turns a record into a payload dict.
+
+    A rule with ``skip`` set maps nothing: it says that the streams it matches carry no
+    usage, so their records are counted and left out on purpose.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        stream_pattern: str,
+        filter_expression: Expression | None,
+        fields: list[CompiledField],
+        *,
+        skip: bool = False,
+    ):
+        self.index = index
+        self.stream_pattern = stream_pattern
+        self._stream_regex = re.compile(fnmatch.translate(stream_pattern))
+        self.filter = filter_expression
+        self.skip = skip
+        self.reads: list[FieldRead] = []  # set by compile_rules
+        # the payload field that carries the idempotency key (None: the platform has none)
+        self.id_field = next((f.spec.name for f in fields if f.spec.kind is FieldKind.ID), None)
+        self._plan = [
+            (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
+        ]
+        # The hot path: the same rule as one generated function (see mapping.codegen).
+        self.apply = generate_apply(
+            [
+                FieldCode(
+                    f.spec.name, f.source, f.spec.required, f.spec.kind is FieldKind.ID, f.compute, f.inline
+                )
+                for f in fields
+            ],
+            filter_expression,
+            {
+                "MappingRejection": MappingRejection,
+                "derive_id": derive_id,
+                "is_truthy": is_truthy,
+                "jmespath_equals": _jp.TreeInterpreter.COMPARATOR_FUNC["eq"],
+                "jmespath_order": jmespath_order,
+                "jmespath_not": jmespath_not,
+            },
+        )
+
+    @property
+    def where(self) -> str:
+        """How the user wrote the rule, for messages: ``mappings[1] (stream 'api_*')``."""
+        return f"mappings[{self.index}] (stream {self.stream_pattern!r})"
+
+    def matches(self, stream: str) -> bool:
+        return self._stream_regex.match(stream) is not None
+
+    def apply_generic(
+        self, record: dict, stream: str, key_properties: Sequence[str] = ()
+    ) -> dict[str, t.Any] | None:
+        """The payload for ``record``, None when the filter drops it (``apply`` is the same,
+        generated as one function; this is the reference it is tested against).
+
+        Raises MappingRejection naming the field and expression when the record cannot
+        become a valid payload (including an expression that fails on this record).
+        """
+        name: str | None = None
+        source: str | None = None
+        try:
+            if self.filter is not None:
+                name, source = "filter", self.filter.source
+                matched = self.filter.search(record)
+                if matched is not True and not is_truthy(matched):
+                    return None
+            payload: dict[str, t.Any] = {}
+            for name, compute, required, is_id, source in self._plan:
+                value = compute(record)
+                if value is None:
+                    if is_id:
+                        payload[name] = derive_id(stream, record, key_properties)
+                    elif required:
+                        raise MappingRejection("required value is missing or empty", name, source)
+                    continue
+                payload[name] = value
+            return payload
+        except MappingRejection:
+            raise
+        except Exception as exc:  # e.g. a JMESPath function given the wrong type
+            raise MappingRejection(f"expression failed: {exc}", name, source) from None
+
+
+def compile_rules(
+    raw_rules: t.Any,
+    specs: Sequence[FieldSpec],
+    presets: Mapping[str, Preset],
+    destination: str,
+) -> list[CompiledRule]:
+    """Compile the ``mappings`` setting; raise ConfigError naming the faulty rule/field."""
+    if not isinstance(raw_rules, list) or not raw_rules:
+        msg = 'mappings: give at least one rule, e.g. [{"stream": "*", "fields": {...}}]'
+        raise ConfigError(msg)
+    by_name = {spec.name: spec for spec in specs}
+    rules = []
+    for index, raw in enumerate(raw_rules):
+        where = f"mappings[{index}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: a rule must be an object, got {raw!r}")
+        unknown = sorted(set(raw) - {"stream", "filter", "fields", "preset", "skip"})
+        if unknown:
+            msg = (
+                f"{where}: unknown key(s) {', '.join(unknown)} "
+                "(allowed: stream, preset, filter, fields, skip)"
+            )
+            raise ConfigError(msg)
+        stream = raw.get("stream")
+        if not isinstance(stream, str) or not stream:
+            raise ConfigError(f"{where}.stream: give a stream name or glob pattern")
+        skip = raw.get("skip", False)
+        if not isinstance(skip, bool):
+            raise ConfigError(f"{where}.skip: must be true or false, got {skip!r}")
+        if skip:
+            if set(raw) - {"stream", "skip"}:
+                msg = f"{where}: a rule with skip: true maps nothing; give it only stream and skip"
+                raise ConfigError(msg)
+            rules.append(CompiledRule(index, stream, None, [], skip=True))
+            continue
+        fields_raw = raw.get("fields", {})
+        if not isinstance(fields_raw, dict):
+            raise ConfigError(f"{where}.fields: must be an object of field -> expression")
+        filter_source = raw.get("filter")
+        preset_name = raw.get("preset")
+        if preset_name is not None:
+            if preset_name not in presets:
+                known = ", ".join(sorted(presets)) or "none"
+                msg = f"{where}.preset: unknown preset {preset_name!r} for {destination} (known: {known})"
+                raise ConfigError(msg)
+            preset = presets[preset_name]
+            fields_raw = {**preset.fields, **fields_raw}
+            if "filter" not in raw:
+                filter_source = preset.filter
+        bad = sorted(set(fields_raw) - set(by_name))
+        if bad:
+            msg = (
+                f"{where}.fields: unknown field(s) {', '.join(bad)} for {destination} "
+                f"(fields: {', '.join(by_name)})"
+            )
+            raise ConfigError(msg)
+        compiled_fields = []
+        for spec in specs:
+            source = fields_raw.get(spec.name)
+            fwhere = f"{where}.fields.{spec.name}"
+            if source is None:
+                if spec.required:
+                    msg = f"{fwhere}: {destination} requires this field; give an expression"
+                    raise ConfigError(msg)
+                if spec.kind is FieldKind.ID:  # no expression: apply() derives the id
+                    compiled_fields.append(CompiledField(spec, lambda _record: None, None))
+                continue
+            compiled_fields.append(compile_field(spec, source, fwhere))
+        filter_expression = (
+            compile_expression(filter_source, f"{where}.filter") if filter_source is not None else None
+        )
+        rule = CompiledRule(index, stream, filter_expression, compiled_fields)
+        rule.reads = [
+            FieldRead(label, text, path, spec.required)
+            for spec in specs
+            if fields_raw.get(spec.name) is not None
+            for label, text, path in _reads(spec.name, fields_raw[spec.name])
+        ]
+        rules.append(rule)
+    return rules
+
+
+class FieldRead(t.NamedTuple):
+    """A record property a rule reads, for checking it against the stream's schema."""
+
+    label: str  # the payload field, e.g. "measure.tokens"
+    source: str  # the expression
+    path: list[str] | None  # the keys when the expression is a plain path
+    required: bool
+
+
+def _reads(name: str, source: t.Any) -> list[tuple[str, str, list[str] | None]]:
+    sources = source.items() if isinstance(source, dict) else [(None, source)]
+    out = []
+    for key, text in sources:
+        label = f"{name}.{key}" if key is not None else name
+        try:
+            path = field_path(jmespath.compile(text).parsed)
+        except jmespath.exceptions.JMESPathError:  # pragma: no cover - compiled already
+            path = None
+        out.append((label, text, path))
+    return out
+
+
+def find_rule(rules: Sequence[CompiledRule], stream: str) -> CompiledRule | None:
+    """The first rule whose stream pattern matches."""
+    for rule in rules:
+        if rule.matches(stream):
+            return rule
+    return None
