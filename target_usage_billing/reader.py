@@ -54,6 +54,11 @@ class LineReader(GenericSingerReader[str]):
         self.idle_timeout: t.Callable[[], float | None] = lambda: None
         self.on_idle: t.Callable[[], None] = lambda: None
         self.on_unknown_message: t.Callable[[str], None] = lambda kind: None
+        # Set by the target: its handler for each message type it handles itself. The
+        # SDK's own handlers (the callbacks process_lines is given) stay reachable in
+        # sdk_handlers, for the messages a route hands back (e.g. records with stream maps).
+        self.routes: dict[str, t.Callable[[dict], None]] = {}
+        self.sdk_handlers: dict[str, t.Callable[[dict], None]] = {}
 
     @property
     def default_input(self) -> t.IO[t.Any]:
@@ -171,6 +176,8 @@ class LineReader(GenericSingerReader[str]):
         callbacks: dict[str, t.Callable[[dict], None]],
     ) -> Counter[str]:
         stats: Counter[str] = Counter()
+        self.sdk_handlers = dict(callbacks)
+        callbacks = {**callbacks, **self.routes}
         source = file_input or self.default_input
         # bytes go to the JSON decoder as they are: no UTF-8 decoding of every line
         source = getattr(source, "buffer", source)

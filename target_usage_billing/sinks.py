@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typing as t
 
-from singer_sdk.exceptions import InvalidRecord
+from singer_sdk.exceptions import MissingKeyPropertiesError
 from singer_sdk.sinks import BatchSink
 
 from target_usage_billing.delivery import Item
@@ -17,6 +17,7 @@ from target_usage_billing.destinations.base import Destination
 from target_usage_billing.diagnostics import SampleWatch, check_schema
 from target_usage_billing.ledger import DUPLICATE
 from target_usage_billing.mapping import MappingRejection, payload_encoder
+from target_usage_billing.sdk_overrides import RecordCheck
 
 if t.TYPE_CHECKING:
     from target_usage_billing.target import TargetUsageBilling
@@ -25,31 +26,32 @@ if t.TYPE_CHECKING:
 _encode = payload_encoder.encode  # mapping.encode_payload without its call frame
 
 
-class UsageSink(BatchSink):
+class UsageSink(RecordCheck, BatchSink):
     """One per stream: record -> payload (or rejection) -> batch."""
 
     def __init__(self, target: TargetUsageBilling, *args: t.Any, **kwargs: t.Any):
         super().__init__(target, *args, **kwargs)
-        self.run = target.run_context
+        self.billing_run = target.billing_run
+        self.record_validator = self.get_validator()
+        self.schema_error: str | None = None  # set by RecordCheck when validation is on
         # before any record of the stream: a stream no rule matches stops the run here
-        self.rule = self.run.rule_for(self.stream_name)
+        self.rule = self.billing_run.rule_for(self.stream_name)
         self._id_field = self.rule.id_field if self.rule is not None else None
         self._watch: SampleWatch | None = None
         if self.rule is not None and not self.rule.skip:
             undecided = check_schema(self.stream_name, self.rule, self.schema)
             if undecided:
                 self._watch = SampleWatch(self.stream_name, self.rule, undecided)
-        self._ledger = self.run.ledger
+        self._ledger = self.billing_run.ledger
         self._ledger_check = self._ledger.check
-        self.counts = self.run.stats.stream(self.stream_name)
+        self.counts = self.billing_run.stats.stream(self.stream_name)
         self._items: list[Item] = []
         self._item_bytes = 0
         self._first_index = 0  # index of the buffer's first record (for STATE release)
-        self._schema_error: str | None = None
         self._direct_uncounted = 0  # direct-path records not yet in the SDK's record counter
-        destination = self.run.destination
-        self._max_items = self.run.max_items_per_request
-        self._max_body = self.run.max_body_bytes
+        destination = self.billing_run.destination
+        self._max_items = self.billing_run.max_items_per_request
+        self._max_body = self.billing_run.max_body_bytes
         # body size = envelope + items + one comma between each two items
         self._envelope = destination.envelope_overhead
         validate = destination.validate_payload
@@ -57,8 +59,8 @@ class UsageSink(BatchSink):
             validate if type(destination).validate_payload is not Destination.validate_payload else None
         )
         self._keys = tuple(self.key_properties or ())
-        self.run.key_properties[self.stream_name] = self._keys
-        self._show_first = self.run.dry_run is not None  # the dry-run summary shows one payload
+        self.billing_run.key_properties[self.stream_name] = self._keys
+        self._show_first = self.billing_run.dry_run is not None  # the dry-run summary shows one payload
         self._reader = target.message_reader
 
     @property
@@ -73,18 +75,6 @@ class UsageSink(BatchSink):
             return super().get_validator()
         return None
 
-    def _validate_and_parse(self, record: dict) -> dict:
-        # The SDK stops the whole run on one record that breaks its schema; here that
-        # record is dead-lettered and the run goes on. Date-time strings are not parsed
-        # here: the mapping parses the fields it uses (and rejects bad ones by name).
-        if self._validator is not None:
-            self._schema_error = None
-            try:
-                self._validator.validate(record)
-            except InvalidRecord as exc:
-                self._schema_error = str(exc).splitlines()[0]
-        return record
-
     def process_direct(self, record: dict) -> None:
         """The record path when no stream map applies: only the SDK steps that matter.
 
@@ -94,10 +84,13 @@ class UsageSink(BatchSink):
         """
         for key in self._keys:
             if key not in record:
-                self._singer_validate_message(record)  # raises the SDK's error
-        if self._validator is not None:
+                msg = (  # the SDK's own words for it
+                    "Record is missing one or more key_properties. \n"
+                    f"Key Properties: {list(self._keys)}, Record Keys: {list(record.keys())}"
+                )
+                raise MissingKeyPropertiesError(msg)
+        if self.record_validator is not None:
             self._validate_and_parse(record)
-        self._batch_records_read += 1
         self._direct_uncounted += 1
         self.process_record(record, None)  # type: ignore[arg-type]
 
@@ -110,8 +103,8 @@ class UsageSink(BatchSink):
             return
         if self._watch is not None and not self._watch.observe(record):
             self._watch = None
-        if self._schema_error is not None:
-            self._reject(record, "schema", MappingRejection(self._schema_error))
+        if self.schema_error is not None:
+            self._reject(record, "schema", MappingRejection(self.schema_error))
             return
         try:
             payload = rule.apply(record, self.stream_name, self._keys)
@@ -145,7 +138,7 @@ class UsageSink(BatchSink):
                 return
         if self._show_first:
             self._show_first = False
-            self.run.first_payloads.setdefault(self.stream_name, payload)
+            self.billing_run.first_payloads.setdefault(self.stream_name, payload)
         items = self._items
         if items and (
             len(items) >= self._max_items
@@ -154,8 +147,10 @@ class UsageSink(BatchSink):
             self._hand_over()
             items = self._items
         if not items:
-            self._first_index = self.run.records_seen - 1
-            self.run.delivery.buffer_started(id(self), self._first_index)
+            self._first_index = self.billing_run.records_seen - 1
+            self.billing_run.delivery.buffer_started(id(self), self._first_index)
+            # the SDK drains (end of input, checkpoints) only sinks that tallied a record
+            self.tally_record_read()
         reader = self._reader
         items.append((body, reader.current_line, reader.line_number))  # an Item
         self._item_bytes += size
@@ -167,7 +162,7 @@ class UsageSink(BatchSink):
         reader = self._reader
         if self._keys and type(record) is dict:
             details["keys"] = {key: record.get(key) for key in self._keys}
-        self.run.reject(
+        self.billing_run.reject(
             self.stream_name,
             record,
             stage,
@@ -178,7 +173,7 @@ class UsageSink(BatchSink):
         )
 
     def _reject_conflict(self, record: dict, payload: dict, item_id: str, first: int, body: bytes) -> None:
-        platform = self.run.destination.label
+        platform = self.billing_run.destination.label
         reason = (
             f"id {item_id!r} was already sent in this run with a different body: {platform} keeps "
             "the first and would drop this one without a word; give each usage event its own id "
@@ -202,7 +197,7 @@ class UsageSink(BatchSink):
         self._items = []
         self._item_bytes = 0
         if items:
-            self.run.delivery.submit(self.stream_name, items, id(self), self._first_index)
+            self.billing_run.delivery.submit(self.stream_name, items, id(self), self._first_index)
 
     def process_batch(self, context: dict) -> None:
         # The SDK drains at end of input, at checkpoints and on schema changes.

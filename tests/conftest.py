@@ -318,3 +318,58 @@ def usage(count: int, start: int = 0, **extra: t.Any) -> list[dict]:
 def dead_letters(directory: Path, name: str = DEFAULT_DEAD_LETTERS) -> list[dict]:
     path = directory / name
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# --- shared by several test files ----------------------------------------------------
+
+
+def usage_records(count: int, **fields) -> list[dict]:
+    return [
+        {"id": i, "account": f"a{i % 7}", "at": 1795184122 + i, "tokens": i, **fields} for i in range(count)
+    ]
+
+
+def usage_config(sandbox, **overrides):
+    return m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER], **overrides)
+
+
+def crash_config(sandbox, destination: str = "m3ter", **overrides) -> dict:
+    settings = {
+        "mappings": [USAGE_RULE_M3TER if destination == "m3ter" else USAGE_RULE_METRONOME_AT],
+        "batch_size_rows": 50,
+        "max_requests_in_flight": 3,
+        "state_checkpoint_seconds": 0.1,
+        **overrides,
+    }
+    make = m3ter_config if destination == "m3ter" else metronome_config
+    return make(sandbox, **settings)
+
+
+@pytest.fixture
+def tls_sandbox(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    sandbox = start_sandbox(tmp_path / "sandbox", "--tls-cert", str(cert), "--tls-key", str(key))
+    yield sandbox, cert
+    stop_sandbox(sandbox)

@@ -9,7 +9,15 @@ from decimal import Decimal
 import pytest
 
 from target_usage_billing.sandbox.samples import singer_lines
-from tests.conftest import EXAMPLES, M3TER_SECRET, USAGE_RULE_M3TER, m3ter_config, run_target, singer
+from tests.conftest import (
+    EXAMPLES,
+    M3TER_SECRET,
+    m3ter_config,
+    run_target,
+    singer,
+    usage_config,
+    usage_records,
+)
 
 EXAMPLE = EXAMPLES / "segment-events.singer.jsonl"
 
@@ -21,16 +29,6 @@ def example_records() -> list[dict]:
 
 def instant(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def usage_records(count: int, **fields) -> list[dict]:
-    return [
-        {"id": i, "account": f"a{i % 7}", "at": 1795184122 + i, "tokens": i, **fields} for i in range(count)
-    ]
-
-
-def usage_config(sandbox, **overrides):
-    return m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER], **overrides)
 
 
 def test_example_arrives_once_with_the_right_fields(sandbox, tmp_path):

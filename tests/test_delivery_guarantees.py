@@ -14,8 +14,8 @@ from tests.conftest import (
     METRONOME_TOKEN,
     USAGE_RULE_M3TER,
     USAGE_RULE_METRONOME,
-    USAGE_RULE_METRONOME_AT,
     Pipeline,
+    crash_config,
     m3ter_config,
     metronome_config,
     position,
@@ -27,18 +27,6 @@ from tests.conftest import (
 # Record 0's time for crash tests: yesterday, fixed for both runs of a test so that a
 # re-emitted record is byte-identical, and inside Metronome's 34-day window.
 YESTERDAY = int(time.time()) - 86400
-
-
-def crash_config(sandbox, destination: str = "m3ter", **overrides) -> dict:
-    settings = {
-        "mappings": [USAGE_RULE_M3TER if destination == "m3ter" else USAGE_RULE_METRONOME_AT],
-        "batch_size_rows": 50,
-        "max_requests_in_flight": 3,
-        "state_checkpoint_seconds": 0.1,
-        **overrides,
-    }
-    make = m3ter_config if destination == "m3ter" else metronome_config
-    return make(sandbox, **settings)
 
 
 def stored_ids(sandbox, destination: str) -> list[int]:

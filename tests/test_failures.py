@@ -339,8 +339,8 @@ def test_fractional_request_rates_are_kept():
         "mappings": [USAGE_RULE_M3TER],
     }
     target = TargetUsageBilling(config=config, parse_env_config=False)
-    assert target.run_context.limiter.windows == [(1, 2.0)]
-    target.run_context.close()
+    assert target.billing_run.limiter.windows == [(1, 2.0)]
+    target.billing_run.close()
 
 
 # --- the API ------------------------------------------------------------------------------

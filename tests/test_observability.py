@@ -5,8 +5,16 @@ from __future__ import annotations
 import json
 import re
 
-from tests.conftest import EXAMPLES, USAGE_RULE_M3TER, m3ter_config, metronome_config, run_target, singer
-from tests.test_delivery_guarantees import Pipeline, crash_config
+from tests.conftest import (
+    EXAMPLES,
+    USAGE_RULE_M3TER,
+    Pipeline,
+    crash_config,
+    m3ter_config,
+    metronome_config,
+    run_target,
+    singer,
+)
 
 EXAMPLE = EXAMPLES / "segment-events.singer.jsonl"
 

@@ -14,9 +14,7 @@ import urllib.request
 import pytest
 import requests
 
-from tests.conftest import run_target, singer
-from tests.test_cli_m3ter import usage_config, usage_records
-from tests.test_tls import tls_sandbox  # noqa: F401 - fixture
+from tests.conftest import run_target, singer, usage_config, usage_records
 
 
 class ForwardProxy(http.server.ThreadingHTTPServer):
@@ -116,7 +114,7 @@ def test_plain_http_goes_through_the_environment_proxy_with_credentials(sandbox,
     assert set(proxy.auth) == {"Basic dXNlcjpzZWNyZXQ="}  # user:secret
 
 
-def test_https_is_tunnelled_through_connect(tls_sandbox, proxy, tmp_path):  # noqa: F811
+def test_https_is_tunnelled_through_connect(tls_sandbox, proxy, tmp_path):
     sandbox, cert = tls_sandbox
     env = proxy_env(
         proxy,
@@ -161,7 +159,7 @@ def test_a_cidr_range_in_no_proxy_bypasses_the_proxy(sandbox, proxy, tmp_path):
     assert sandbox.stats("m3ter")["stored"] == 10
 
 
-def test_an_https_proxy_is_reached_over_tls(tls_sandbox, sandbox, tmp_path):  # noqa: F811
+def test_an_https_proxy_is_reached_over_tls(tls_sandbox, sandbox, tmp_path):
     _tls, cert = tls_sandbox  # only its certificate: the proxy presents it
     key = cert.with_name("key.pem")
     server = ForwardProxy()

@@ -1,0 +1,299 @@
+"""The target's settings: their JSON Schema (what --about, Meltano and the README show),
+their values with defaults applied and checked, and environment variables read safely."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import typing as t
+from dataclasses import dataclass
+
+from singer_sdk import typing as th
+
+from target_usage_billing.destinations import DESTINATIONS
+from target_usage_billing.errors import ConfigError
+
+logger = logging.getLogger("target-usage-billing")
+# A partial batch is sent at the latest this long after the previous hand-over, and never
+# sooner because of time alone: a STATE after every record must not shrink requests to
+# one record each (state_checkpoint_seconds below this counts as this).
+MIN_CHECKPOINT_SECONDS = 1.0
+UNMATCHED_STREAMS = ("fail", "skip")
+# Each request in flight is a thread with its own connection; more than this only adds
+# memory and sockets (the APIs' own rate limits bind long before).
+MAX_REQUESTS_IN_FLIGHT = 64
+
+COMMON_SETTINGS = th.PropertiesList(
+    th.Property(
+        "destination",
+        th.StringType,
+        required=True,
+        allowed_values=list(DESTINATIONS),
+        description="Billing platform to load: " + " or ".join(DESTINATIONS) + ".",
+    ),
+    th.Property(
+        "mappings",
+        th.ArrayType(th.ObjectType(additional_properties=True)),
+        required=True,
+        description="Rules turning records into payloads: a list of "
+        '{"stream": NAME_OR_GLOB, "preset": NAME?, "filter": JMESPATH?, "fields": {FIELD: JMESPATH}}. '
+        "The first rule whose stream pattern matches applies.",
+    ),
+    th.Property(
+        "batch_max_bytes",
+        th.IntegerType,
+        description="Largest request body in bytes; the destination's hard cap always applies "
+        "(m3ter: under 512,000).",
+    ),
+    th.Property(
+        "max_requests_in_flight",
+        th.IntegerType,
+        default=8,
+        description="Requests sent concurrently while reading goes on; bounds memory too.",
+    ),
+    th.Property(
+        "max_requests_per_second",
+        th.NumberType,
+        description="Client-side request rate limit. Default: the destination's published "
+        "limit (m3ter: 50/s and 5,000 per 5 min; Metronome: none). 0 turns it off.",
+    ),
+    th.Property(
+        "request_timeout_seconds",
+        th.NumberType,
+        default=60,
+        description="Seconds to wait for an answer before the request counts as failed and is retried.",
+    ),
+    th.Property(
+        "max_retry_seconds",
+        th.NumberType,
+        default=600,
+        description="Retry budget: how long transient failures (429, 5xx, timeouts, dropped "
+        "connections) are retried before the run stops with an error.",
+    ),
+    th.Property(
+        "state_checkpoint_seconds",
+        th.NumberType,
+        default=30,
+        description="Longest time received usage waits in a partial batch, also while the tap "
+        "is quiet; each STATE is emitted as soon as everything before it is acknowledged. "
+        "Values under 1 (0 included) mean 1 second: batches are never cut smaller because "
+        "of time alone (batch_size_rows makes requests smaller).",
+    ),
+    th.Property(
+        "shutdown_grace_seconds",
+        th.NumberType,
+        default=30,
+        description="On SIGTERM/SIGINT, how long to keep delivering what was already received.",
+    ),
+    th.Property(
+        "dead_letter_path",
+        th.StringType,
+        default="target-usage-billing-dead-letters.jsonl",
+        description="JSONL file receiving every rejected record with the reason (relative "
+        "paths: from the working directory, the project root under Meltano). Created when "
+        "the run starts, removed at the end if nothing was rejected.",
+    ),
+    th.Property(
+        "unmatched_streams",
+        th.StringType,
+        default="fail",
+        allowed_values=["fail", "skip"],
+        description="A stream no mapping rule matches: fail (stop before any of its records "
+        "is checkpointed, naming the closest rule) or skip (count its records, send "
+        'nothing). A rule {"stream": NAME, "skip": true} skips one stream on purpose.',
+    ),
+    th.Property(
+        "max_rejected_records",
+        th.IntegerType,
+        description="Stop with an error once more records than this were rejected (default: no count limit).",
+    ),
+    th.Property(
+        "max_rejected_ratio",
+        th.NumberType,
+        default=0.05,
+        description="Stop with an error once more than this share of mappable records was "
+        "rejected (judged after 1,000 records and at the end).",
+    ),
+    th.Property(
+        "dry_run",
+        th.BooleanType,
+        default=False,
+        description="Write the exact request bodies to dry_run_path instead of sending them; "
+        "no credentials needed, and no STATE is written (nothing was billed).",
+    ),
+    th.Property(
+        "dry_run_path",
+        th.StringType,
+        default="dry-run-requests.jsonl",
+        description="Where a dry run writes its request bodies (JSONL, one line per request).",
+    ),
+    th.Property(
+        "progress_interval_seconds",
+        th.NumberType,
+        default=10,
+        description="Seconds between progress lines on stderr (0: none).",
+    ),
+    th.Property(
+        "validate_records",
+        th.BooleanType,
+        default=False,
+        description="Validate records against the stream's JSON Schema. Off by default: "
+        "mapped payloads are checked field by field anyway.",
+    ),
+)
+
+
+DESTINATION_SETTINGS = {prop.name for d in DESTINATIONS.values() for prop in d.settings}
+
+
+def config_schema() -> dict:
+    schema = COMMON_SETTINGS.to_dict()
+    for destination in DESTINATIONS.values():
+        for prop in destination.settings:
+            entry = prop.to_dict()
+            if prop.name in destination.required_settings:
+                # JSON Schema cannot say "required when destination is X" in a way --about,
+                # the README and Meltano show: the description says it, and the Meltano
+                # plugin definition's settings_group_validation enforces it.
+                entry[prop.name]["description"] += (
+                    f" Required with destination {destination.name} (not for dry runs)."
+                )
+            schema["properties"].update(entry)
+    return schema
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings with their defaults applied (the SDK leaves defaults out of config)."""
+
+    destination: str
+    dry_run: bool
+    dry_run_path: str
+    batch_max_bytes: int | None
+    batch_size_rows: int | None
+    max_requests_in_flight: int
+    max_requests_per_second: float | None
+    request_timeout_seconds: float
+    max_retry_seconds: float
+    state_checkpoint_seconds: float
+    shutdown_grace_seconds: float
+    dead_letter_path: str
+    unmatched_streams: str
+    max_rejected_records: int | None
+    max_rejected_ratio: float | None
+    progress_interval_seconds: float
+    load_method: str | None
+
+    @classmethod
+    def from_config(cls, config: t.Mapping[str, t.Any], defaults: t.Mapping[str, t.Any]) -> Settings:
+        def get(name: str) -> t.Any:
+            value = config.get(name)
+            return defaults.get(name) if value is None or value == "" else value
+
+        values = {name: get(name) for name in cls.__dataclass_fields__}
+        # JSON config files arrive with Decimal numbers (the SDK reads them exactly):
+        # time and ratio settings are plain floats from here on.
+        for name, kind in _NUMBER_SETTINGS.items():
+            if values[name] is not None:
+                try:
+                    values[name] = kind(values[name])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{name}: expected a number, got {values[name]!r}") from None
+        in_flight = values["max_requests_in_flight"]
+        if isinstance(in_flight, int) and in_flight > MAX_REQUESTS_IN_FLIGHT:
+            logger.warning(
+                "max_requests_in_flight=%d is more than this target starts (one thread and "
+                "connection each): using %d",
+                in_flight,
+                MAX_REQUESTS_IN_FLIGHT,
+            )
+            values["max_requests_in_flight"] = MAX_REQUESTS_IN_FLIGHT
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not self.destination:
+            known = ", ".join(DESTINATIONS)
+            raise ConfigError(f"destination: required, one of {known}")
+        positive = {
+            "max_requests_in_flight": self.max_requests_in_flight,
+            "request_timeout_seconds": self.request_timeout_seconds,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name}: must be greater than 0, got {value}")
+        non_negative = {
+            "max_retry_seconds": self.max_retry_seconds,
+            "state_checkpoint_seconds": self.state_checkpoint_seconds,
+            "shutdown_grace_seconds": self.shutdown_grace_seconds,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name}: must be 0 or more, got {value}")
+        if self.max_rejected_records is not None and self.max_rejected_records < 0:
+            raise ConfigError(f"max_rejected_records: must be 0 or more, got {self.max_rejected_records}")
+        if self.max_requests_per_second is not None and self.max_requests_per_second < 0:
+            msg = f"max_requests_per_second: must be 0 (no limit) or more, got {self.max_requests_per_second}"
+            raise ConfigError(msg)
+        if self.batch_size_rows is not None and self.batch_size_rows < 1:
+            raise ConfigError(f"batch_size_rows: must be at least 1, got {self.batch_size_rows}")
+        if self.batch_max_bytes is not None and self.batch_max_bytes < 1024:
+            raise ConfigError(f"batch_max_bytes: must be at least 1024, got {self.batch_max_bytes}")
+        if self.load_method not in (None, "append-only"):
+            msg = (
+                f"load_method: {self.load_method!r} is not possible with a billing API; usage is "
+                "appended, and re-sent items are de-duplicated by their ids (use append-only)"
+            )
+            raise ConfigError(msg)
+        if self.max_rejected_ratio is not None and not 0 <= self.max_rejected_ratio <= 1:
+            raise ConfigError(f"max_rejected_ratio: must be between 0 and 1, got {self.max_rejected_ratio}")
+        if self.unmatched_streams not in UNMATCHED_STREAMS:
+            allowed = ", ".join(UNMATCHED_STREAMS)
+            msg = f"unmatched_streams: must be one of {allowed}, got {self.unmatched_streams!r}"
+            raise ConfigError(msg)
+
+
+_NUMBER_SETTINGS: dict[str, type] = {
+    "batch_max_bytes": int,
+    "batch_size_rows": int,
+    "max_requests_in_flight": int,
+    "max_requests_per_second": float,
+    "request_timeout_seconds": float,
+    "max_retry_seconds": float,
+    "state_checkpoint_seconds": float,
+    "shutdown_grace_seconds": float,
+    "max_rejected_records": int,
+    "max_rejected_ratio": float,
+    "progress_interval_seconds": float,
+}
+
+
+def check_environment(schema: dict, prefix: str) -> None:
+    """TARGET_USAGE_BILLING_* values that cannot become their setting's type: exit 2.
+
+    The SDK would stop on them with a traceback; here the message names the variable
+    (and shows the value only when the setting is not secret).
+    """
+    for name, prop in schema["properties"].items():
+        variable = prefix + name.upper().replace("-", "_")
+        value = os.environ.get(variable)
+        if value is None:
+            continue
+        types = prop.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        shown = "(secret value not shown)" if prop.get("secret") else repr(value[:80])
+        if "integer" in types:
+            try:
+                int(value)
+            except ValueError:
+                raise ConfigError(f"{variable}: expected a whole number, got {shown}") from None
+        elif "array" in types or "object" in types:
+            kind = "array" if "array" in types else "object"
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:
+                raise ConfigError(f"{variable}: expected a JSON {kind} ({exc})") from None
+            if not isinstance(parsed, list if kind == "array" else dict):
+                raise ConfigError(f"{variable}: expected a JSON {kind}, got {type(parsed).__name__}")
