@@ -9,13 +9,8 @@ import ssl
 import sys
 from pathlib import Path
 
-from target_usage_billing.sandbox.server import (
-    FAULT_KINDS,
-    Fault,
-    Sandbox,
-    SandboxServer,
-    SandboxSettings,
-)
+from target_usage_billing.sandbox.server import SandboxServer
+from target_usage_billing.sandbox.state import FAULT_KINDS, Fault, Sandbox, SandboxSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
