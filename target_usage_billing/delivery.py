@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import msgspec
 
 from target_usage_billing.deadletter import DeadLetters
-from target_usage_billing.destinations.base import Answer, Destination, Verdict
+from target_usage_billing.destinations.base import Destination, Ruling, Verdict
 from target_usage_billing.errors import (
     CredentialsError,
     DeliveryError,
@@ -52,7 +52,9 @@ _line_decoder = msgspec.json.Decoder(float_hook=decimal.Decimal)
 # record), line number). A plain tuple: one is made per record, and a NamedTuple's
 # constructor costs fifteen times as much.
 Item = tuple[bytes, bytes | bytearray | str, int | None]
-BODY, LINE_TEXT, LINE_NUMBER = 0, 1, 2
+BODY: t.Final = 0
+LINE_TEXT: t.Final = 1
+LINE_NUMBER: t.Final = 2
 
 
 def original_record(item: Item) -> tuple[t.Any, dict[str, t.Any]]:
@@ -246,8 +248,8 @@ class Delivery:
             self.dry_run.write(self.destination.name, self.destination.ingest_path, len(items), body)
             self.stats.add_sent(stream, len(items))
             return
-        answer = self._post(stream, body)
-        if answer.verdict is Verdict.ACCEPTED:
+        ruling = self._post(stream, body)
+        if ruling.verdict is Verdict.ACCEPTED:
             self.stats.add_sent(stream, len(items))
             return
         # REJECTED: the API refused the content. Halve until single items are refused:
@@ -262,12 +264,12 @@ class Delivery:
                 stream=stream,
                 record=record,
                 stage="api",
-                reason=answer.message,
+                reason=ruling.message,
                 line=item[LINE_NUMBER],
                 payload=msgspec.Raw(item[BODY]),
                 **location,
             )
-            self.stats.add_rejected(stream, "api", answer.message)
+            self.stats.add_rejected(stream, "api", ruling.message)
             self._on_api_rejection()
             return
         middle = len(items) // 2
@@ -276,18 +278,18 @@ class Delivery:
             self.destination.label,
             len(items),
             self.destination.item_noun,
-            answer.message[:200],
+            ruling.message[:200],
         )
         self._deliver(stream, items[:middle])
         self._deliver(stream, items[middle:])
 
-    def _post(self, stream: str, body: bytes) -> Answer:
+    def _post(self, stream: str, body: bytes) -> Ruling:
         destination = self.destination
         what = f"{destination.label} POST {destination.ingest_path}"
         renewed = False
         tries = 0
 
-        def attempt() -> Answer:
+        def attempt() -> Ruling:
             nonlocal renewed, tries
             tries += 1
             if tries > 1:
@@ -295,20 +297,20 @@ class Delivery:
             self.transport.stats.throttled(self.limiter.acquire())
             request = destination.ingest_request(body)
             response = self.transport.send_once(request.method, request.url, request.headers, request.body)
-            answer = destination.judge(response)
-            if answer.verdict is Verdict.RETRY:
-                raise retryable_status(response, what) or RetryableFailure(answer.message)
-            if answer.verdict is Verdict.DENIED:
-                raise CredentialsError(answer.message)
-            if answer.verdict is Verdict.REAUTH:
+            ruling = destination.judge(response)
+            if ruling.verdict is Verdict.RETRY:
+                raise retryable_status(response, what) or RetryableFailure(ruling.message)
+            if ruling.verdict is Verdict.DENIED:
+                raise CredentialsError(ruling.message)
+            if ruling.verdict is Verdict.REAUTH:
                 if renewed:
                     raise CredentialsError(destination.reauth_failed_message(response.status))
                 renewed = True
                 destination.refresh_credentials(request)
-                raise RetryableFailure(f"{answer.message}; renewing credentials", retry_after=0)
-            if answer.verdict is Verdict.FATAL:
-                raise DeliveryError(answer.message)
-            return answer
+                raise RetryableFailure(f"{ruling.message}; renewing credentials", retry_after=0)
+            if ruling.verdict is Verdict.FATAL:
+                raise DeliveryError(ruling.message)
+            return ruling
 
         try:
             return self.transport.with_retries(attempt, what)

@@ -126,11 +126,12 @@ class SampleWatch:
             if self._filled[i]:
                 continue
             node: t.Any = record
-            for depth, key in enumerate(read.path or ()):
+            path = read.path or []
+            for depth, key in enumerate(path):
                 if not isinstance(node, dict):
                     node = None
                     break
-                if depth == len(read.path) - 1 and len(self._keys[i]) < 200:
+                if depth == len(path) - 1 and len(self._keys[i]) < 200:
                     self._keys[i].update(k for k in node if isinstance(k, str))
                 node = node.get(key)
             if node is not None and node != "":

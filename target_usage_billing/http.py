@@ -31,6 +31,7 @@ import certifi
 import requests
 import requests.structures
 import requests.utils
+from backoff.types import Details
 from requests.adapters import HTTPAdapter
 
 from target_usage_billing import __version__
@@ -124,7 +125,7 @@ def backoff_waits(base: float = 0.5, cap: float = 30.0) -> t.Generator[float, t.
     of the retry budget.
     """
     attempt = 0
-    failure = yield  # primed by backoff with None
+    failure = yield 0.0  # backoff primes the generator with send(None) and drops this
     while True:
         ceiling = min(cap, base * (2**attempt))
         delay = ceiling / 2 + random.uniform(0, ceiling / 2)
@@ -143,7 +144,7 @@ class RateLimiter:
 
     def __init__(self, windows: t.Sequence[tuple[int, float]]):
         self.windows = [(count, seconds) for count, seconds in windows if count > 0]
-        self._sent = [collections.deque() for _ in self.windows]
+        self._sent: list[collections.deque[float]] = [collections.deque() for _ in self.windows]
         self._lock = threading.Lock()
 
     def acquire(self) -> float:
@@ -266,14 +267,14 @@ class HttpTransport:
         proxies = self._proxies_for(url)
         for attempt in (1, 2):
             try:
-                answer = session.send(
+                reply = session.send(
                     self._prepare(method, url, headers, body),
                     proxies=proxies,
                     verify=self._verify,
                     timeout=(self.connect_timeout, self.read_timeout),
                     allow_redirects=False,
                 )
-                data = answer.content
+                data = reply.content
             except requests.exceptions.SSLError as exc:
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
                     msg = (
@@ -306,8 +307,8 @@ class HttpTransport:
                 self.stats.count("connection error")
                 reason = type(exc).__name__
                 raise RetryableFailure(f"{method} {_no_query(url)}: request failed ({reason})") from None
-            self.stats.count(answer.status_code)
-            return Response(answer.status_code, answer.headers, data)
+            self.stats.count(reply.status_code)
+            return Response(reply.status_code, reply.headers, data)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _prepare(
@@ -346,7 +347,7 @@ class HttpTransport:
             msg = f"{what}: still failing after the {self.retry_budget_seconds:g}s retry budget: {exc}"
             raise RetryBudgetExhausted(msg) from None
 
-    def _on_backoff(self, details: dict) -> None:
+    def _on_backoff(self, details: Details) -> None:
         self.stats.retried()
         _attempt, what = details["args"]
         exc = details.get("exception")

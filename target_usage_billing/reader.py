@@ -104,7 +104,7 @@ class LineReader(GenericSingerReader[str]):
             try:
                 # read1 with a size over the buffer's always empties it, so the file
                 # descriptor tells whether more input is there.
-                if timeout is not None and not select.select([fd], [], [], timeout)[0]:
+                if timeout is not None and fd is not None and not select.select([fd], [], [], timeout)[0]:
                     chunk = None
                 else:
                     chunk = read1(1 << 20)
@@ -205,7 +205,7 @@ class LineReader(GenericSingerReader[str]):
                 self.on_unknown_message(str(kind)[:40])
             else:
                 callback(message)
-                stats[kind] += 1
+                stats[kind] += 1  # type: ignore[index]  # a str: callbacks are keyed by str
             if self.stop_requested:
                 raise StopRequested
         return stats
@@ -271,7 +271,7 @@ def read_batch_files(reader: LineReader, message: dict) -> t.Iterator[dict]:
             raise InputError(f"{where}: BATCH file {url}: cannot read it ({reason})") from None
 
 
-def _maybe_gunzip(stored: t.BinaryIO) -> t.ContextManager[t.BinaryIO]:
+def _maybe_gunzip(stored: t.BinaryIO) -> t.ContextManager[t.Any]:
     head = stored.read(2)
     stored.seek(0)
     if head == b"\x1f\x8b":  # gzip's magic number: no JSON text starts with it

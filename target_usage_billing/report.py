@@ -75,11 +75,11 @@ def summary_lines(run: BillingRun) -> list[str]:
         if dry
         else f"STATE messages emitted {run.states_emitted}"
     )
-    duplicates = stats.total("duplicates")
+    duplicates_total = stats.total("duplicates")
     lines.append(
         f"  total: {sent} {stats.total('sent')} {noun} in {stats.total('requests')} requests, "
         f"{stats.total('retries')} retries, rejected {stats.total('rejected')}, "
-        + (f"duplicates skipped {duplicates}, " if duplicates else "")
+        + (f"duplicates skipped {duplicates_total}, " if duplicates_total else "")
         + f"{states}{throttled}"
     )
     if transport.statuses:

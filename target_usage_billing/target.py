@@ -82,9 +82,10 @@ class TargetUsageBilling(SettingsCheck, Target):
 
     name = "target-usage-billing"
     config_jsonschema = config_schema()
-    destination_settings = DESTINATION_SETTINGS
+    destination_settings = frozenset(DESTINATION_SETTINGS)
     default_sink_class = UsageSink
     message_reader_class = LineReader
+    message_reader: LineReader  # what the SDK makes of message_reader_class
     capabilities: t.ClassVar[list] = [*Target.capabilities, PluginCapabilities.BATCH]
 
     def __init__(self, **kwargs: t.Any):
@@ -174,8 +175,8 @@ class TargetUsageBilling(SettingsCheck, Target):
             # Not a record at all (null, a list, a number): kept and counted, not mapped.
             got = "null" if record is None else type(record).__name__
             problem = MappingRejection(f"a RECORD's record must be a JSON object, got {got}")
-            run.stats.stream(stream).read += 1  # type: ignore[arg-type]
-            run.reject(stream, record, "input", problem, line=self.message_reader.line_number)  # type: ignore[arg-type]
+            run.stats.stream(stream).read += 1
+            run.reject(stream, record, "input", problem, line=self.message_reader.line_number)
         elif sink is not None:
             sink.process_direct(record)  # type: ignore[arg-type]
         elif not isinstance(stream, str):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from target_usage_billing.destinations.base import (
-    Answer,
     Destination,
     OutgoingRequest,
+    Ruling,
     Verdict,
 )
 from target_usage_billing.destinations.m3ter import M3terDestination
@@ -15,4 +15,4 @@ DESTINATIONS: dict[str, type[Destination]] = {
     cls.name: cls for cls in (M3terDestination, MetronomeDestination)
 }
 
-__all__ = ["DESTINATIONS", "Answer", "Destination", "OutgoingRequest", "Verdict"]
+__all__ = ["DESTINATIONS", "Destination", "OutgoingRequest", "Ruling", "Verdict"]

@@ -68,22 +68,43 @@ class Verdict(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Answer:
+class Ruling:
+    """A destination's reading of one HTTP response: what to do, and why (for logs)."""
+
     verdict: Verdict
     message: str = ""
 
 
 @dataclass(frozen=True)
 class OutgoingRequest:
+    """One authenticated ingest request, ready for the transport."""
+
     method: str
     url: str
-    path: str  # for logs and dry-run files: no host, no secrets
     headers: dict[str, str]
     body: bytes
 
 
 class Destination(abc.ABC):
-    """One billing platform's ingest contract."""
+    """One billing platform's ingest contract: the only thing a new platform writes.
+
+    A subclass declares, as class attributes, its ``name`` (the ``destination`` setting),
+    ``label`` and ``item_noun`` for messages, ``ingest_path``, its hard limits
+    (``max_items_per_request``, ``max_body_bytes``, ``rate_limits``), its ``presets`` and
+    its ``settings`` (named after it, e.g. ``m3ter_org_id``; ``required_settings`` those a
+    real run needs). It implements:
+
+    - ``field_specs``: the payload fields a rule may map, each with its kind (the mapping
+      converts values to that kind; one ``FieldKind.ID`` field is the idempotency key);
+    - ``envelope_overhead`` / ``envelope``: how items are wrapped into a request body;
+    - ``ingest_request``: the authenticated request for a body;
+    - ``judge_refusal``: what the platform's error answers mean (see ``judge``);
+    - ``check_credentials``: a cheap authenticated call before any input is read;
+    and may override ``validate_payload`` (refuse locally what the API would refuse,
+    e.g. a time outside its window), ``config_errors``, ``live_secrets`` and
+    ``refresh_credentials`` (tokens that expire). Register it in
+    ``destinations/__init__.py`` and teach the sandbox its contract.
+    """
 
     name: t.ClassVar[str]
     label: t.ClassVar[str]
@@ -168,7 +189,7 @@ class Destination(abc.ABC):
     def ingest_request(self, body: bytes) -> OutgoingRequest:
         """The ingest request for ``body``, authenticated."""
 
-    def judge(self, response: Response) -> Answer:
+    def judge(self, response: Response) -> Ruling:
         """What an ingest answer means: a small pure decision, in this order.
 
         2xx accepted; ``x-should-retry: true`` from the server, retry; then the
@@ -177,19 +198,19 @@ class Destination(abc.ABC):
         """
         status = response.status
         if 200 <= status < 300:
-            return Answer(Verdict.ACCEPTED)
+            return Ruling(Verdict.ACCEPTED)
         hint = response.headers.get("x-should-retry", "").strip().lower()
         if hint == "true":
-            return Answer(Verdict.RETRY, f"{self.label} answered {status} (x-should-retry: true)")
-        answer = self.judge_refusal(response)
-        if answer is not None:
-            return answer
+            return Ruling(Verdict.RETRY, f"{self.label} answered {status} (x-should-retry: true)")
+        ruling = self.judge_refusal(response)
+        if ruling is not None:
+            return ruling
         if transient(response):
-            return Answer(Verdict.RETRY, f"{self.label} answered {status}")
-        return Answer(Verdict.FATAL, f"{self.label} answered {status}: {response.text()}")
+            return Ruling(Verdict.RETRY, f"{self.label} answered {status}")
+        return Ruling(Verdict.FATAL, f"{self.label} answered {status}: {response.text()}")
 
     @abc.abstractmethod
-    def judge_refusal(self, response: Response) -> Answer | None:
+    def judge_refusal(self, response: Response) -> Ruling | None:
         """The platform's meaning of an error answer (REAUTH, DENIED, REJECTED, FATAL), or
         None to let the generic rules decide."""
 

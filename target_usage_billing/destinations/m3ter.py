@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from singer_sdk import typing as th
 
 from target_usage_billing.destinations.base import (
-    Answer,
     Destination,
     OutgoingRequest,
+    Ruling,
     TimeWindow,
     Verdict,
 )
@@ -169,8 +169,8 @@ class M3terDestination(Destination):
                 msg = f"m3ter POST /oauth/token answered {response.status}: {response.text()}"
                 raise DeliveryError(msg)
             try:
-                answer = json.loads(response.body)
-                return answer["access_token"], float(answer.get("expires_in", 18000))
+                document = json.loads(response.body)
+                return document["access_token"], float(document.get("expires_in", 18000))
             except (ValueError, KeyError, TypeError):
                 raise RetryableFailure("m3ter POST /oauth/token: unreadable answer") from None
 
@@ -202,18 +202,18 @@ class M3terDestination(Destination):
 
     def ingest_request(self, body: bytes) -> OutgoingRequest:
         headers = {"Authorization": f"Bearer {self._bearer()}", "Content-Type": "application/json"}
-        return OutgoingRequest("POST", self.ingest_url + self.ingest_path, self.ingest_path, headers, body)
+        return OutgoingRequest("POST", self.ingest_url + self.ingest_path, headers, body)
 
-    def judge_refusal(self, response: t.Any) -> Answer | None:
+    def judge_refusal(self, response: t.Any) -> Ruling | None:
         status = response.status
         if status in (401, 403):
             # m3ter answers an expired or invalid token with 403 (also an oversize body,
             # which the sink never builds): renew the token once.
-            return Answer(Verdict.REAUTH, f"m3ter answered {status} ({response.text(200)})")
+            return Ruling(Verdict.REAUTH, f"m3ter answered {status} ({response.text(200)})")
         if status in (400, 422):
-            return Answer(Verdict.REJECTED, _error_message(response))
+            return Ruling(Verdict.REJECTED, _error_message(response))
         if status == 404:
-            return Answer(
+            return Ruling(
                 Verdict.FATAL,
                 f"m3ter answered 404 for {self.ingest_path}: check m3ter_org_id and m3ter_ingest_url",
             )
@@ -228,11 +228,11 @@ class M3terDestination(Destination):
 
 def _error_message(response: t.Any) -> str:
     try:
-        answer = json.loads(response.body)
+        document = json.loads(response.body)
     except ValueError:
         return response.text()
-    if isinstance(answer, dict):
+    if isinstance(document, dict):
         for key in ("message", "error", "errors"):
-            if key in answer:
-                return str(answer[key])[:500]
+            if key in document:
+                return str(document[key])[:500]
     return response.text()

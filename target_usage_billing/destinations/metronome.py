@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from singer_sdk import typing as th
 
 from target_usage_billing.destinations.base import (
-    Answer,
     Destination,
     OutgoingRequest,
+    Ruling,
     TimeWindow,
     Verdict,
 )
@@ -126,17 +126,17 @@ class MetronomeDestination(Destination):
             if len(packed) < len(body):
                 headers["Content-Encoding"] = "gzip"
                 body = packed
-        return OutgoingRequest("POST", f"{self.api_url}/v1/ingest", "/v1/ingest", headers, body)
+        return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", headers, body)
 
-    def judge_refusal(self, response: t.Any) -> Answer | None:
+    def judge_refusal(self, response: t.Any) -> Ruling | None:
         status = response.status
         if status in (401, 403):
-            return Answer(
+            return Ruling(
                 Verdict.DENIED,
                 f"Metronome refused the API token ({status} from POST /v1/ingest): check metronome_api_token",
             )
         if status in (400, 422):
-            return Answer(Verdict.REJECTED, f"Metronome answered {status}: {response.text()}")
+            return Ruling(Verdict.REJECTED, f"Metronome answered {status}: {response.text()}")
         return None
 
     def check_credentials(self) -> None:

@@ -38,7 +38,7 @@ class FilterCode(t.Protocol):
 
     source: str
     search: t.Callable[[t.Any], t.Any]
-    tree: dict | None
+    tree: t.Any  # the parsed expression, or None
 
 
 def generate_apply(
@@ -112,8 +112,8 @@ def generate_apply(
         "        raise MappingRejection(f'expression failed: {exc}', name, source) from None",
     ]
     namespace["_where"] = where
-    code = compile("\n".join(lines) + "\n", "<mapping rule>", "exec")
-    exec(code, namespace)  # the source is built above from names and repr() literals only
+    compiled = compile("\n".join(lines) + "\n", "<mapping rule>", "exec")
+    exec(compiled, namespace)  # the source is built above from names and repr() literals only
     apply = namespace["apply"]
     apply.source = "\n".join(lines)  # for debugging: print(rule.apply.source)
     return apply
@@ -248,7 +248,7 @@ class ExpressionWriter:
         self._namespace = namespace
         self._names = 0
 
-    def write(self, node: dict) -> tuple[str, str] | None:
+    def write(self, node: t.Any) -> tuple[str, str] | None:
         """(Python expression over ``record``, BOOL or ANY), or None outside the subset."""
         return self._write(node, "record", True)
 
@@ -256,7 +256,7 @@ class ExpressionWriter:
         self._names += 1
         return f"_{prefix}{self._names}"
 
-    def _write(self, node: dict, subject: str, subject_is_dict: bool) -> tuple[str, str] | None:
+    def _write(self, node: t.Any, subject: str, subject_is_dict: bool) -> tuple[str, str] | None:
         kind = node["type"]
         children = node.get("children", [])
         if kind == "field":
@@ -323,7 +323,7 @@ class ExpressionWriter:
             return f"({kept} if is_truthy({kept} := {left}) else {right})", ANY
         return None
 
-    def _ternary(self, node: dict, subject: str, subject_is_dict: bool) -> tuple[str, str] | None:
+    def _ternary(self, node: t.Any, subject: str, subject_is_dict: bool) -> tuple[str, str] | None:
         """(test, value) when ``node`` is ``test && literal`` with a boolean test and a
         truthy literal: its truth is the test's, so ``|| b`` needs no truthiness call."""
         if node["type"] != "and_expression":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import typing as t
 from collections.abc import Callable
+from numbers import Number
 
 import jmespath
 import jmespath.exceptions
@@ -17,6 +18,9 @@ import jmespath.functions
 import jmespath.visitor as _jp
 
 from target_usage_billing.errors import ConfigError
+
+# A parsed JMESPath expression: nested {"type", "children", "value"} dicts.
+Node = t.Any
 
 
 class Expression:
@@ -29,7 +33,7 @@ class Expression:
         source: str,
         search: Callable[[t.Any], t.Any],
         path: list[str] | None = None,
-        tree: dict | None = None,
+        tree: Node | None = None,
     ):
         self.source = source
         self.search = search
@@ -41,7 +45,7 @@ class Expression:
         return f"Expression({self.source!r})"
 
 
-def field_path(node: dict) -> list[str] | None:
+def field_path(node: Node) -> list[str] | None:
     if node["type"] == "field":
         return [node["value"]]
     if node["type"] == "subexpression":
@@ -90,7 +94,7 @@ def _string_literal(children: list[dict]) -> str | None:
     return None
 
 
-def _compile_node(node: dict) -> Callable[[t.Any], t.Any] | None:
+def _compile_node(node: Node) -> Callable[[t.Any], t.Any] | None:
     """A Python closure for the common JMESPath subset, None for anything else.
 
     Covers field paths, ``@``, literals, comparisons, ``&&``, ``||`` and ``!`` with the
@@ -215,16 +219,21 @@ def _compile_error(source: str, exc: Exception) -> str:
     return f"{reason} at column {position + 1}: {source[:position]}\u2192{source[position:]}"
 
 
+def _is_number(value: t.Any) -> bool:
+    # JMESPath's notion (jmespath.visitor keeps it private): booleans are not numbers
+    return value is not True and value is not False and isinstance(value, Number)
+
+
 def jmespath_order(operator: str, a: t.Any, b: t.Any) -> t.Any:
     """``a < b`` and kin as JMESPath answers them: null unless both are numbers or strings."""
-    if not (_jp._is_comparable(a) and _jp._is_comparable(b)):
+    if not ((_is_number(a) or isinstance(a, str)) and (_is_number(b) or isinstance(b, str))):
         return None
     return _jp.TreeInterpreter.COMPARATOR_FUNC[operator](a, b)
 
 
 def jmespath_not(value: t.Any) -> bool:
     """JMESPath ``!value``."""
-    if _jp._is_actual_number(value) and value == 0:
+    if _is_number(value) and value == 0:
         return False  # JMESPath: !0 is false
     return not value
 

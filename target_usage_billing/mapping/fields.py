@@ -124,11 +124,11 @@ def _keyed_map(spec: FieldSpec, source: dict, where: str) -> CompiledField:
                 raise MappingRejection(str(exc), field_name, expression_source) from None
         return out or None
 
-    inline = None
+    keyed_inline: tuple | None = None
     if all(path is not None and len(path) <= 2 for path in paths):
         entries = [(key, path, text, label) for (key, _get, text, label), path in zip(keyed, paths)]
-        inline = ("keyed", entries, kept_as_is(spec), convert)
-    return CompiledField(spec, compute_keyed, None, inline)
+        keyed_inline = ("keyed", entries, kept_as_is(spec), convert)
+    return CompiledField(spec, compute_keyed, None, keyed_inline)
 
 
 def _object(spec: FieldSpec, expression: Expression) -> CompiledField:
@@ -189,8 +189,8 @@ def _scalar(spec: FieldSpec, expression: Expression) -> CompiledField:
         except ValueError as exc:
             raise MappingRejection(str(exc), name, expression.source) from None
 
-    inline = ("expression", expression.tree, convert, convert is to_text) if expression.tree else None
-    return CompiledField(spec, compute_scalar, expression.source, inline)
+    written = ("expression", expression.tree, convert, convert is to_text) if expression.tree else None
+    return CompiledField(spec, compute_scalar, expression.source, written)
 
 
 def _plain_scalar(

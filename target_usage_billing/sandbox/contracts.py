@@ -138,7 +138,7 @@ def m3ter_items(body: bytes) -> list[tuple[str | None, bytes]]:
     return out
 
 
-def metronome_items(body: bytes) -> list[tuple[str, bytes]]:
+def metronome_items(body: bytes) -> list[tuple[str | None, bytes]]:
     """(transaction_id, raw event) for a valid ingest body; ItemError otherwise."""
     try:
         events = _events_decoder.decode(body)
@@ -162,7 +162,7 @@ def metronome_items(body: bytes) -> list[tuple[str, bytes]]:
     # canonical UTC times (most clients send these) are compared as text
     oldest_text = oldest.strftime("%Y-%m-%dT%H:%M:%S")
     latest_text = latest.strftime("%Y-%m-%dT%H:%M:%S")
-    items = []
+    items: list[tuple[str | None, bytes]] = []
     for index, (event, raw) in enumerate(zip(decoded, events)):
         stamp = event.timestamp
         if stamp[-1] == "Z" and oldest_text < stamp[:19] < latest_text:

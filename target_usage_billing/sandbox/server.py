@@ -353,4 +353,5 @@ class SandboxServer(http.server.ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"{self.scheme}://{host}:{port}"
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"{self.scheme}://{name}:{port}"

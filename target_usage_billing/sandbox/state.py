@@ -176,9 +176,13 @@ class Sandbox:
             "m3ter": Store(settings.data_dir / "m3ter-measurements.jsonl", "uid"),
             "metronome": Store(settings.data_dir / "metronome-events.jsonl", "transaction_id"),
         }
-        self._arrivals = {name: collections.deque() for name in DESTINATIONS}
+        self._arrivals: dict[str, collections.deque[float]] = {
+            name: collections.deque() for name in DESTINATIONS
+        }
         self.generation = 0  # bumped by reset: requests still in flight then are void
-        self._rate_windows = [collections.deque() for _ in settings.m3ter_rate_limits]
+        self._rate_windows: list[collections.deque[float]] = [
+            collections.deque() for _ in settings.m3ter_rate_limits
+        ]
 
     # --- faults and rates (called with the lock held) ----------------------------------
 
