@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import signal
@@ -11,7 +10,6 @@ import sys
 import threading
 import time
 import typing as t
-from pathlib import Path
 
 import click
 from singer_sdk.exceptions import (
@@ -25,6 +23,7 @@ from singer_sdk.singerlib import SingerMessageType
 from singer_sdk.singerlib.exceptions import InvalidInputLine
 from singer_sdk.target_base import Target
 
+from target_usage_billing.cli import PLUGIN_NAME, RedactSecrets, check_config_files, exit_with, extra_options
 from target_usage_billing.errors import (
     ConfigError,
     InputError,
@@ -52,25 +51,6 @@ _INPUT_ERRORS = (
 )
 
 
-class _RedactSecrets(logging.Filter):
-    """Last line of defence: no log line shows a secret or an access token."""
-
-    def __init__(self, secrets: t.Callable[[], list[str]]):
-        super().__init__()
-        self._secrets = secrets
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        secrets = [s for s in self._secrets() if s]
-        if secrets:
-            message = record.getMessage()
-            redacted = message
-            for secret in secrets:
-                redacted = redacted.replace(secret, "***")
-            if redacted != message:
-                record.msg, record.args = redacted, None
-        return True
-
-
 class TargetUsageBilling(SettingsCheck, Target):
     """Loads usage records into billing platforms: m3ter measurements, Metronome events."""
 
@@ -80,7 +60,7 @@ class TargetUsageBilling(SettingsCheck, Target):
     # takes a direct path to its sink when no stream map applies; STATE is held back
     # until delivery caught up; BATCH rows take the RECORD path.
 
-    name = "target-usage-billing"
+    name = PLUGIN_NAME
     config_jsonschema = config_schema()
     destination_settings = frozenset(DESTINATION_SETTINGS)
     default_sink_class = UsageSink
@@ -135,9 +115,9 @@ class TargetUsageBilling(SettingsCheck, Target):
         def secrets() -> list[str]:
             return [*run.secrets, *run.destination.live_secrets()]
 
-        redact = _RedactSecrets(secrets)
+        redact = RedactSecrets(secrets)
         for handler in logging.getLogger().handlers:
-            if not any(isinstance(f, _RedactSecrets) for f in handler.filters):
+            if not any(isinstance(f, RedactSecrets) for f in handler.filters):
                 handler.addFilter(redact)
 
     # --- message handling ----------------------------------------------------------------
@@ -375,26 +355,14 @@ class TargetUsageBilling(SettingsCheck, Target):
                 raise ConfigError(f"settings from environment variables: {exc}") from None
             target.run(file_input)
         except UsageBillingError as exc:
-            _exit_with(exc)
+            exit_with(exc)
         if target._stop_signal is not None:
             cls.logger.info("Stopped by signal; everything received was delivered")
 
     @classmethod
     def cb_config(cls, ctx: click.Context, param: click.Option, value: tuple[str, ...]) -> t.Any:
         """--config files, each read as a JSON object; a bad one is one line and exit 2."""
-        for path in value:
-            if path == "ENV":
-                continue
-            try:
-                content = json.loads(Path(path).read_bytes())
-            except FileNotFoundError:
-                _exit_with(ConfigError(f"--config {path}: no such file"))
-            except OSError as exc:
-                _exit_with(ConfigError(f"--config {path}: cannot read it ({exc.strerror})"))
-            except ValueError as exc:
-                _exit_with(ConfigError(f"--config {path}: not valid JSON ({exc})"))
-            if not isinstance(content, dict):
-                _exit_with(ConfigError(f"--config {path}: must hold a JSON object of settings"))
+        check_config_files(value)
         return super().cb_config(ctx, param, value)
 
     @classmethod
@@ -404,32 +372,8 @@ class TargetUsageBilling(SettingsCheck, Target):
     @classmethod
     def get_singer_command(cls) -> click.Command:
         command = super().get_singer_command()
-        command.params.extend(
-            [
-                click.Option(
-                    ["--dry-run"],
-                    is_flag=True,
-                    default=False,
-                    help="Write the request bodies to dry_run_path instead of sending them.",
-                ),
-                click.Option(
-                    ["--log-level"],
-                    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-                    expose_value=False,
-                    is_eager=True,
-                    callback=_set_log_level,
-                    help="Log level (also TARGET_USAGE_BILLING_LOGLEVEL).",
-                ),
-            ]
-        )
+        command.params.extend(extra_options())
         return command
-
-
-def _exit_with(exc: UsageBillingError) -> t.NoReturn:
-    """The one line an operator sees (and, at ERROR level, what log collectors see)."""
-    logging.getLogger(TargetUsageBilling.name).error("%s", exc)
-    click.echo(f"{TargetUsageBilling.name}: error: {exc}", err=True)
-    sys.exit(exc.exit_code)
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -441,12 +385,6 @@ def _block_stop_signals() -> bool:
         return False
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     return True
-
-
-def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        logging.getLogger().setLevel(value.upper())
-        logging.getLogger(TargetUsageBilling.name).setLevel(value.upper())
 
 
 if __name__ == "__main__":
