@@ -47,6 +47,8 @@ M3TER_RULE = {
     },
 }
 METRONOME_RULE = {"stream": "segment_events", "preset": "segment"}
+ORB_RULE = {"stream": "segment_events", "preset": "segment"}
+DESTINATIONS = ["m3ter", "metronome", "orb"]
 
 
 def events_file(count: int) -> Path:
@@ -95,6 +97,15 @@ def target_config(destination: str, url: str, rate_limited: bool, in_flight: int
             "m3ter_auth_url": url,
             "mappings": [M3TER_RULE],
         }
+    elif destination == "orb":
+        config = {
+            "destination": "orb",
+            "orb_api_key": "sandbox-orb-key",
+            "orb_api_url": f"{url}/orb",
+            # the generated events span 72 hours; the sandbox is started with the same
+            "orb_grace_period_hours": 96,
+            "mappings": [ORB_RULE],
+        }
     else:
         config = {
             "destination": "metronome",
@@ -119,7 +130,8 @@ def bench(
     )  # zero latency measures the target itself; with latency, the API's limits apply
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        options = ["--latency-ms", str(latency_ms)] + ([] if rate_limited else ["--no-rate-limit"])
+        options = ["--latency-ms", str(latency_ms), "--orb-grace-period-hours", "96"]
+        options += [] if rate_limited else ["--no-rate-limit"]
         sandbox = launch(work / "sandbox", *options)
         url = sandbox.url
         try:
@@ -228,7 +240,7 @@ def stage_costs_in_child(destination: str, count: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--destination", choices=["m3ter", "metronome", "both"], default="both")
+    parser.add_argument("--destination", choices=[*DESTINATIONS, "all"], default="all")
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 50.0])
     parser.add_argument("--in-flight", type=int, help="max_requests_in_flight (default: the target's)")
     parser.add_argument("--no-baseline", action="store_true")
@@ -239,12 +251,12 @@ def main() -> None:
         help="run the baseline and each target this many times, interleaved, and report the "
         "least CPU time of each (the run least disturbed by the rest of the machine)",
     )
-    parser.add_argument("--stage-costs", choices=["m3ter", "metronome"], help=argparse.SUPPRESS)
+    parser.add_argument("--stage-costs", choices=DESTINATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage_costs:
         print(json.dumps(stage_costs(args.stage_costs, args.events)))
         return
-    destinations = ["m3ter", "metronome"] if args.destination == "both" else [args.destination]
+    destinations = DESTINATIONS if args.destination == "all" else [args.destination]
     baseline = None
     repeat = max(1, args.repeat)
     if not args.no_baseline:

@@ -30,7 +30,11 @@ COMMON_SETTINGS = th.PropertiesList(
         th.StringType,
         required=True,
         allowed_values=list(DESTINATIONS),
-        description="Billing platform to load: " + " or ".join(DESTINATIONS) + ".",
+        description="Billing platform to load: "
+        + ", ".join(list(DESTINATIONS)[:-1])
+        + " or "
+        + list(DESTINATIONS)[-1]
+        + ".",
     ),
     th.Property(
         "mappings",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import typing_extensions
 
 from target_usage_billing.sandbox.launch import launch
 
@@ -38,6 +40,7 @@ USAGE_RULE_M3TER = {
 M3TER_KEY = "sandbox-access-key"
 M3TER_SECRET = "sandbox-api-secret"
 METRONOME_TOKEN = "sandbox-metronome-token"
+ORB_KEY = "sandbox-orb-key"
 
 
 class Sandbox:
@@ -134,6 +137,15 @@ def metronome_config(sandbox: Sandbox, **overrides: t.Any) -> dict:
     return config
 
 
+def orb_config(sandbox: Sandbox, **overrides: t.Any) -> dict:
+    config = json.loads((EXAMPLES / "orb-segment.config.json").read_text())
+    config.update(orb_api_url=f"{sandbox.url}/orb", max_retry_seconds=30, progress_interval_seconds=0)
+    config.pop("dead_letter_path", None)
+    config.pop("orb_grace_period_hours", None)  # the sandbox keeps Orb's default, 12 h
+    config.update(overrides)
+    return config
+
+
 def run_target(
     tmp_path: Path,
     config: dict,
@@ -192,6 +204,20 @@ def singer(
 
 
 FAKE_TAP = str(Path(__file__).with_name("fake_tap.py"))
+USAGE_RULE_ORB_AT = {
+    "stream": "usage",
+    "fields": {
+        "external_customer_id": "account",
+        "event_name": "'tokens'",
+        "timestamp": "at",
+        "properties": {"tokens": "tokens", "note": "note"},
+    },
+}
+USAGE_RULE_ORB = {
+    "stream": "usage",
+    "fields": {**USAGE_RULE_ORB_AT["fields"], "timestamp": "now_ts"},  # type: ignore[dict-item]
+}
+
 USAGE_RULE_METRONOME = {
     "stream": "usage",
     "fields": {
@@ -304,7 +330,23 @@ def config_for(destination: str, sandbox: Sandbox, **overrides: t.Any) -> dict:
     """The example config of ``destination`` with the usage-row rule and ``overrides``."""
     if destination == "m3ter":
         return m3ter_config(sandbox, **{"mappings": [USAGE_RULE_M3TER], **overrides})
+    if destination == "orb":
+        return orb_config(sandbox, **{"mappings": [USAGE_RULE_ORB_AT], **overrides})
     return metronome_config(sandbox, **{"mappings": [USAGE_RULE_METRONOME_AT], **overrides})
+
+
+# What the test families need to know of each destination.
+DESTINATIONS_UNDER_TEST = ["m3ter", "metronome", "orb"]
+ID_FIELD = {"m3ter": "uid", "metronome": "transaction_id", "orb": "idempotency_key"}
+MAX_ITEMS = {"m3ter": 1000, "metronome": 100, "orb": 500}
+SECRETS = {"m3ter": M3TER_SECRET, "metronome": METRONOME_TOKEN, "orb": ORB_KEY}
+
+
+def api_url_settings(destination: str, url: str) -> dict:
+    """Settings sending every request of ``destination`` to ``url``."""
+    if destination == "m3ter":
+        return {"m3ter_ingest_url": url, "m3ter_auth_url": url}
+    return {f"{destination}_api_url": url}
 
 
 def usage(count: int, start: int = 0, **extra: t.Any) -> list[dict]:
@@ -335,14 +377,12 @@ def usage_config(sandbox, **overrides):
 
 def crash_config(sandbox, destination: str = "m3ter", **overrides) -> dict:
     settings = {
-        "mappings": [USAGE_RULE_M3TER if destination == "m3ter" else USAGE_RULE_METRONOME_AT],
         "batch_size_rows": 50,
         "max_requests_in_flight": 3,
         "state_checkpoint_seconds": 0.1,
         **overrides,
     }
-    make = m3ter_config if destination == "m3ter" else metronome_config
-    return make(sandbox, **settings)
+    return config_for(destination, sandbox, **settings)
 
 
 @pytest.fixture
@@ -373,3 +413,51 @@ def tls_sandbox(tmp_path):
     sandbox = start_sandbox(tmp_path / "sandbox", "--tls-cert", str(cert), "--tls-key", str(key))
     yield sandbox, cert
     stop_sandbox(sandbox)
+
+
+# --- the vendors' SDK request types as referees -------------------------------------------
+
+
+def problems(value: t.Any, annotation: t.Any, where: str) -> list[str]:
+    """Where ``value`` (decoded JSON) does not fit the SDK's type ``annotation``."""
+    origin = t.get_origin(annotation)
+    if origin in (typing_extensions.Required, typing_extensions.NotRequired, t.Annotated):
+        return problems(value, t.get_args(annotation)[0], where)
+    if origin is t.Union:
+        options = [problems(value, option, where) for option in t.get_args(annotation)]
+        return [] if any(not found for found in options) else min(options, key=len)
+    if typing_extensions.is_typeddict(annotation):
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object"]
+        hints = typing_extensions.get_type_hints(annotation, include_extras=True)
+        # with postponed annotations the class's __required_keys__ can miss Required[...]
+        required = set(annotation.__required_keys__) | {
+            key for key, hint in hints.items() if t.get_origin(hint) is typing_extensions.Required
+        }
+        found = [f"{where}.{key}: missing (required)" for key in sorted(required) if key not in value]
+        found += [f"{where}.{key}: not a field of {annotation.__name__}" for key in value if key not in hints]
+        for key, item in value.items():
+            if key in hints:
+                found += problems(item, hints[key], f"{where}.{key}")
+        return found
+    if origin is dict:
+        key_type, value_type = t.get_args(annotation)
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object"]
+        found = []
+        for key, item in value.items():
+            found += problems(key, key_type, f"{where} key")
+            found += problems(item, value_type, f"{where}.{key}")
+        return found
+    if annotation is object:
+        return []
+    if annotation is type(None):
+        return [] if value is None else [f"{where}: expected null, got {value!r}"]
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return [] if ok else [f"{where}: expected a number, got {value!r}"]
+    if annotation is str:
+        return [] if isinstance(value, str) else [f"{where}: expected a string, got {value!r}"]
+    if annotation is dt.datetime:
+        return [f"{where}: a datetime cannot arrive as JSON"]
+    raise AssertionError(f"{where}: no rule for {annotation!r}")

@@ -10,23 +10,35 @@ import pytest
 import requests
 
 from tests.conftest import (
-    M3TER_SECRET,
-    METRONOME_TOKEN,
+    DESTINATIONS_UNDER_TEST,
+    SECRETS,
     USAGE_RULE_M3TER,
     USAGE_RULE_METRONOME,
+    USAGE_RULE_ORB,
     Pipeline,
     crash_config,
     m3ter_config,
     metronome_config,
+    orb_config,
     position,
     run_target,
     singer,
     wait_until,
 )
 
-# Record 0's time for crash tests: yesterday, fixed for both runs of a test so that a
-# re-emitted record is byte-identical, and inside Metronome's 34-day window.
+# Record 0's time for crash tests: fixed for both runs of a test so that a re-emitted
+# record is byte-identical; yesterday (inside Metronome's 34-day window), or three hours
+# ago for Orb (inside its 12-hour grace period).
 YESTERDAY = int(time.time()) - 86400
+BASE_EPOCH = {"m3ter": YESTERDAY, "metronome": YESTERDAY, "orb": int(time.time()) - 3 * 3600}
+
+
+def now_config(sandbox, destination: str, **overrides) -> dict:
+    """``destination``'s example config with a usage-row rule stamping "now_ts" (an hour
+    ago) where the platform has a time window, "at" for m3ter."""
+    rules = {"m3ter": USAGE_RULE_M3TER, "metronome": USAGE_RULE_METRONOME, "orb": USAGE_RULE_ORB}
+    make = {"m3ter": m3ter_config, "metronome": metronome_config, "orb": orb_config}[destination]
+    return make(sandbox, mappings=[rules[destination]], **overrides)
 
 
 def stored_ids(sandbox, destination: str) -> list[int]:
@@ -37,7 +49,7 @@ def stored_ids(sandbox, destination: str) -> list[int]:
 # --- crashes -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 @pytest.mark.parametrize("kill_after_requests", [1, 6, 15])
 def test_sigkill_then_resume_from_last_state_loses_nothing_and_resends_identically(
     sandbox, tmp_path, kill_after_requests, destination
@@ -45,7 +57,8 @@ def test_sigkill_then_resume_from_last_state_loses_nothing_and_resends_identical
     total = 2000
     sandbox.faults(latency_ms=60)  # keep requests in flight when the kill lands
     config = crash_config(sandbox, destination)
-    first = Pipeline(tmp_path, config, total, every=50, pause=0.02, name="first", base_epoch=YESTERDAY)
+    base = BASE_EPOCH[destination]
+    first = Pipeline(tmp_path, config, total, every=50, pause=0.02, name="first", base_epoch=base)
     wait_until(lambda: sandbox.stats(destination)["requests"] >= kill_after_requests)
     first.kill()
     states = first.states
@@ -55,7 +68,7 @@ def test_sigkill_then_resume_from_last_state_loses_nothing_and_resends_identical
     # every STATE emitted covers only acknowledged records
     assert not positions or positions[-1] <= stored_at_kill
     resume = states[-1] if states else None
-    second = Pipeline(tmp_path, config, total, state=resume, every=50, name="second", base_epoch=YESTERDAY)
+    second = Pipeline(tmp_path, config, total, state=resume, every=50, name="second", base_epoch=base)
     assert second.wait() == 0, second.stderr
     stats = sandbox.stats(destination)
     assert stored_ids(sandbox, destination) == list(range(total)), "every record stored exactly once"
@@ -93,10 +106,10 @@ def test_state_progresses_during_a_long_run(sandbox, tmp_path):
 # --- signals ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_sigterm_mid_run_delivers_what_was_received_and_exits_zero(sandbox, tmp_path, destination):
     config = crash_config(sandbox, destination, shutdown_grace_seconds=20)
-    run = Pipeline(tmp_path, config, 100_000, every=100, pause=0.05, base_epoch=YESTERDAY)
+    run = Pipeline(tmp_path, config, 100_000, every=100, pause=0.05, base_epoch=BASE_EPOCH[destination])
     wait_until(lambda: sandbox.stats(destination)["stored"] >= 300)
     run.target.send_signal(signal.SIGTERM)
     code = run.wait()
@@ -158,7 +171,7 @@ ALL_FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_all_faults_together_lose_nothing(sandbox, tmp_path, destination):
     faults = ALL_FAULTS + ([{"kind": "expire-tokens", "count": 1}] if destination == "m3ter" else [])
     sandbox.faults(*faults)
@@ -167,10 +180,7 @@ def test_all_faults_together_lose_nothing(sandbox, tmp_path, destination):
         {"id": i, "account": f"a{i % 5}", "at": 1795184122 + i, "now_ts": now, "tokens": i, "note": f"n{i}"}
         for i in range(1500)
     ]
-    if destination == "m3ter":
-        config = m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER], request_timeout_seconds=1)
-    else:
-        config = metronome_config(sandbox, mappings=[USAGE_RULE_METRONOME], request_timeout_seconds=1)
+    config = now_config(sandbox, destination, request_timeout_seconds=1)
     result = run_target(tmp_path, config, singer("usage", records, key_properties=["id"]))
     assert result.returncode == 0, result.stderr
     stats = sandbox.stats(destination)
@@ -199,6 +209,8 @@ def bad_mix(count: int, bad_every: int, destination: str = "m3ter") -> list[dict
             kind = (i // bad_every) % 3
             if kind == 0 and destination == "m3ter":
                 record["tokens"] = "lots"  # m3ter measures are numbers
+            elif kind == 0 and destination == "orb":
+                record["account"] = ["a", "b"]  # a customer id is text
             elif kind == 0:
                 record["account"] = None  # Metronome needs a customer (properties are free-form)
             elif kind == 1:
@@ -209,13 +221,11 @@ def bad_mix(count: int, bad_every: int, destination: str = "m3ter") -> list[dict
     return records
 
 
-@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_bad_record_mix_under_the_limit_delivers_all_good_ones(sandbox, tmp_path, destination):
     records = bad_mix(3000, bad_every=50, destination=destination)  # 2 % bad
     bad_ids = {r["id"] for r in records if r["id"] % 50 == 0}
-    make = m3ter_config if destination == "m3ter" else metronome_config
-    rule = USAGE_RULE_M3TER if destination == "m3ter" else USAGE_RULE_METRONOME
-    config = make(sandbox, mappings=[rule], dead_letter_path="dead.jsonl")
+    config = now_config(sandbox, destination, dead_letter_path="dead.jsonl")
     if destination == "metronome":
         config["metronome_numbers_as_strings"] = False
     result = run_target(tmp_path, config, singer("usage", records, key_properties=["id"], state={"done": 1}))
@@ -223,7 +233,11 @@ def test_bad_record_mix_under_the_limit_delivers_all_good_ones(sandbox, tmp_path
     assert sandbox.stats(destination)["stored"] == 3000 - len(bad_ids)
     dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
     assert {d["record"]["id"] for d in dead} == bad_ids
-    assert all(d["reason"] and d["stage"] == "mapping" for d in dead)
+    for d in dead:
+        # Orb's customer id is optional in the mapping (one of two): an empty one is
+        # refused when the payload is checked, not while it is mapped
+        empty_orb_customer = destination == "orb" and d["record"]["account"] == ""
+        assert d["reason"] and d["stage"] == ("validation" if empty_orb_customer else "mapping"), d
     assert result.states == [{"done": 1}]
     assert f"rejected {len(bad_ids)}" in result.stderr
 
@@ -293,20 +307,19 @@ def test_unknown_message_types_and_blank_lines_are_skipped(sandbox, tmp_path):
 # --- secrets ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_debug_logging_shows_no_secret_and_no_token(sandbox, tmp_path, destination):
     records = bad_mix(500, bad_every=100)
+    config = now_config(sandbox, destination, dead_letter_path="dead.jsonl")
     if destination == "m3ter":
-        config = m3ter_config(sandbox, mappings=[USAGE_RULE_M3TER], dead_letter_path="dead.jsonl")
         sandbox.faults({"kind": "expire-tokens", "count": 1}, {"kind": "500", "count": 1})
     else:
-        config = metronome_config(sandbox, mappings=[USAGE_RULE_METRONOME], dead_letter_path="dead.jsonl")
         sandbox.faults({"kind": "500", "count": 1})
     result = run_target(tmp_path, config, singer("usage", records), args=["--log-level", "DEBUG"])
     assert result.returncode == 0, result.stderr
     assert "DEBUG" in result.stderr  # debug logging was really on
     tokens = requests.get(f"{sandbox.url}/_sandbox/tokens", timeout=10).json()["tokens"]
-    secrets = [M3TER_SECRET, METRONOME_TOKEN, *tokens]
+    secrets = [*SECRETS.values(), *tokens]
     if destination == "m3ter":
         assert len(tokens) == 2  # the first token expired and was renewed
     outputs = result.stdout + result.stderr + (tmp_path / "dead.jsonl").read_text()

@@ -21,10 +21,12 @@ import pytest
 from target_usage_billing.http import Response, backoff_waits, retry_after_seconds, transient
 from tests.conftest import (
     DEFAULT_DEAD_LETTERS,
+    DESTINATIONS_UNDER_TEST,
     RECENT,
     TARGET,
     USAGE_RULE_M3TER,
     Pipeline,
+    api_url_settings,
     config_for,
     dead_letters,
     run_target,
@@ -33,7 +35,7 @@ from tests.conftest import (
     wait_until,
 )
 
-both = pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+both = pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)  # every destination
 DEAD = DEFAULT_DEAD_LETTERS
 
 
@@ -355,11 +357,7 @@ def closed_port() -> int:
 @both
 def test_api_unreachable_at_start_up_is_exit_4_in_one_line(sandbox, tmp_path, destination):
     url = f"http://127.0.0.1:{closed_port()}"
-    urls = (
-        {"m3ter_ingest_url": url, "m3ter_auth_url": url}
-        if destination == "m3ter"
-        else {"metronome_api_url": url}
-    )
+    urls = api_url_settings(destination, url)
     result = run_target(
         tmp_path, config_for(destination, sandbox, max_retry_seconds=1.5, **urls), singer("usage", usage(2))
     )

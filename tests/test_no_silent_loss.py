@@ -20,6 +20,9 @@ import pytest
 
 from tests.conftest import (
     DEFAULT_DEAD_LETTERS,
+    DESTINATIONS_UNDER_TEST,
+    ID_FIELD,
+    MAX_ITEMS,
     RECENT,
     TARGET,
     USAGE_RULE_M3TER,
@@ -41,7 +44,7 @@ def stored_notes(sandbox, destination: str) -> list[str]:
     return sorted(item[category]["note"] for item in sandbox.items(destination))
 
 
-both = pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+both = pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)  # every destination
 
 
 # --- 1. dry runs write no STATE ------------------------------------------------------------
@@ -288,7 +291,7 @@ def test_a_second_body_for_an_id_already_sent_is_a_conflict_not_a_silent_drop(sa
     (dead,) = dead_letters(tmp_path)
     assert dead["stage"] == "conflict" and dead["line"] == 12 and dead["record"]["tokens"] == 999
     assert dead["sent_body_digest"] != dead["body_digest"]
-    assert dead["id"] == dead["payload"]["uid" if destination == "m3ter" else "transaction_id"]
+    assert dead["id"] == dead["payload"][ID_FIELD[destination]]
     assert "rejected 1, duplicates 1" in result.stderr
     assert result.states == [{"p": 12}]
 
@@ -339,7 +342,7 @@ def test_state_after_every_record_with_checkpoint_zero_still_batches(sandbox, tm
     assert result.returncode == 0, result.stderr
     stats = sandbox.stats(destination)
     assert stats["stored"] == 300
-    assert stats["requests"] == (1 if destination == "m3ter" else 3)  # full batches only
+    assert stats["requests"] == -(-300 // MAX_ITEMS[destination])  # full batches only
     assert result.states[-1] == {"position": 300}
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import m3ter
 import metronome
 import pytest
-import typing_extensions
 from m3ter.types.measurement_request_param import MeasurementRequestParam
 from metronome.types.v1.usage_ingest_params import Usage
 
@@ -29,6 +28,7 @@ from tests.conftest import (
     METRONOME_TOKEN,
     m3ter_config,
     metronome_config,
+    problems,
     run_target,
 )
 
@@ -48,49 +48,6 @@ ALL_M3TER_FIELDS = {
         "income": {"seconds": "properties.compute_seconds"},
     },
 }
-
-
-def problems(value: t.Any, annotation: t.Any, where: str) -> list[str]:
-    """Where ``value`` (decoded JSON) does not fit the SDK's type ``annotation``."""
-    origin = t.get_origin(annotation)
-    if origin in (typing_extensions.Required, typing_extensions.NotRequired, t.Annotated):
-        return problems(value, t.get_args(annotation)[0], where)
-    if origin is t.Union:
-        options = [problems(value, option, where) for option in t.get_args(annotation)]
-        return [] if any(not found for found in options) else min(options, key=len)
-    if typing_extensions.is_typeddict(annotation):
-        if not isinstance(value, dict):
-            return [f"{where}: expected an object"]
-        hints = typing_extensions.get_type_hints(annotation, include_extras=True)
-        # with postponed annotations the class's __required_keys__ can miss Required[...]
-        required = set(annotation.__required_keys__) | {
-            key for key, hint in hints.items() if t.get_origin(hint) is typing_extensions.Required
-        }
-        found = [f"{where}.{key}: missing (required)" for key in sorted(required) if key not in value]
-        found += [f"{where}.{key}: not a field of {annotation.__name__}" for key in value if key not in hints]
-        for key, item in value.items():
-            if key in hints:
-                found += problems(item, hints[key], f"{where}.{key}")
-        return found
-    if origin is dict:
-        key_type, value_type = t.get_args(annotation)
-        if not isinstance(value, dict):
-            return [f"{where}: expected an object"]
-        found = []
-        for key, item in value.items():
-            found += problems(key, key_type, f"{where} key")
-            found += problems(item, value_type, f"{where}.{key}")
-        return found
-    if annotation is object:
-        return []
-    if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return [] if ok else [f"{where}: expected a number, got {value!r}"]
-    if annotation is str:
-        return [] if isinstance(value, str) else [f"{where}: expected a string, got {value!r}"]
-    if annotation is dt.datetime:
-        return [f"{where}: a datetime cannot arrive as JSON"]
-    raise AssertionError(f"{where}: no rule for {annotation!r}")
 
 
 def dry_run_items(tmp_path: Path, config: dict, lines: Path | list[str]) -> list[t.Any]:

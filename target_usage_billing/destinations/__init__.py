@@ -10,9 +10,10 @@ from target_usage_billing.destinations.base import (
 )
 from target_usage_billing.destinations.m3ter import M3terDestination
 from target_usage_billing.destinations.metronome import MetronomeDestination
+from target_usage_billing.destinations.orb import OrbDestination
 
 DESTINATIONS: dict[str, type[Destination]] = {
-    cls.name: cls for cls in (M3terDestination, MetronomeDestination)
+    cls.name: cls for cls in (M3terDestination, MetronomeDestination, OrbDestination)
 }
 
 __all__ = ["DESTINATIONS", "Destination", "OutgoingRequest", "Ruling", "Verdict"]

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from singer_sdk import typing as th
 
-from target_usage_billing.http import HttpTransport, Response, transient
+from target_usage_billing.errors import CredentialsError, DeliveryError
+from target_usage_billing.http import HttpTransport, Response, retryable_status, transient
 from target_usage_billing.mapping import FieldSpec, Preset
 
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
@@ -223,3 +224,28 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     def check_credentials(self) -> None:
         """Fail fast with CredentialsError before any input is read."""
+
+    def probe_credentials(
+        self, url: str, headers: dict[str, str], setting: str, credential: str = "API key"
+    ) -> None:
+        """``check_credentials`` for a static key: one cheap authenticated GET, retried
+        while transient; 401/403 is CredentialsError naming ``setting``, another non-2xx
+        answer a DeliveryError (e.g. a wrong URL)."""
+        request = f"GET {urllib.parse.urlsplit(url).path}"
+        what = f"{self.label} {request}"
+
+        def attempt() -> None:
+            response = self.transport.send_once("GET", url, headers, None)
+            retry = retryable_status(response, what)
+            if retry is not None:
+                raise retry
+            if response.status in (401, 403):
+                msg = (
+                    f"{self.label} refused the {credential} ({response.status} from {request}): "
+                    f"check {setting}"
+                )
+                raise CredentialsError(msg)
+            if not 200 <= response.status < 300:
+                raise DeliveryError(f"{what} answered {response.status}: {response.text()}")
+
+        self.transport.with_retries(attempt, what)

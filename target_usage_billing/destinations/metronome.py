@@ -21,8 +21,6 @@ from target_usage_billing.destinations.base import (
     TimeWindow,
     Verdict,
 )
-from target_usage_billing.errors import CredentialsError, DeliveryError
-from target_usage_billing.http import retryable_status
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AGE = dt.timedelta(days=34)
@@ -141,20 +139,4 @@ class MetronomeDestination(Destination):
 
     def check_credentials(self) -> None:
         url = f"{self.api_url}/v1/customers?limit=1"
-
-        def attempt() -> None:
-            response = self.transport.send_once("GET", url, self._headers(), None)
-            retry = retryable_status(response, "Metronome GET /v1/customers")
-            if retry is not None:
-                raise retry
-            if response.status in (401, 403):
-                msg = (
-                    f"Metronome refused the API token ({response.status} from GET /v1/customers): "
-                    "check metronome_api_token"
-                )
-                raise CredentialsError(msg)
-            if not 200 <= response.status < 300:
-                msg = f"Metronome GET /v1/customers answered {response.status}: {response.text()}"
-                raise DeliveryError(msg)
-
-        self.transport.with_retries(attempt, "Metronome GET /v1/customers")
+        self.probe_credentials(url, self._headers(), "metronome_api_token", credential="API token")

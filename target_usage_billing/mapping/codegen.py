@@ -31,6 +31,7 @@ class FieldCode(t.NamedTuple):
     # | ("keyed", [(key, keys, source, label)], kept, convert)
     # | ("children", parent, [(key, child, source, label)], kept, convert) | None
     inline: tuple | None
+    default: t.Any = None  # sent when the rule yields no value (None: the field is left out)
 
 
 class FilterCode(t.Protocol):
@@ -103,6 +104,13 @@ def generate_apply(
             lines.append(f"{INDENT}    pass")
         lines.append(f"{INDENT}else:")
         lines.append(f"{INDENT}    payload[{field.name!r}] = value")
+    for number, field in enumerate(fields):
+        if field.default is not None:
+            namespace[f"_default{number}"] = field.default
+            lines += [
+                f"{INDENT}if {field.name!r} not in payload:",
+                f"{INDENT}    payload[{field.name!r}] = _default{number}",
+            ]
     lines += [
         f"{INDENT}return payload",
         "    except MappingRejection:",

@@ -53,11 +53,18 @@ class CompiledRule:
         self._plan = [
             (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
         ]
+        self._defaults = [(f.spec.name, f.spec.default) for f in fields if f.spec.default is not None]
         # The hot path: the same rule as one generated function (see mapping.codegen).
         self.apply = generate_apply(
             [
                 FieldCode(
-                    f.spec.name, f.source, f.spec.required, f.spec.kind is FieldKind.ID, f.compute, f.inline
+                    f.spec.name,
+                    f.source,
+                    f.spec.required,
+                    f.spec.kind is FieldKind.ID,
+                    f.compute,
+                    f.inline,
+                    f.spec.default,
                 )
                 for f in fields
             ],
@@ -107,6 +114,8 @@ class CompiledRule:
                         raise MappingRejection("required value is missing or empty", name, source)
                     continue
                 payload[name] = value
+            for name, default in self._defaults:
+                payload.setdefault(name, default)
             return payload
         except MappingRejection:
             raise
@@ -178,7 +187,7 @@ def compile_rules(
                 if spec.required:
                     msg = f"{fwhere}: {destination} requires this field; give an expression"
                     raise ConfigError(msg)
-                if spec.kind is FieldKind.ID:  # no expression: apply() derives the id
+                if spec.kind is FieldKind.ID or spec.default is not None:  # derived or defaulted by apply()
                     compiled_fields.append(CompiledField(spec, lambda _record: None, None))
                 continue
             compiled_fields.append(compile_field(spec, source, fwhere))

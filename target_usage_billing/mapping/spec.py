@@ -27,6 +27,8 @@ class FieldSpec:
     required: bool = False
     key_pattern: re.Pattern[str] | None = None  # map kinds: allowed keys
     numbers_as_strings: bool = False  # OBJECT: send numbers as strings
+    # sent when the rule yields nothing (e.g. {} for an object the API requires)
+    default: t.Any = None
 
 
 @dataclass(frozen=True)

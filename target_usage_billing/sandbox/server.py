@@ -1,4 +1,8 @@
-"""usage-billing-sandbox: a loopback emulator of the m3ter and Metronome ingest APIs.
+"""usage-billing-sandbox: a loopback emulator of the m3ter, Metronome and Orb ingest APIs.
+
+Orb (and each platform added after it) is served under a path prefix of its own (/orb)
+by a module that knows its contract (sandbox/orb.py); m3ter and Metronome are served at
+the root, as the demo and the examples have always addressed them.
 
 It checks credentials, enforces the contracts (limits, per-item validation, time
 windows, rate limits), de-duplicates by id, stores what it accepted under a data
@@ -8,7 +12,7 @@ the control endpoint, to rehearse outages before they happen in production.
 Control endpoints (all under /_sandbox):
   GET  /health                   {"ok": true}
   GET  /stats                    counters per destination
-  GET  /items/{m3ter|metronome}  accepted items, one JSON object per line
+  GET  /items/{m3ter|metronome|orb}  accepted items, one JSON object per line
   POST /faults                   {"faults": [FAULT, ...], "latency_ms": N, "token_lifetime": S,
                                   "refuse_items_containing": [TEXT, ...]}
   DELETE /faults                 clear faults and latency
@@ -33,31 +37,30 @@ import time
 import typing as t
 import urllib.parse
 
+from target_usage_billing.sandbox import orb
 from target_usage_billing.sandbox.contracts import (
     M3TER_MAX_BODY,
     ItemError,
     m3ter_items,
     metronome_items,
 )
+from target_usage_billing.sandbox.replies import Reply, json_reply
 from target_usage_billing.sandbox.state import (
     DestinationStats,
     Fault,
     Sandbox,
 )
 
-
-class _Reply(Exception):
-    def __init__(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None):
-        super().__init__(status)
-        self.status = status
-        self.body = body
-        self.headers = headers or {}
+# Platforms served under a path prefix of their own (/orb/v1/ingest ...): each module
+# says how it authenticates, validates, refuses and answers.
+PLATFORMS: dict[str, t.Any] = {module.NAME: module for module in (orb,)}
 
 
-def _json_reply(status: int, document: t.Any, headers: dict[str, str] | None = None) -> _Reply:
-    return _Reply(
-        status, json.dumps(document).encode(), {"Content-Type": "application/json", **(headers or {})}
-    )
+def _platform_for(path: str) -> t.Any:
+    for module in PLATFORMS.values():
+        if path.startswith(module.PREFIX + "/"):
+            return module
+    return None
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -76,7 +79,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, reply: _Reply) -> None:
+    def _send(self, reply: Reply) -> None:
         self.send_response(reply.status)
         for key, value in reply.headers.items():
             self.send_header(key, value)
@@ -106,10 +109,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._ingest("metronome", path)
             elif method == "GET" and path == "/v1/customers":
                 self._metronome_auth()
-                raise _json_reply(200, {"data": [], "next_page": None})
+                raise json_reply(200, {"data": [], "next_page": None})
+            elif (platform := _platform_for(path)) is not None:
+                subpath = path[len(platform.PREFIX) :]
+                if method == "POST" and subpath == platform.INGEST_PATH:
+                    self._ingest(platform.NAME, subpath)
+                reply = platform.other_route(method, subpath, self.headers, sandbox.settings)
+                raise reply or json_reply(404, {"message": f"no route for {method} {path}"})
             else:
-                raise _json_reply(404, {"message": f"no route for {method} {path}"})
-        except _Reply as reply:
+                raise json_reply(404, {"message": f"no route for {method} {path}"})
+        except Reply as reply:
             self._send(reply)
         except _Dropped:
             self._drop()
@@ -117,7 +126,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with sandbox.lock:
                 for stats in sandbox.stats.values():
                     stats.last_error = repr(exc)
-            self._send(_json_reply(500, {"message": f"sandbox error: {exc!r}"}))
+            self._send(json_reply(500, {"message": f"sandbox error: {exc!r}"}))
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -140,15 +149,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             f"{settings.m3ter_access_key_id}:{settings.m3ter_api_secret}".encode()
         ).decode()
         if self.headers.get("Authorization") != f"Basic {expected}":
-            raise _json_reply(401, {"message": "invalid client credentials"})
+            raise json_reply(401, {"message": "invalid client credentials"})
         grant = _grant_type(body, self.headers.get("Content-Type", ""))
         if grant != "client_credentials":
-            raise _json_reply(400, {"message": "grant_type must be client_credentials"})
+            raise json_reply(400, {"message": "grant_type must be client_credentials"})
         token = secrets.token_urlsafe(24)
         with sandbox.lock:
             sandbox.tokens[token] = time.monotonic() + settings.token_lifetime
         lifetime = settings.token_lifetime
-        raise _json_reply(
+        raise json_reply(
             200,
             {
                 "access_token": token,
@@ -164,12 +173,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with sandbox.lock:
             expiry = sandbox.tokens.get(token)
         if expiry is None or time.monotonic() >= expiry:
-            raise _json_reply(403, {"message": "Forbidden or Unauthorized: token invalid or expired"})
+            raise json_reply(403, {"message": "Forbidden or Unauthorized: token invalid or expired"})
 
     def _metronome_auth(self) -> None:
         expected = f"Bearer {self.server.sandbox.settings.metronome_api_token}"
         if self.headers.get("Authorization") != expected:
-            raise _json_reply(403, {"message": "Unauthorized: invalid API token"})
+            raise json_reply(403, {"message": "Unauthorized: invalid API token"})
 
     # --- ingest ------------------------------------------------------------------------
 
@@ -199,26 +208,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 elif fault.kind in ("401", "403", "429", "500", "502", "503", "504"):
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                     headers.update(fault.headers)
-                    raise _json_reply(int(fault.kind), {"message": f"injected {fault.kind}"}, headers)
-            if destination == "m3ter":
+                    raise json_reply(int(fault.kind), {"message": f"injected {fault.kind}"}, headers)
+            platform = PLATFORMS.get(destination)
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            if platform is not None:
+                platform.authenticate(self.headers, sandbox.settings)
+                with sandbox.lock:
+                    stats.max_body_bytes = max(stats.max_body_bytes, len(raw_body))
+                items = platform.items(raw_body, query, sandbox.settings)
+            elif destination == "m3ter":
                 items = self._m3ter_items(raw_body, stats)
             else:
                 items = self._metronome_items(raw_body, stats)
             self._refuse_marked(destination, items)
             with sandbox.lock:
                 if generation != sandbox.generation:  # reset while this request waited
-                    raise _json_reply(503, {"message": "the sandbox was reset during this request"})
+                    raise json_reply(503, {"message": "the sandbox was reset during this request"})
                 stats.items_received += len(items)
                 stats.max_items_per_request = max(stats.max_items_per_request, len(items))
-                sandbox.stores[destination].add(items, stats)
+                new_ids, known_ids = sandbox.stores[destination].add(items, stats)
             if fault is not None and fault.kind == "stored-500":
-                raise _json_reply(500, {"message": "injected: stored, then failed to answer"})
+                raise json_reply(500, {"message": "injected: stored, then failed to answer"})
             if fault is not None and fault.kind == "stored-drop":
                 raise _Dropped
+            if platform is not None:
+                raise platform.accepted(new_ids, known_ids, query)
             if destination == "m3ter":
-                raise _json_reply(200, {"result": "accepted"})
-            raise _Reply(200)
-        except _Reply as reply:
+                raise json_reply(200, {"result": "accepted"})
+            raise Reply(200)
+        except Reply as reply:
             with sandbox.lock:
                 stats.statuses[str(reply.status)] += 1
                 if reply.status == 400:
@@ -235,11 +253,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not markers:
             return
         noun = "measurements" if destination == "m3ter" else "events"
-        for index, (_item_id, raw) in enumerate(items):
+        platform = PLATFORMS.get(destination)
+        for index, (item_id, raw) in enumerate(items):
             for marker in markers:
                 if marker in raw:
                     message = f"{noun}[{index}]: refused (contains {marker.decode()!r})"
-                    raise _json_reply(400, {"message": message})
+                    if platform is not None:
+                        raise platform.refusal(index, item_id, message)
+                    raise json_reply(400, {"message": message})
 
     def _m3ter_items(self, body: bytes, stats: DestinationStats) -> list[tuple[str | None, bytes]]:
         self._m3ter_auth()
@@ -248,13 +269,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             stats.max_body_bytes = max(stats.max_body_bytes, len(body))
             limited = bool(sandbox.settings.m3ter_rate_limits) and sandbox.m3ter_rate_exceeded()
         if len(body) >= M3TER_MAX_BODY:
-            raise _json_reply(403, {"message": f"request body of {len(body)} bytes is too large"})
+            raise json_reply(403, {"message": f"request body of {len(body)} bytes is too large"})
         if limited:
-            raise _json_reply(429, {"message": "rate limit exceeded"}, {"Retry-After": "1"})
+            raise json_reply(429, {"message": "rate limit exceeded"}, {"Retry-After": "1"})
         try:
             return m3ter_items(body)
         except ItemError as exc:
-            raise _json_reply(400, {"message": str(exc)}) from None
+            raise json_reply(400, {"message": str(exc)}) from None
 
     def _metronome_items(self, body: bytes, stats: DestinationStats) -> list[tuple[str | None, bytes]]:
         self._metronome_auth()
@@ -264,36 +285,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
             try:
                 body = gzip.decompress(body)
             except (OSError, EOFError):
-                raise _json_reply(400, {"message": "body is not valid gzip"}) from None
+                raise json_reply(400, {"message": "body is not valid gzip"}) from None
         with self.server.sandbox.lock:
             stats.max_body_bytes = max(stats.max_body_bytes, len(body))
         try:
             return metronome_items(body)
         except ItemError as exc:
-            raise _json_reply(400, {"message": str(exc)}) from None
+            raise json_reply(400, {"message": str(exc)}) from None
 
     # --- control -----------------------------------------------------------------------
 
     def _control(self, method: str, action: str) -> None:
         sandbox = self.server.sandbox
         if method == "GET" and action == "health":
-            raise _json_reply(200, {"ok": True})
+            raise json_reply(200, {"ok": True})
         if method == "GET" and action == "stats":
             with sandbox.lock:
-                raise _json_reply(200, sandbox.stats_document())
+                raise json_reply(200, sandbox.stats_document())
         if method == "GET" and action.startswith("items/"):
             name = action[len("items/") :]
             if name not in sandbox.stores:
-                raise _json_reply(404, {"message": f"no destination {name!r}"})
+                raise json_reply(404, {"message": f"no destination {name!r}"})
             with sandbox.lock:
                 data = sandbox.stores[name].dump()
-            raise _Reply(200, data, {"Content-Type": "application/x-ndjson"})
+            raise Reply(200, data, {"Content-Type": "application/x-ndjson"})
         if method == "POST" and action == "faults":
             try:
                 document = json.loads(self._body() or b"{}")
                 faults = [Fault.parse(spec) for spec in document.get("faults", [])]
             except (ValueError, TypeError, AttributeError) as exc:
-                raise _json_reply(400, {"message": f"bad fault document: {exc}"}) from None
+                raise json_reply(400, {"message": f"bad fault document: {exc}"}) from None
             with sandbox.lock:
                 sandbox.faults.extend(faults)
                 if "latency_ms" in document:
@@ -302,29 +323,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     sandbox.settings.token_lifetime = float(document["token_lifetime"])
                 if "refuse_items_containing" in document:
                     sandbox.settings.refuse_items_containing = list(document["refuse_items_containing"])
-            raise _json_reply(200, {"faults_pending": len(sandbox.faults)})
+            raise json_reply(200, {"faults_pending": len(sandbox.faults)})
         if method == "DELETE" and action == "faults":
             self._body()
             with sandbox.lock:
                 sandbox.faults.clear()
                 sandbox.settings.latency_ms = 0.0
                 sandbox.settings.refuse_items_containing = []
-            raise _json_reply(200, {"faults_pending": 0})
+            raise json_reply(200, {"faults_pending": 0})
         if method == "GET" and action == "tokens":  # for tests that grep output for tokens
             with sandbox.lock:
-                raise _json_reply(200, {"tokens": list(sandbox.tokens)})
+                raise json_reply(200, {"tokens": list(sandbox.tokens)})
         if method == "POST" and action == "expire-tokens":
             self._body()
             with sandbox.lock:
                 expired = len(sandbox.tokens)
                 sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
-            raise _json_reply(200, {"expired": expired})
+            raise json_reply(200, {"expired": expired})
         if method == "POST" and action == "reset":
             self._body()
             with sandbox.lock:
                 sandbox.reset()
-            raise _json_reply(200, {"ok": True})
-        raise _json_reply(404, {"message": f"no control action {method} {action}"})
+            raise json_reply(200, {"ok": True})
+        raise json_reply(404, {"message": f"no control action {method} {action}"})
 
 
 class _Dropped(Exception):

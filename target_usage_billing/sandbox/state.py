@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-DESTINATIONS = ("m3ter", "metronome")
+DESTINATIONS = ("m3ter", "metronome", "orb")
 FAULT_KINDS = (
     "401",
     "403",
@@ -37,6 +37,8 @@ class SandboxSettings:
     m3ter_access_key_id: str = "sandbox-access-key"
     m3ter_api_secret: str = "sandbox-api-secret"
     metronome_api_token: str = "sandbox-metronome-token"
+    orb_api_key: str = "sandbox-orb-key"
+    orb_grace_period_hours: float = 12.0
     token_lifetime: float = 18000.0
     latency_ms: float = 0.0
     # m3ter: 50 requests/s per organization, 5,000 per rolling 5 minutes per source IP
@@ -128,24 +130,29 @@ class Store:
                             self.index[item_id] = _digest(line.rstrip(b"\n"))
         self._file = open(path, "ab")  # noqa: SIM115 - held open while serving
 
-    def add(self, items: list[tuple[str | None, bytes]], stats: DestinationStats) -> None:
+    def add(self, items: list[tuple[str | None, bytes]], stats: DestinationStats) -> tuple[list, list]:
+        """Store the items whose id is new; (new ids, ids already stored)."""
         fresh = []
+        new_ids, known_ids = [], []
         for item_id, raw in items:
             if item_id is not None:
                 digest = _digest(raw)
                 known = self.index.get(item_id)
                 if known is not None:
                     stats.duplicates += 1
+                    known_ids.append(item_id)
                     if known != digest:
                         stats.conflicts += 1
                     continue
                 self.index[item_id] = digest
+                new_ids.append(item_id)
             fresh.append(raw)
         if fresh:
             self._file.write(b"\n".join(fresh) + b"\n")
             self._file.flush()
             self.count += len(fresh)
             stats.accepted += len(fresh)
+        return new_ids, known_ids
 
     def dump(self) -> bytes:
         self._file.flush()
@@ -175,6 +182,7 @@ class Sandbox:
         self.stores = {
             "m3ter": Store(settings.data_dir / "m3ter-measurements.jsonl", "uid"),
             "metronome": Store(settings.data_dir / "metronome-events.jsonl", "transaction_id"),
+            "orb": Store(settings.data_dir / "orb-events.jsonl", "idempotency_key"),
         }
         self._arrivals: dict[str, collections.deque[float]] = {
             name: collections.deque() for name in DESTINATIONS

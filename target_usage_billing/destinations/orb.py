@@ -1,0 +1,162 @@
+"""Orb: usage events to POST {api_url}/v1/ingest.
+
+Contract (confirmed against orb-billing 4.90.0's ``EventIngestParams`` and the
+``events.ingest`` documentation it carries): Bearer API key; body
+``{"events": [...]}``; each event ``{idempotency_key, event_name, timestamp, properties,
+customer_id | external_customer_id}`` with exactly one of the two customer ids,
+``properties`` required and flat (numbers, booleans, strings), ``timestamp`` ISO 8601 in
+UTC, at most 5 minutes ahead and no older than the account's ingestion grace period
+(12 hours unless agreed with Orb; older usage goes through Orb's backfill flow, which
+this target does not drive). ``idempotency_key`` de-duplicates: an event is ingested at
+most once. A 4xx answer lists ``validation_failed: [{idempotency_key,
+validation_errors}]`` and ingests nothing of the request; 5xx: resend it all. Orb
+publishes no request-size limit; its own integrations send 500 events per request.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import typing as t
+from collections.abc import Sequence
+
+from singer_sdk import typing as th
+
+from target_usage_billing.destinations.base import (
+    Destination,
+    OutgoingRequest,
+    Ruling,
+    TimeWindow,
+    Verdict,
+)
+from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
+
+MAX_AHEAD = dt.timedelta(minutes=5)
+DEFAULT_GRACE_HOURS = 12.0
+_ENVELOPE_HEAD = b'{"events":['
+_ENVELOPE_TAIL = b"]}"
+
+
+class OrbDestination(Destination):
+    name = "orb"
+    label = "Orb"
+    item_noun = "events"
+    ingest_path = "/v1/ingest"
+    max_items_per_request = 500
+    max_body_bytes = 4_000_000  # none published: keep requests reasonable
+    rate_limits = ()  # none published: 429 + Retry-After is honoured instead
+    presets: t.ClassVar[dict[str, Preset]] = {
+        "segment": Preset(
+            description="Segment track calls: the event name, the Segment group as Orb's "
+            "external customer id, the properties as they are.",
+            filter="type == 'track'",
+            fields={
+                "idempotency_key": "messageId",
+                "event_name": "event",
+                "timestamp": "timestamp",
+                "external_customer_id": "context.groupId",
+                "properties": "properties",
+            },
+        ),
+    }
+    required_settings = ("orb_api_key",)
+    settings: t.ClassVar[list[th.Property]] = [
+        th.Property("orb_api_key", th.StringType, secret=True, description="Orb API key."),
+        th.Property(
+            "orb_api_url",
+            th.StringType,
+            default="https://api.withorb.com",
+            description="Base URL of Orb's API (requests go to {orb_api_url}/v1/...).",
+        ),
+        th.Property(
+            "orb_grace_period_hours",
+            th.NumberType,
+            default=DEFAULT_GRACE_HOURS,
+            description="Orb's ingestion grace period for the account: older events are "
+            "refused locally (dead-lettered) instead of failing a request; backfill them "
+            "with Orb's backfill flow.",
+        ),
+    ]
+
+    def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
+        super().__init__(config, transport)
+        self.api_url = str(config.get("orb_api_url") or "https://api.withorb.com").rstrip("/")
+        self.grace_hours = float(config.get("orb_grace_period_hours") or DEFAULT_GRACE_HOURS)
+        self._window = TimeWindow(dt.timedelta(hours=self.grace_hours), MAX_AHEAD)
+
+    @classmethod
+    def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
+        problems = super().config_errors(config, dry_run=dry_run)
+        grace = config.get("orb_grace_period_hours")
+        if grace is not None and not float(grace) > 0:  # a number: the settings schema says so
+            problems.append(f"orb_grace_period_hours: must be more than 0, got {grace}")
+        return problems
+
+    @classmethod
+    def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
+        return [
+            FieldSpec("idempotency_key", FieldKind.ID),
+            FieldSpec("event_name", FieldKind.STRING, required=True),
+            FieldSpec("timestamp", FieldKind.TIMESTAMP, required=True),
+            FieldSpec("customer_id", FieldKind.STRING),
+            FieldSpec("external_customer_id", FieldKind.STRING),
+            # required by Orb even when empty
+            FieldSpec("properties", FieldKind.OBJECT, default={}),
+        ]
+
+    def validate_payload(self, payload: dict[str, t.Any]) -> str | None:
+        # Each of these fails Orb's whole request: refuse the one event here instead.
+        if ("customer_id" in payload) == ("external_customer_id" in payload):
+            return "give exactly one of customer_id and external_customer_id (Orb requires one, not both)"
+        where = self._window.outside(payload["timestamp"])
+        if where == "past":
+            return (
+                f"timestamp {payload['timestamp']} is older than Orb's ingestion grace period "
+                f"({self.grace_hours:g} h, orb_grace_period_hours): send it with Orb's backfill flow"
+            )
+        if where == "future":
+            return f"timestamp {payload['timestamp']} is more than 5 minutes in the future (Orb refuses it)"
+        for key, value in payload["properties"].items():
+            if isinstance(value, dict | list):
+                return f"properties.{key}: Orb takes numbers, booleans and strings only, not nested values"
+        return None
+
+    @property
+    def envelope_overhead(self) -> int:
+        return len(_ENVELOPE_HEAD) + len(_ENVELOPE_TAIL)
+
+    def envelope(self, items: Sequence[bytes]) -> bytes:
+        return _ENVELOPE_HEAD + b",".join(items) + _ENVELOPE_TAIL
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.config.get('orb_api_key', '')}",
+            "Content-Type": "application/json",
+        }
+
+    def ingest_request(self, body: bytes) -> OutgoingRequest:
+        return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", self._headers(), body)
+
+    def judge_refusal(self, response: t.Any) -> Ruling | None:
+        status = response.status
+        if status in (401, 403):
+            return Ruling(
+                Verdict.DENIED, f"Orb refused the API key ({status} from POST /v1/ingest): check orb_api_key"
+            )
+        if status in (400, 422):
+            return Ruling(Verdict.REJECTED, f"Orb answered {status}: {_validation_failures(response)}")
+        return None
+
+    def check_credentials(self) -> None:
+        self.probe_credentials(f"{self.api_url}/v1/customers?limit=1", self._headers(), "orb_api_key")
+
+
+def _validation_failures(response: t.Any) -> str:
+    """Orb's per-event reasons, on one line: ``key: reason; ...``."""
+    try:
+        document = json.loads(response.body)
+        failed = document["validation_failed"]
+        parts = [f"{entry['idempotency_key']}: {'; '.join(entry['validation_errors'])}" for entry in failed]
+    except (ValueError, KeyError, TypeError):
+        return response.text()
+    return " | ".join(parts)[:1000] if parts else response.text()

@@ -1,0 +1,162 @@
+"""Orb's ingest contract, as the sandbox enforces it (served under /orb).
+
+Confirmed against orb-billing 4.90.0 (``EventIngestParams``, ``events.ingest`` and its
+documentation): ``POST /v1/ingest`` with a Bearer API key and ``{"events": [...]}``;
+each event needs ``event_name``, ``idempotency_key``, ``timestamp`` (ISO 8601, UTC) and
+``properties`` (flat: numbers, booleans, strings), and exactly one of ``customer_id`` and
+``external_customer_id``; at most 5 minutes ahead, no older than the account's grace
+period (12 hours unless agreed otherwise); ``idempotency_key`` is ingested at most once,
+and two events sharing one with different bodies fail the whole request. A request
+with an invalid event ingests nothing and answers 400 with
+``{"validation_failed": [{"idempotency_key", "validation_errors"}]}``; a valid one 200
+with an empty list, plus ``debug: {duplicate, ingested}`` when ``?debug=true`` (an older
+API option the current SDK no longer exposes). Orb publishes no per-request limit; the
+sandbox takes 500 events, the batch size Orb's own integrations use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+import msgspec
+from msgspec import Meta, Struct
+
+from target_usage_billing.sandbox.replies import Reply, json_reply
+
+NAME = "orb"
+PREFIX = "/orb"
+INGEST_PATH = "/v1/ingest"
+ID_FIELD = "idempotency_key"
+MAX_EVENTS = 500
+MAX_AHEAD = dt.timedelta(minutes=5)
+UTC = dt.timezone.utc
+
+NonEmpty = t.Annotated[str, Meta(min_length=1)]
+Scalar = t.Union[str, int, float, bool]  # noqa: UP007 - msgspec reads the Union at run time
+
+
+class OrbEvent(Struct, forbid_unknown_fields=True):
+    event_name: NonEmpty
+    idempotency_key: NonEmpty
+    timestamp: str
+    properties: dict[str, Scalar]
+    customer_id: str | None = None
+    external_customer_id: str | None = None
+
+
+class IngestBody(Struct, forbid_unknown_fields=True):
+    events: list[msgspec.Raw]
+
+
+_body_decoder = msgspec.json.Decoder(IngestBody)
+_event_decoder = msgspec.json.Decoder(OrbEvent)
+
+
+# Orb's error documents: the "type" URL is what its SDK maps to an error class.
+_ERROR_TYPES = {
+    400: "https://docs.withorb.com/reference/error-responses#400-request-validation-errors",
+    401: "https://docs.withorb.com/reference/error-responses#401-authentication-error",
+}
+
+
+def _error(status: int, title: str, detail: str, **extra: t.Any) -> Reply:
+    document = {"type": _ERROR_TYPES[status], "status": status, "title": title, "detail": detail, **extra}
+    return json_reply(status, document)
+
+
+def authenticate(headers: t.Mapping[str, str], settings: t.Any) -> None:
+    if headers.get("Authorization") != f"Bearer {settings.orb_api_key}":
+        raise _error(401, "Authentication error", "invalid or missing API key")
+
+
+def items(body: bytes, query: t.Mapping[str, list[str]], settings: t.Any) -> list[tuple[str | None, bytes]]:
+    """(idempotency_key, raw event) of a valid request; a Reply in Orb's format otherwise."""
+    if query.get("backfill_id"):
+        raise _error(400, "Request validation error", "backfills are not emulated by the sandbox")
+    try:
+        events = _body_decoder.decode(body).events
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _error(400, "Request validation error", f"body must be {{'events': [...]}}: {exc}") from None
+    if not 1 <= len(events) <= MAX_EVENTS:
+        raise _error(400, "Request validation error", f"send 1 to {MAX_EVENTS} events, got {len(events)}")
+    now = dt.datetime.now(UTC)
+    oldest, latest = now - dt.timedelta(hours=settings.orb_grace_period_hours), now + MAX_AHEAD
+    failed: list[dict[str, t.Any]] = []
+    out: list[tuple[str | None, bytes]] = []
+    seen: dict[str, bytes] = {}
+    for index, raw in enumerate(events):
+        try:
+            event = _event_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            key = _key_of(raw)
+            failed.append({"idempotency_key": key or f"events[{index}]", "validation_errors": [str(exc)]})
+            continue
+        errors = _event_errors(event, oldest, latest)
+        if errors:
+            failed.append({"idempotency_key": event.idempotency_key, "validation_errors": errors})
+            continue
+        first = seen.setdefault(event.idempotency_key, bytes(raw))
+        if first != bytes(raw):
+            raise _error(
+                400,
+                "Request validation error",
+                f"idempotency_key {event.idempotency_key!r} appears twice with different bodies",
+            )
+        out.append((event.idempotency_key, bytes(raw)))
+    if failed:
+        raise _error(400, "Request validation error", "events failed validation", validation_failed=failed)
+    return out
+
+
+def refusal(index: int, item_id: str | None, reason: str) -> Reply:
+    failed = [{"idempotency_key": item_id, "validation_errors": [reason]}]
+    return _error(400, "Request validation error", "events failed validation", validation_failed=failed)
+
+
+def accepted(new: list[str], duplicate: list[str], query: t.Mapping[str, list[str]]) -> Reply:
+    document: dict[str, t.Any] = {"validation_failed": []}
+    if query.get("debug", [""])[0].lower() == "true":
+        document["debug"] = {"duplicate": duplicate, "ingested": new}
+    return json_reply(200, document)
+
+
+def other_route(method: str, path: str, headers: t.Mapping[str, str], settings: t.Any) -> Reply | None:
+    """``GET /v1/customers`` (the target's credentials probe), else None."""
+    if method == "GET" and path == "/v1/customers":
+        authenticate(headers, settings)
+        return json_reply(200, {"data": [], "pagination_metadata": {"has_more": False, "next_cursor": None}})
+    return None
+
+
+def _event_errors(event: OrbEvent, oldest: dt.datetime, latest: dt.datetime) -> list[str]:
+    errors = []
+    if (event.customer_id is None) == (event.external_customer_id is None):
+        errors.append("exactly one of customer_id and external_customer_id must be given")
+    try:
+        moment = _utc(event.timestamp)
+    except ValueError:
+        errors.append(f"timestamp {event.timestamp!r} is not an ISO 8601 UTC date-time")
+    else:
+        if moment < oldest:
+            errors.append(f"timestamp {event.timestamp} is older than the ingestion grace period")
+        elif moment > latest:
+            errors.append(f"timestamp {event.timestamp} is more than 5 minutes in the future")
+    return errors
+
+
+def _utc(text: str) -> dt.datetime:
+    if "T" not in text:
+        raise ValueError(text)
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is not None and moment.utcoffset() != dt.timedelta(0):
+        raise ValueError("not UTC")  # Orb: "sent in UTC timezone (no timezone offset)"
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _key_of(raw: msgspec.Raw) -> str | None:
+    try:
+        key = msgspec.json.decode(raw).get("idempotency_key")
+    except (msgspec.DecodeError, AttributeError):
+        return None
+    return key if isinstance(key, str) else None
