@@ -93,11 +93,11 @@ class Destination(abc.ABC):
     ``label`` and ``item_noun`` for messages, ``ingest_path``, its hard limits
     (``max_items_per_request``, ``max_body_bytes``, ``rate_limits``), its ``presets`` and
     its ``settings`` (named after it, e.g. ``m3ter_org_id``; ``required_settings`` those a
-    real run needs). It implements:
+    real run needs) and ``envelope_key`` (``{"events": [...]}``; None: a bare array). It
+    implements:
 
     - ``field_specs``: the payload fields a rule may map, each with its kind (the mapping
       converts values to that kind; one ``FieldKind.ID`` field is the idempotency key);
-    - ``envelope_overhead`` / ``envelope``: how items are wrapped into a request body;
     - ``ingest_request``: the authenticated request for a body;
     - ``judge_refusal``: what the platform's error answers mean (see ``judge``);
     - ``check_credentials``: a cheap authenticated call before any input is read;
@@ -121,6 +121,8 @@ class Destination(abc.ABC):
     settings: t.ClassVar[list[th.Property]] = []
     # Those a real (not dry) run cannot do without.
     required_settings: t.ClassVar[tuple[str, ...]] = ()
+    # The body is {"<envelope_key>": [item, ...]}, or a bare array when None.
+    envelope_key: t.ClassVar[str | None] = None
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: HttpTransport):
         self.config = config
@@ -176,13 +178,22 @@ class Destination(abc.ABC):
         return None
 
     @property
-    @abc.abstractmethod
     def envelope_overhead(self) -> int:
         """Bytes the envelope adds around the comma-separated items."""
+        return len(self._envelope_head) + len(self._envelope_tail)
 
-    @abc.abstractmethod
     def envelope(self, items: Sequence[bytes]) -> bytes:
         """The request body carrying ``items`` (already-encoded JSON objects)."""
+        return self._envelope_head + b",".join(items) + self._envelope_tail
+
+    @property
+    def _envelope_head(self) -> bytes:
+        key = self.envelope_key
+        return b'{"' + key.encode() + b'":[' if key else b"["
+
+    @property
+    def _envelope_tail(self) -> bytes:
+        return b"]}" if self.envelope_key else b"]"
 
     # --- requests --------------------------------------------------------------------
 

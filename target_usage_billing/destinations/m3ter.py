@@ -14,7 +14,6 @@ import re
 import threading
 import time
 import typing as t
-from collections.abc import Sequence
 
 from singer_sdk import typing as th
 
@@ -34,12 +33,11 @@ ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 # Clock difference allowed between this machine and m3ter's before a time counts as future.
 FUTURE_TOLERANCE = 5
 DATA_FIELD_CODE = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]{0,79}\Z")
-_ENVELOPE_HEAD = b'{"measurements":['
-_ENVELOPE_TAIL = b"]}"
 
 
 class M3terDestination(Destination):
     name = "m3ter"
+    envelope_key = "measurements"
     label = "m3ter"
     item_noun = "measurements"
     max_items_per_request = 1000
@@ -136,13 +134,6 @@ class M3terDestination(Destination):
         return None
 
     # --- body ------------------------------------------------------------------------
-
-    @property
-    def envelope_overhead(self) -> int:
-        return len(_ENVELOPE_HEAD) + len(_ENVELOPE_TAIL)
-
-    def envelope(self, items: Sequence[bytes]) -> bytes:
-        return _ENVELOPE_HEAD + b",".join(items) + _ENVELOPE_TAIL
 
     # --- auth ------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import typing as t
-from collections.abc import Sequence
 
 from singer_sdk import typing as th
 
@@ -101,13 +100,6 @@ class MetronomeDestination(Destination):
                 f"timestamp {payload['timestamp']} is more than 24 hours in the future (Metronome refuses it)"
             )
         return None
-
-    @property
-    def envelope_overhead(self) -> int:
-        return 2
-
-    def envelope(self, items: Sequence[bytes]) -> bytes:
-        return b"[" + b",".join(items) + b"]"
 
     def _headers(self) -> dict[str, str]:
         return {

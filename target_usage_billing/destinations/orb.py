@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import typing as t
-from collections.abc import Sequence
 
 from singer_sdk import typing as th
 
@@ -33,14 +32,13 @@ from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AHEAD = dt.timedelta(minutes=5)
 DEFAULT_GRACE_HOURS = 12.0
-_ENVELOPE_HEAD = b'{"events":['
-_ENVELOPE_TAIL = b"]}"
 
 
 class OrbDestination(Destination):
     name = "orb"
     label = "Orb"
     item_noun = "events"
+    envelope_key = "events"
     ingest_path = "/v1/ingest"
     max_items_per_request = 500
     max_body_bytes = 4_000_000  # none published: keep requests reasonable
@@ -120,13 +118,6 @@ class OrbDestination(Destination):
             if isinstance(value, dict | list):
                 return f"properties.{key}: Orb takes numbers, booleans and strings only, not nested values"
         return None
-
-    @property
-    def envelope_overhead(self) -> int:
-        return len(_ENVELOPE_HEAD) + len(_ENVELOPE_TAIL)
-
-    def envelope(self, items: Sequence[bytes]) -> bytes:
-        return _ENVELOPE_HEAD + b",".join(items) + _ENVELOPE_TAIL
 
     def _headers(self) -> dict[str, str]:
         return {

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import typing as t
 
+from target_usage_billing.mapping.expressions import is_truthy
+
 INDENT = "        "
 
 
@@ -337,19 +339,10 @@ class ExpressionWriter:
         if node["type"] != "and_expression":
             return None
         test_node, value_node = node["children"]
-        if value_node["type"] != "literal" or not _static_truth(value_node["value"]):
+        if value_node["type"] != "literal" or not is_truthy(value_node["value"]):
             return None
         test = self._write(test_node, subject, subject_is_dict)
         value = self._write(value_node, subject, subject_is_dict)
         if test is None or value is None or test[1] is not BOOL:
             return None
         return test[0], value[0]
-
-
-def _static_truth(value: t.Any) -> bool:
-    """JMESPath truthiness of a literal (as mapping.is_truthy)."""
-    if value is None or value is False:
-        return False
-    if isinstance(value, (str, list, dict)):
-        return len(value) > 0
-    return True
