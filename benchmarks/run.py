@@ -48,7 +48,8 @@ M3TER_RULE = {
 }
 METRONOME_RULE = {"stream": "segment_events", "preset": "segment"}
 ORB_RULE = {"stream": "segment_events", "preset": "segment"}
-DESTINATIONS = ["m3ter", "metronome", "orb"]
+LAGO_RULE = {"stream": "segment_events", "preset": "segment"}
+DESTINATIONS = ["m3ter", "metronome", "orb", "lago"]
 
 
 def events_file(count: int) -> Path:
@@ -105,6 +106,13 @@ def target_config(destination: str, url: str, rate_limited: bool, in_flight: int
             # the generated events span 72 hours; the sandbox is started with the same
             "orb_grace_period_hours": 96,
             "mappings": [ORB_RULE],
+        }
+    elif destination == "lago":
+        config = {
+            "destination": "lago",
+            "lago_api_key": "sandbox-lago-key",
+            "lago_api_url": f"{url}/lago",
+            "mappings": [LAGO_RULE],
         }
     else:
         config = {

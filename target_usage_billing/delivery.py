@@ -252,8 +252,12 @@ class Delivery:
         if ruling.verdict is Verdict.ACCEPTED:
             self.stats.add_sent(stream, len(items))
             return
-        # REJECTED: the API refused the content. Halve until single items are refused:
-        # about 2*log2(n) extra requests per bad item, every good item still delivered.
+        if ruling.verdict is Verdict.ALREADY_STORED and len(items) == 1:
+            self.stats.add_already_stored(stream)  # billed by an earlier request: done
+            return
+        # REJECTED (or ALREADY_STORED with others in the request, which the platform then
+        # did not take either): halve until single items are refused: about 2*log2(n)
+        # extra requests per bad item, every good item still delivered.
         if len(items) == 1:
             item = items[0]
             record, location = original_record(item)

@@ -55,6 +55,8 @@ def summary_lines(run: BillingRun) -> list[str]:
     lines = [f"Summary for {run.destination.label}{mode}, {stats.elapsed:.1f}s:"]
     for name, s in sorted(stats.streams.items()):
         duplicates = f", duplicates {s.duplicates}" if s.duplicates else ""
+        if s.already_stored:
+            duplicates += f", already stored {s.already_stored}"
         lines.append(
             f"  stream {name}: read {s.read}, filtered {s.filtered}, unmapped {s.unmapped}, "
             f"{sent} {s.sent} {noun}, rejected {s.rejected}{duplicates}, requests {s.requests}, "
@@ -109,6 +111,7 @@ def metric_points(run: BillingRun) -> list[dict]:
             ("usage_billing.unmapped", s.unmapped),
             ("usage_billing.sent", s.sent),
             ("usage_billing.duplicates", s.duplicates),
+            ("usage_billing.already_stored", s.already_stored),
             ("usage_billing.rejected", s.rejected),
             ("usage_billing.requests", s.requests),
             ("usage_billing.retries", s.retries),

@@ -16,6 +16,7 @@ class StreamStats:
     mapped: int = 0  # became a payload, buffered for sending
     duplicates: int = 0  # same id and body as an item already sent in this run: not re-sent
     sent: int = 0  # acknowledged by the API (or written by a dry run)
+    already_stored: int = 0  # refused by the API as already stored (an earlier run sent it)
     rejected: int = 0  # dead-lettered, any stage
     rejected_by_api: int = 0  # of those, refused by the API (they were counted as mapped too)
     requests: int = 0  # ingest requests for this stream (bisecting included)
@@ -41,6 +42,10 @@ class RunStats:
     def add_sent(self, stream: str, count: int) -> None:
         with self.lock:
             self.streams[stream].sent += count
+
+    def add_already_stored(self, stream: str) -> None:
+        with self.lock:
+            self.streams[stream].already_stored += 1
 
     def add_request(self, stream: str) -> None:
         with self.lock:

@@ -41,6 +41,7 @@ M3TER_KEY = "sandbox-access-key"
 M3TER_SECRET = "sandbox-api-secret"
 METRONOME_TOKEN = "sandbox-metronome-token"
 ORB_KEY = "sandbox-orb-key"
+LAGO_KEY = "sandbox-lago-key"
 
 
 class Sandbox:
@@ -146,6 +147,14 @@ def orb_config(sandbox: Sandbox, **overrides: t.Any) -> dict:
     return config
 
 
+def lago_config(sandbox: Sandbox, **overrides: t.Any) -> dict:
+    config = json.loads((EXAMPLES / "lago-segment.config.json").read_text())
+    config.update(lago_api_url=f"{sandbox.url}/lago", max_retry_seconds=30, progress_interval_seconds=0)
+    config.pop("dead_letter_path", None)
+    config.update(overrides)
+    return config
+
+
 def run_target(
     tmp_path: Path,
     config: dict,
@@ -212,6 +221,19 @@ USAGE_RULE_ORB_AT = {
         "timestamp": "at",
         "properties": {"tokens": "tokens", "note": "note"},
     },
+}
+USAGE_RULE_LAGO_AT = {
+    "stream": "usage",
+    "fields": {
+        "external_subscription_id": "account",
+        "code": "'tokens'",
+        "timestamp": "at",
+        "properties": {"tokens": "tokens", "note": "note"},
+    },
+}
+USAGE_RULE_LAGO = {
+    "stream": "usage",
+    "fields": {**USAGE_RULE_LAGO_AT["fields"], "timestamp": "now_ts"},  # type: ignore[dict-item]
 }
 USAGE_RULE_ORB = {
     "stream": "usage",
@@ -332,14 +354,16 @@ def config_for(destination: str, sandbox: Sandbox, **overrides: t.Any) -> dict:
         return m3ter_config(sandbox, **{"mappings": [USAGE_RULE_M3TER], **overrides})
     if destination == "orb":
         return orb_config(sandbox, **{"mappings": [USAGE_RULE_ORB_AT], **overrides})
+    if destination == "lago":
+        return lago_config(sandbox, **{"mappings": [USAGE_RULE_LAGO_AT], **overrides})
     return metronome_config(sandbox, **{"mappings": [USAGE_RULE_METRONOME_AT], **overrides})
 
 
 # What the test families need to know of each destination.
-DESTINATIONS_UNDER_TEST = ["m3ter", "metronome", "orb"]
-ID_FIELD = {"m3ter": "uid", "metronome": "transaction_id", "orb": "idempotency_key"}
-MAX_ITEMS = {"m3ter": 1000, "metronome": 100, "orb": 500}
-SECRETS = {"m3ter": M3TER_SECRET, "metronome": METRONOME_TOKEN, "orb": ORB_KEY}
+DESTINATIONS_UNDER_TEST = ["m3ter", "metronome", "orb", "lago"]
+ID_FIELD = {"m3ter": "uid", "metronome": "transaction_id", "orb": "idempotency_key", "lago": "transaction_id"}
+MAX_ITEMS = {"m3ter": 1000, "metronome": 100, "orb": 500, "lago": 100}
+SECRETS = {"m3ter": M3TER_SECRET, "metronome": METRONOME_TOKEN, "orb": ORB_KEY, "lago": LAGO_KEY}
 
 
 def api_url_settings(destination: str, url: str) -> dict:
@@ -426,6 +450,31 @@ def problems(value: t.Any, annotation: t.Any, where: str) -> list[str]:
     if origin is t.Union:
         options = [problems(value, option, where) for option in t.get_args(annotation)]
         return [] if any(not found for found in options) else min(options, key=len)
+    if annotation is t.Any:
+        return []
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return [] if ok else [f"{where}: expected a whole number, got {value!r}"]
+    fields = getattr(annotation, "__fields__", None)
+    if (
+        isinstance(annotation, type)
+        and isinstance(fields, dict)
+        and not typing_extensions.is_typeddict(annotation)
+    ):
+        # a pydantic (v1) model, as Lago's SDK declares its request bodies
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object"]
+        hints = t.get_type_hints(annotation)
+        found = [
+            f"{where}.{key}: missing (required)"
+            for key, f in fields.items()
+            if f.required and key not in value
+        ]
+        found += [f"{where}.{key}: not a field of {annotation.__name__}" for key in value if key not in hints]
+        for key, item in value.items():
+            if key in hints:
+                found += problems(item, hints[key], f"{where}.{key}")
+        return found
     if typing_extensions.is_typeddict(annotation):
         if not isinstance(value, dict):
             return [f"{where}: expected an object"]

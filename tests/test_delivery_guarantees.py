@@ -12,11 +12,13 @@ import requests
 from tests.conftest import (
     DESTINATIONS_UNDER_TEST,
     SECRETS,
+    USAGE_RULE_LAGO,
     USAGE_RULE_M3TER,
     USAGE_RULE_METRONOME,
     USAGE_RULE_ORB,
     Pipeline,
     crash_config,
+    lago_config,
     m3ter_config,
     metronome_config,
     orb_config,
@@ -30,15 +32,25 @@ from tests.conftest import (
 # record is byte-identical; yesterday (inside Metronome's 34-day window), or three hours
 # ago for Orb (inside its 12-hour grace period).
 YESTERDAY = int(time.time()) - 86400
-BASE_EPOCH = {"m3ter": YESTERDAY, "metronome": YESTERDAY, "orb": int(time.time()) - 3 * 3600}
+BASE_EPOCH = {
+    "m3ter": YESTERDAY,
+    "metronome": YESTERDAY,
+    "orb": int(time.time()) - 3 * 3600,
+    "lago": YESTERDAY,
+}
 
 
 def now_config(sandbox, destination: str, **overrides) -> dict:
     """``destination``'s example config with a usage-row rule stamping "now_ts" (an hour
     ago) where the platform has a time window, "at" for m3ter."""
-    rules = {"m3ter": USAGE_RULE_M3TER, "metronome": USAGE_RULE_METRONOME, "orb": USAGE_RULE_ORB}
-    make = {"m3ter": m3ter_config, "metronome": metronome_config, "orb": orb_config}[destination]
-    return make(sandbox, mappings=[rules[destination]], **overrides)
+    rules = {
+        "m3ter": USAGE_RULE_M3TER,
+        "metronome": USAGE_RULE_METRONOME,
+        "orb": USAGE_RULE_ORB,
+        "lago": USAGE_RULE_LAGO,
+    }
+    make = {"m3ter": m3ter_config, "metronome": metronome_config, "orb": orb_config, "lago": lago_config}
+    return make[destination](sandbox, mappings=[rules[destination]], **overrides)
 
 
 def stored_ids(sandbox, destination: str) -> list[int]:

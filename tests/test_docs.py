@@ -32,7 +32,7 @@ def test_meltano_yml_loader_matches_about():
     assert loader["settings"] == expected_settings(info)
     assert sorted(loader["capabilities"]) == sorted(info["capabilities"])
     secrets = {s["name"] for s in loader["settings"] if s.get("sensitive")}
-    assert secrets == {"m3ter_api_secret", "metronome_api_token", "orb_api_key"}
+    assert secrets == {"m3ter_api_secret", "metronome_api_token", "orb_api_key", "lago_api_key"}
 
 
 def test_shipped_meltano_plugin_definition_matches_about():
@@ -50,8 +50,10 @@ def test_shipped_meltano_plugin_definition_matches_about():
     groups = shipped["settings_group_validation"]
     assert ["destination", "mappings", "metronome_api_token"] in groups
     assert ["destination", "mappings", "orb_api_key"] in groups
+    assert ["destination", "mappings", "lago_api_key"] in groups
     assert {s["name"] for s in shipped["settings"] if s.get("sensitive")} == {
         "m3ter_api_secret",
         "metronome_api_token",
         "orb_api_key",
+        "lago_api_key",
     }

@@ -8,12 +8,13 @@ from target_usage_billing.destinations.base import (
     Ruling,
     Verdict,
 )
+from target_usage_billing.destinations.lago import LagoDestination
 from target_usage_billing.destinations.m3ter import M3terDestination
 from target_usage_billing.destinations.metronome import MetronomeDestination
 from target_usage_billing.destinations.orb import OrbDestination
 
 DESTINATIONS: dict[str, type[Destination]] = {
-    cls.name: cls for cls in (M3terDestination, MetronomeDestination, OrbDestination)
+    cls.name: cls for cls in (M3terDestination, MetronomeDestination, OrbDestination, LagoDestination)
 }
 
 __all__ = ["DESTINATIONS", "Destination", "OutgoingRequest", "Ruling", "Verdict"]

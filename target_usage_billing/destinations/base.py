@@ -64,6 +64,9 @@ class Verdict(enum.Enum):
     RETRY = "retry"  # transient: same body again after a wait
     REAUTH = "reauth"  # credentials went stale: refresh once, resend
     REJECTED = "rejected"  # the content was refused: isolate the bad items
+    # every item refused is one the platform already stored (a re-send after a crash, on
+    # a platform that refuses duplicates instead of ignoring them): a single one is done
+    ALREADY_STORED = "already stored"
     DENIED = "denied"  # the credentials were refused: exit 3, nothing sent again will help
     FATAL = "fatal"  # nothing sent again will help (unknown answer, wrong URL)
 

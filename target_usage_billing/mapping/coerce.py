@@ -139,6 +139,18 @@ def to_utc_timestamp(value: t.Any) -> str:
     return format_utc(moment)
 
 
+def to_unix_seconds(value: t.Any) -> int | str:
+    """A timestamp (any form ``to_utc_timestamp`` takes) as seconds since 1970 UTC: an
+    int when whole, else the exact decimal text (``"1795184122.25"``)."""
+    stamp = to_utc_timestamp(value)
+    moment = dt.datetime.fromisoformat(stamp[:-1]).replace(tzinfo=UTC)
+    delta = moment - _EPOCH
+    whole = delta.days * 86400 + delta.seconds
+    if not delta.microseconds:
+        return whole
+    return str((Decimal(whole) + Decimal(delta.microseconds).scaleb(-6)).normalize())
+
+
 def to_number(value: t.Any) -> int | float | Decimal:
     """A JSON number with the exact decimal value given; raises ValueError otherwise."""
     if isinstance(value, bool):

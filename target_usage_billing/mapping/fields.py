@@ -14,6 +14,7 @@ from target_usage_billing.mapping.coerce import (
     kept_as_is,
     map_value_converter,
     to_text,
+    to_unix_seconds,
     to_utc_timestamp,
 )
 from target_usage_billing.mapping.expressions import Expression, compile_expression, field_path
@@ -39,6 +40,10 @@ class CompiledField:
 
 
 MAP_KINDS = (FieldKind.STRING_MAP, FieldKind.NUMBER_MAP, FieldKind.OBJECT)
+_SCALAR_CONVERTERS: dict[FieldKind, Callable[[t.Any], t.Any]] = {
+    FieldKind.TIMESTAMP: to_utc_timestamp,
+    FieldKind.UNIX_TIME: to_unix_seconds,
+}
 
 
 def _shared_parent(source: dict, name: str) -> tuple[str, list[tuple[str, str, str, str]]] | None:
@@ -173,7 +178,7 @@ def _scalar(spec: FieldSpec, expression: Expression) -> CompiledField:
     """A text or timestamp field: a plain path inlined, an expression written as code."""
     name = spec.name
     get = expression.search
-    convert = to_utc_timestamp if spec.kind is FieldKind.TIMESTAMP else to_text
+    convert = _SCALAR_CONVERTERS.get(spec.kind, to_text)
     path = expression.path
     if path is not None and len(path) <= 2:
         compute = _plain_scalar(path, convert, name, expression.source)

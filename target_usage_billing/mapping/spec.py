@@ -13,6 +13,7 @@ class FieldKind(enum.Enum):
     ID = "id"  # idempotency key; derived when the rule gives none
     STRING = "string"
     TIMESTAMP = "timestamp"  # -> UTC ISO 8601 ending in Z
+    UNIX_TIME = "unix time"  # -> seconds since 1970 UTC: an int, or decimal text with fractions
     STRING_MAP = "string map"  # object of string -> string
     NUMBER_MAP = "number map"  # object of string -> number (exact decimals)
     OBJECT = "object"  # free-form JSON object

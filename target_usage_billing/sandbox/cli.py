@@ -17,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = SandboxSettings()
     parser = argparse.ArgumentParser(
         prog="usage-billing-sandbox",
-        description="Local emulator of the m3ter, Metronome and Orb ingest APIs, for trying and "
+        description="Local emulator of the m3ter, Metronome, Orb and Lago ingest APIs, for trying and "
         "testing usage pipelines without an account.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--m3ter-api-secret", default=defaults.m3ter_api_secret)
     parser.add_argument("--metronome-api-token", default=defaults.metronome_api_token)
     parser.add_argument("--orb-api-key", default=defaults.orb_api_key)
+    parser.add_argument("--lago-api-key", default=defaults.lago_api_key)
     parser.add_argument(
         "--orb-grace-period-hours",
         type=float,
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         m3ter_api_secret=args.m3ter_api_secret,
         metronome_api_token=args.metronome_api_token,
         orb_api_key=args.orb_api_key,
+        lago_api_key=args.lago_api_key,
         orb_grace_period_hours=args.orb_grace_period_hours,
         token_lifetime=args.token_lifetime,
         latency_ms=args.latency_ms,

@@ -1,8 +1,9 @@
-"""usage-billing-sandbox: a loopback emulator of the m3ter, Metronome and Orb ingest APIs.
+"""usage-billing-sandbox: a loopback emulator of the m3ter, Metronome, Orb and Lago ingest APIs.
 
-Orb (and each platform added after it) is served under a path prefix of its own (/orb)
-by a module that knows its contract (sandbox/orb.py); m3ter and Metronome are served at
-the root, as the demo and the examples have always addressed them.
+Orb and Lago (and each platform added after them) are served under a path prefix of
+their own (/orb, /lago) by a module that knows the contract (sandbox/orb.py,
+sandbox/lago.py); m3ter and Metronome are served at the root, as the demo and the
+examples have always addressed them.
 
 It checks credentials, enforces the contracts (limits, per-item validation, time
 windows, rate limits), de-duplicates by id, stores what it accepted under a data
@@ -12,7 +13,7 @@ the control endpoint, to rehearse outages before they happen in production.
 Control endpoints (all under /_sandbox):
   GET  /health                   {"ok": true}
   GET  /stats                    counters per destination
-  GET  /items/{m3ter|metronome|orb}  accepted items, one JSON object per line
+  GET  /items/{m3ter|metronome|orb|lago}  accepted items, one JSON object per line
   POST /faults                   {"faults": [FAULT, ...], "latency_ms": N, "token_lifetime": S,
                                   "refuse_items_containing": [TEXT, ...]}
   DELETE /faults                 clear faults and latency
@@ -37,7 +38,7 @@ import time
 import typing as t
 import urllib.parse
 
-from target_usage_billing.sandbox import orb
+from target_usage_billing.sandbox import lago, orb
 from target_usage_billing.sandbox.contracts import (
     M3TER_MAX_BODY,
     ItemError,
@@ -53,7 +54,7 @@ from target_usage_billing.sandbox.state import (
 
 # Platforms served under a path prefix of their own (/orb/v1/ingest ...): each module
 # says how it authenticates, validates, refuses and answers.
-PLATFORMS: dict[str, t.Any] = {module.NAME: module for module in (orb,)}
+PLATFORMS: dict[str, t.Any] = {module.NAME: module for module in (orb, lago)}
 
 
 def _platform_for(path: str) -> t.Any:
@@ -226,6 +227,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     raise json_reply(503, {"message": "the sandbox was reset during this request"})
                 stats.items_received += len(items)
                 stats.max_items_per_request = max(stats.max_items_per_request, len(items))
+                if platform is not None and hasattr(platform, "already_stored"):
+                    index = sandbox.stores[destination].index
+                    stats.duplicates += sum(1 for key, _raw in items if key in index)  # re-sent ids
+                    platform.already_stored(items, index)  # refuses the request if any
                 new_ids, known_ids = sandbox.stores[destination].add(items, stats)
             if fault is not None and fault.kind == "stored-500":
                 raise json_reply(500, {"message": "injected: stored, then failed to answer"})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-DESTINATIONS = ("m3ter", "metronome", "orb")
+DESTINATIONS = ("m3ter", "metronome", "orb", "lago")
 FAULT_KINDS = (
     "401",
     "403",
@@ -39,6 +39,7 @@ class SandboxSettings:
     metronome_api_token: str = "sandbox-metronome-token"
     orb_api_key: str = "sandbox-orb-key"
     orb_grace_period_hours: float = 12.0
+    lago_api_key: str = "sandbox-lago-key"
     token_lifetime: float = 18000.0
     latency_ms: float = 0.0
     # m3ter: 50 requests/s per organization, 5,000 per rolling 5 minutes per source IP
@@ -183,6 +184,7 @@ class Sandbox:
             "m3ter": Store(settings.data_dir / "m3ter-measurements.jsonl", "uid"),
             "metronome": Store(settings.data_dir / "metronome-events.jsonl", "transaction_id"),
             "orb": Store(settings.data_dir / "orb-events.jsonl", "idempotency_key"),
+            "lago": Store(settings.data_dir / "lago-events.jsonl", "transaction_id"),
         }
         self._arrivals: dict[str, collections.deque[float]] = {
             name: collections.deque() for name in DESTINATIONS

@@ -1,0 +1,115 @@
+"""Lago: usage events to POST {api_url}/api/v1/events/batch.
+
+Contract (confirmed against lago-python-client 1.55.0: ``models.event.Event``,
+``EventClient.batch_create`` and ``make_headers``): Bearer API key; body
+``{"events": [...]}``, at most 100 events; each event ``{transaction_id,
+external_subscription_id, code, timestamp, properties, precise_total_amount_cents}``
+with ``timestamp`` in Unix seconds (an integer, or decimal text with fractions: the SDK
+types it ``int | str``). ``transaction_id`` de-duplicates; a Postgres-backed Lago refuses
+an already stored one with 422 ``value_already_exist`` (and takes none of the request),
+which the target counts as already stored, not as a rejection. A 422 names the refused
+events by index in ``error_details`` and takes none of the request. Self-hosted Lago is
+common: the URL is a setting.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from singer_sdk import typing as th
+
+from target_usage_billing.destinations.base import Destination, OutgoingRequest, Ruling, Verdict
+from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
+
+ALREADY_EXISTS = "value_already_exist"
+
+
+class LagoDestination(Destination):
+    name = "lago"
+    label = "Lago"
+    item_noun = "events"
+    envelope_key = "events"
+    ingest_path = "/api/v1/events/batch"
+    max_items_per_request = 100
+    max_body_bytes = 4_000_000  # none published: keep requests reasonable
+    rate_limits = ()  # none published: 429 + Retry-After is honoured instead
+    presets: t.ClassVar[dict[str, Preset]] = {
+        "segment": Preset(
+            description="Segment track calls: the event name as the billable metric code, "
+            "the Segment group as the external subscription id, the properties as they are.",
+            filter="type == 'track'",
+            fields={
+                "transaction_id": "messageId",
+                "code": "event",
+                "timestamp": "timestamp",
+                "external_subscription_id": "context.groupId",
+                "properties": "properties",
+            },
+        ),
+    }
+    required_settings = ("lago_api_key",)
+    settings: t.ClassVar[list[th.Property]] = [
+        th.Property("lago_api_key", th.StringType, secret=True, description="Lago API key."),
+        th.Property(
+            "lago_api_url",
+            th.StringType,
+            default="https://api.getlago.com",
+            description="Base URL of Lago's API (requests go to {lago_api_url}/api/v1/...); "
+            "your own host for a self-hosted Lago.",
+        ),
+    ]
+
+    def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
+        super().__init__(config, transport)
+        self.api_url = str(config.get("lago_api_url") or "https://api.getlago.com").rstrip("/")
+
+    @classmethod
+    def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
+        return [
+            FieldSpec("transaction_id", FieldKind.ID),
+            FieldSpec("external_subscription_id", FieldKind.STRING, required=True),
+            FieldSpec("code", FieldKind.STRING, required=True),
+            FieldSpec("timestamp", FieldKind.UNIX_TIME, required=True),
+            FieldSpec("properties", FieldKind.OBJECT),
+            FieldSpec("precise_total_amount_cents", FieldKind.STRING),
+        ]
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.config.get('lago_api_key', '')}",
+            "Content-Type": "application/json",
+        }
+
+    def ingest_request(self, body: bytes) -> OutgoingRequest:
+        return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", self._headers(), body)
+
+    def judge_refusal(self, response: t.Any) -> Ruling | None:
+        status = response.status
+        if status in (401, 403):
+            return Ruling(
+                Verdict.DENIED,
+                f"Lago refused the API key ({status} from POST {self.ingest_path}): check lago_api_key",
+            )
+        if status in (400, 422):
+            details = _error_details(response)
+            if details and all(_only_already_stored(errors) for errors in details.values()):
+                return Ruling(Verdict.ALREADY_STORED, f"Lago already has these events: {details}"[:1000])
+            return Ruling(Verdict.REJECTED, f"Lago answered {status}: {details or response.text()}"[:1000])
+        return None
+
+    def check_credentials(self) -> None:
+        self.probe_credentials(f"{self.api_url}/api/v1/customers?per_page=1", self._headers(), "lago_api_key")
+
+
+def _error_details(response: t.Any) -> dict[str, t.Any]:
+    """Lago's ``error_details``: per event index (as text), the refused fields and why."""
+    try:
+        details = json.loads(response.body).get("error_details")
+    except (ValueError, AttributeError):
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
+def _only_already_stored(errors: t.Any) -> bool:
+    return isinstance(errors, dict) and errors == {"transaction_id": [ALREADY_EXISTS]}

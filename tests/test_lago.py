@@ -1,0 +1,196 @@
+"""Lago: the destination against the sandbox, and Lago's official SDK
+(lago-python-client) as the referee of both (the families shared with the other
+platforms run it too: see DESTINATIONS_UNDER_TEST in conftest)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import typing as t
+
+import pytest
+import requests
+from lago_python_client.client import Client
+from lago_python_client.exceptions import LagoApiError
+from lago_python_client.models.event import BatchEvent, Event
+
+from target_usage_billing.sandbox.samples import singer_lines
+from tests.conftest import (
+    EXAMPLES,
+    LAGO_KEY,
+    RECENT,
+    config_for,
+    dead_letters,
+    lago_config,
+    problems,
+    run_target,
+    singer,
+    usage,
+)
+
+
+def event(key: str, **fields: t.Any) -> dict:
+    return {
+        "transaction_id": key,
+        "external_subscription_id": "sub-1",
+        "code": "tokens",
+        "timestamp": RECENT,
+        "properties": {"tokens": 5},
+        **fields,
+    }
+
+
+def ingest(sandbox, events: list[dict], key: str = LAGO_KEY) -> requests.Response:
+    return requests.post(
+        f"{sandbox.url}/lago/api/v1/events/batch",
+        json={"events": events},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+
+
+# --- the target ----------------------------------------------------------------------
+
+
+def test_segment_events_arrive_once_with_lagos_fields_and_unix_seconds(sandbox, tmp_path):
+    lines = list(singer_lines(300, seed=4, hours=6, state_every=100))
+    result = run_target(tmp_path, lago_config(sandbox), lines)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line)["record"] for line in lines if '"RECORD"' in line]
+    tracks = {r["messageId"]: r for r in records if r["type"] == "track"}
+    stored = {item["transaction_id"]: item for item in sandbox.items("lago")}
+    assert set(stored) == set(tracks)
+    for key, item in stored.items():
+        record = tracks[key]
+        assert item["code"] == record["event"]
+        assert item["external_subscription_id"] == record["context"]["groupId"]
+        assert item["properties"] == record["properties"]
+        moment = dt.datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))  # milliseconds
+        assert str(item["timestamp"]) == f"{moment.timestamp():.3f}".rstrip("0").rstrip(".")
+    assert result.states[-1] is not None
+
+
+def test_timestamps_are_whole_seconds_or_exact_decimal_text(sandbox, tmp_path):
+    rows = usage(2)
+    rows[0]["at"] = "2026-11-21T10:00:00Z"
+    rows[1]["at"] = "2026-11-21T10:00:00.25+00:00"
+    config = config_for("lago", sandbox, dry_run=True)
+    result = run_target(tmp_path, config, singer("usage", rows))
+    assert result.returncode == 0, result.stderr
+    (request,) = [json.loads(line) for line in (tmp_path / "dry-run-requests.jsonl").read_text().splitlines()]
+    assert [e["timestamp"] for e in request["body"]["events"]] == [1795255200, "1795255200.25"]
+
+
+def test_events_lago_already_has_are_counted_as_already_stored_not_rejected(sandbox, tmp_path):
+    rows = usage(5)
+    first = run_target(tmp_path, config_for("lago", sandbox), singer("usage", rows[:3]))
+    assert first.returncode == 0, first.stderr
+    # a re-run overlapping the first (a crash before its STATE): Lago refuses the repeats
+    second = run_target(tmp_path, config_for("lago", sandbox), singer("usage", rows, state={"done": 5}))
+    assert second.returncode == 0, second.stderr
+    assert sandbox.stats("lago")["stored"] == 5
+    assert "already stored 3" in second.stderr
+    assert "rejected 0" in second.stderr and not dead_letters(tmp_path)
+    assert second.states == [{"done": 5}]
+
+
+def test_an_event_lago_refuses_is_isolated_and_dead_lettered(sandbox, tmp_path):
+    sandbox.faults(refuse_items_containing=["REFUSE"])
+    rows = usage(6)
+    rows[4]["note"] = "REFUSE"
+    result = run_target(tmp_path, config_for("lago", sandbox, max_rejected_ratio=1), singer("usage", rows))
+    assert result.returncode == 0, result.stderr
+    assert sandbox.stats("lago")["stored"] == 5
+    (dead,) = dead_letters(tmp_path)
+    assert dead["stage"] == "api" and dead["record"]["id"] == 4 and "Lago answered 422" in dead["reason"]
+
+
+def test_the_example_config_dry_runs_without_credentials(tmp_path):
+    config = json.loads((EXAMPLES / "lago-segment.config.json").read_text())
+    config.pop("lago_api_key")
+    result = run_target(tmp_path, {**config, "dry_run": True}, EXAMPLES / "segment-events.singer.jsonl")
+    assert result.returncode == 0, result.stderr
+    written = [json.loads(line) for line in (tmp_path / "dry-run-requests.jsonl").read_text().splitlines()]
+    assert [r["items"] for r in written] == [100, 100, 100, 100]
+    assert all(r["path"] == "/api/v1/events/batch" and set(r["body"]) == {"events"} for r in written)
+
+
+def test_a_bad_api_key_is_exit_3_before_any_input(sandbox, tmp_path):
+    result = run_target(tmp_path, lago_config(sandbox, lago_api_key="wrong"), singer("usage", usage(2)))
+    assert result.returncode == 3
+    (line,) = result.error_lines
+    assert line.endswith("Lago refused the API key (401 from GET /lago/api/v1/customers): check lago_api_key")
+
+
+# --- the sandbox's contract ------------------------------------------------------------
+
+
+def test_the_sandbox_refuses_a_whole_request_naming_each_refused_event_by_index(sandbox):
+    answer = ingest(
+        sandbox,
+        [event("ok"), event("bad-time", timestamp="yesterday"), event("no-sub", external_subscription_id="")],
+    )
+    assert answer.status_code == 422
+    details = answer.json()["error_details"]
+    assert details == {
+        "1": {"timestamp": ["invalid_format"]},
+        "2": {"external_subscription_id": ["value_is_mandatory"]},
+    }
+    assert sandbox.stats("lago")["stored"] == 0
+
+
+def test_the_sandbox_refuses_ids_it_already_has_and_oversized_requests(sandbox):
+    assert ingest(sandbox, [event("a"), event("b")]).status_code == 200
+    again = ingest(sandbox, [event("c"), event("a")])
+    assert again.status_code == 422
+    assert again.json()["error_details"] == {"1": {"transaction_id": ["value_already_exist"]}}
+    assert sandbox.stats("lago")["stored"] == 2  # "c" was not taken either
+    assert ingest(sandbox, [event(f"e{i}") for i in range(101)]).status_code == 422
+    assert ingest(sandbox, [event("z")], key="wrong").status_code == 401
+
+
+# --- the official SDK as referee ---------------------------------------------------------
+
+
+def test_every_body_fits_the_sdk_request_type(tmp_path):
+    config = json.loads((EXAMPLES / "lago-segment.config.json").read_text())
+    mixed = list(singer_lines(2000, seed=10, hours=48, state_every=500))
+    for name, lines in (("example", EXAMPLES / "segment-events.singer.jsonl"), ("mixed", mixed)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        result = run_target(run_dir, {**config, "dry_run": True}, lines)
+        assert result.returncode == 0, result.stderr
+        written = (run_dir / "dry-run-requests.jsonl").read_text().splitlines()
+        bodies = [json.loads(line)["body"] for line in written]
+        for body in bodies:
+            BatchEvent.parse_obj(body)  # the SDK's own model takes it
+        events = [item for body in bodies for item in body["events"]]
+        assert events
+        assert [p for i, item in enumerate(events) for p in problems(item, Event, f"events[{i}]")] == []
+
+
+def lago_client(sandbox, key: str = LAGO_KEY) -> Client:
+    return Client(api_key=key, api_url=f"{sandbox.url}/lago/", max_retries=0)
+
+
+def test_the_lago_sdk_ingests_through_the_sandbox(sandbox):
+    client = lago_client(sandbox)
+    client.events.batch_create(
+        BatchEvent(events=[Event(**event("s1")), Event(**event("s2", timestamp="1795184122.5"))])
+    )
+    assert sandbox.stats("lago")["stored"] == 2
+
+
+def test_the_lago_sdk_gets_the_errors_it_expects(sandbox):
+    with pytest.raises(LagoApiError) as caught:
+        lago_client(sandbox, key="wrong").events.batch_create(BatchEvent(events=[Event(**event("x"))]))
+    assert caught.value.status_code == 401
+    with pytest.raises(LagoApiError) as caught:
+        lago_client(sandbox).events.batch_create(
+            BatchEvent(events=[Event(**event(f"e{i}")) for i in range(101)])
+        )
+    assert caught.value.status_code == 422
+    sandbox.faults({"kind": "503", "count": 1, "destination": "lago"})
+    with pytest.raises(LagoApiError) as caught:
+        lago_client(sandbox).events.batch_create(BatchEvent(events=[Event(**event("r"))]))
+    assert caught.value.status_code == 503
