@@ -49,7 +49,8 @@ M3TER_RULE = {
 METRONOME_RULE = {"stream": "segment_events", "preset": "segment"}
 ORB_RULE = {"stream": "segment_events", "preset": "segment"}
 LAGO_RULE = {"stream": "segment_events", "preset": "segment"}
-DESTINATIONS = ["m3ter", "metronome", "orb", "lago"]
+OPENMETER_RULE = {"stream": "segment_events", "preset": "segment"}
+DESTINATIONS = ["m3ter", "metronome", "orb", "lago", "openmeter"]
 
 
 def events_file(count: int) -> Path:
@@ -113,6 +114,13 @@ def target_config(destination: str, url: str, rate_limited: bool, in_flight: int
             "lago_api_key": "sandbox-lago-key",
             "lago_api_url": f"{url}/lago",
             "mappings": [LAGO_RULE],
+        }
+    elif destination == "openmeter":
+        config = {
+            "destination": "openmeter",
+            "openmeter_api_token": "sandbox-openmeter-token",
+            "openmeter_api_url": f"{url}/openmeter",
+            "mappings": [OPENMETER_RULE],
         }
     else:
         config = {

@@ -42,6 +42,7 @@ M3TER_SECRET = "sandbox-api-secret"
 METRONOME_TOKEN = "sandbox-metronome-token"
 ORB_KEY = "sandbox-orb-key"
 LAGO_KEY = "sandbox-lago-key"
+OPENMETER_TOKEN = "sandbox-openmeter-token"
 
 
 class Sandbox:
@@ -155,6 +156,16 @@ def lago_config(sandbox: Sandbox, **overrides: t.Any) -> dict:
     return config
 
 
+def openmeter_config(sandbox: Sandbox, **overrides: t.Any) -> dict:
+    config = json.loads((EXAMPLES / "openmeter-segment.config.json").read_text())
+    config.update(
+        openmeter_api_url=f"{sandbox.url}/openmeter", max_retry_seconds=30, progress_interval_seconds=0
+    )
+    config.pop("dead_letter_path", None)
+    config.update(overrides)
+    return config
+
+
 def run_target(
     tmp_path: Path,
     config: dict,
@@ -234,6 +245,19 @@ USAGE_RULE_LAGO_AT = {
 USAGE_RULE_LAGO = {
     "stream": "usage",
     "fields": {**USAGE_RULE_LAGO_AT["fields"], "timestamp": "now_ts"},  # type: ignore[dict-item]
+}
+USAGE_RULE_OPENMETER_AT = {
+    "stream": "usage",
+    "fields": {
+        "subject": "account",
+        "type": "'tokens'",
+        "time": "at",
+        "data": {"tokens": "tokens", "note": "note"},
+    },
+}
+USAGE_RULE_OPENMETER = {
+    "stream": "usage",
+    "fields": {**USAGE_RULE_OPENMETER_AT["fields"], "time": "now_ts"},  # type: ignore[dict-item]
 }
 USAGE_RULE_ORB = {
     "stream": "usage",
@@ -356,14 +380,30 @@ def config_for(destination: str, sandbox: Sandbox, **overrides: t.Any) -> dict:
         return orb_config(sandbox, **{"mappings": [USAGE_RULE_ORB_AT], **overrides})
     if destination == "lago":
         return lago_config(sandbox, **{"mappings": [USAGE_RULE_LAGO_AT], **overrides})
+    if destination == "openmeter":
+        return openmeter_config(sandbox, **{"mappings": [USAGE_RULE_OPENMETER_AT], **overrides})
     return metronome_config(sandbox, **{"mappings": [USAGE_RULE_METRONOME_AT], **overrides})
 
 
 # What the test families need to know of each destination.
-DESTINATIONS_UNDER_TEST = ["m3ter", "metronome", "orb", "lago"]
-ID_FIELD = {"m3ter": "uid", "metronome": "transaction_id", "orb": "idempotency_key", "lago": "transaction_id"}
-MAX_ITEMS = {"m3ter": 1000, "metronome": 100, "orb": 500, "lago": 100}
-SECRETS = {"m3ter": M3TER_SECRET, "metronome": METRONOME_TOKEN, "orb": ORB_KEY, "lago": LAGO_KEY}
+DESTINATIONS_UNDER_TEST = ["m3ter", "metronome", "orb", "lago", "openmeter"]
+ID_FIELD = {
+    "m3ter": "uid",
+    "metronome": "transaction_id",
+    "orb": "idempotency_key",
+    "lago": "transaction_id",
+    "openmeter": "id",
+}
+MAX_ITEMS = {"m3ter": 1000, "metronome": 100, "orb": 500, "lago": 100, "openmeter": 500}
+SECRETS = {
+    "m3ter": M3TER_SECRET,
+    "metronome": METRONOME_TOKEN,
+    "orb": ORB_KEY,
+    "lago": LAGO_KEY,
+    "openmeter": OPENMETER_TOKEN,
+}
+# where the usage rows' "note" lands in a stored item
+NOTE_FIELD = {"m3ter": "metadata", "openmeter": "data"}
 
 
 def api_url_settings(destination: str, url: str) -> dict:

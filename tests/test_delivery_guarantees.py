@@ -11,16 +11,19 @@ import requests
 
 from tests.conftest import (
     DESTINATIONS_UNDER_TEST,
+    NOTE_FIELD,
     SECRETS,
     USAGE_RULE_LAGO,
     USAGE_RULE_M3TER,
     USAGE_RULE_METRONOME,
+    USAGE_RULE_OPENMETER,
     USAGE_RULE_ORB,
     Pipeline,
     crash_config,
     lago_config,
     m3ter_config,
     metronome_config,
+    openmeter_config,
     orb_config,
     position,
     run_target,
@@ -37,6 +40,7 @@ BASE_EPOCH = {
     "metronome": YESTERDAY,
     "orb": int(time.time()) - 3 * 3600,
     "lago": YESTERDAY,
+    "openmeter": YESTERDAY,
 }
 
 
@@ -48,13 +52,20 @@ def now_config(sandbox, destination: str, **overrides) -> dict:
         "metronome": USAGE_RULE_METRONOME,
         "orb": USAGE_RULE_ORB,
         "lago": USAGE_RULE_LAGO,
+        "openmeter": USAGE_RULE_OPENMETER,
     }
-    make = {"m3ter": m3ter_config, "metronome": metronome_config, "orb": orb_config, "lago": lago_config}
+    make = {
+        "m3ter": m3ter_config,
+        "metronome": metronome_config,
+        "orb": orb_config,
+        "lago": lago_config,
+        "openmeter": openmeter_config,
+    }
     return make[destination](sandbox, mappings=[rules[destination]], **overrides)
 
 
 def stored_ids(sandbox, destination: str) -> list[int]:
-    category = "metadata" if destination == "m3ter" else "properties"
+    category = NOTE_FIELD.get(destination, "properties")
     return sorted(int(item[category]["note"][1:]) for item in sandbox.items(destination))
 
 

@@ -32,7 +32,13 @@ def test_meltano_yml_loader_matches_about():
     assert loader["settings"] == expected_settings(info)
     assert sorted(loader["capabilities"]) == sorted(info["capabilities"])
     secrets = {s["name"] for s in loader["settings"] if s.get("sensitive")}
-    assert secrets == {"m3ter_api_secret", "metronome_api_token", "orb_api_key", "lago_api_key"}
+    assert secrets == {
+        "m3ter_api_secret",
+        "metronome_api_token",
+        "orb_api_key",
+        "lago_api_key",
+        "openmeter_api_token",
+    }
 
 
 def test_shipped_meltano_plugin_definition_matches_about():
@@ -56,4 +62,5 @@ def test_shipped_meltano_plugin_definition_matches_about():
         "metronome_api_token",
         "orb_api_key",
         "lago_api_key",
+        "openmeter_api_token",
     }

@@ -137,7 +137,8 @@ def test_nan_and_infinity_are_refused_naming_the_field(sandbox, tmp_path, destin
     assert result.returncode == 0, result.stderr
     clean(result)
     (dead,) = dead_letters(tmp_path)
-    assert dead["field"] == ("measure.tokens" if destination == "m3ter" else "properties.tokens")
+    category = {"m3ter": "measure", "openmeter": "data"}.get(destination, "properties")
+    assert dead["field"] == f"{category}.tokens"
     assert "finite number" in dead["reason"]
     assert sandbox.stats(destination)["stored"] == 3
 

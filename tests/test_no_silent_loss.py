@@ -23,6 +23,7 @@ from tests.conftest import (
     DESTINATIONS_UNDER_TEST,
     ID_FIELD,
     MAX_ITEMS,
+    NOTE_FIELD,
     RECENT,
     TARGET,
     USAGE_RULE_M3TER,
@@ -40,7 +41,7 @@ BATCH_TAP = str(Path(__file__).with_name("batch_tap.py"))
 
 
 def stored_notes(sandbox, destination: str) -> list[str]:
-    category = "metadata" if destination == "m3ter" else "properties"
+    category = NOTE_FIELD.get(destination, "properties")
     return sorted(item[category]["note"] for item in sandbox.items(destination))
 
 

@@ -11,10 +11,12 @@ from target_usage_billing.destinations.base import (
 from target_usage_billing.destinations.lago import LagoDestination
 from target_usage_billing.destinations.m3ter import M3terDestination
 from target_usage_billing.destinations.metronome import MetronomeDestination
+from target_usage_billing.destinations.openmeter import OpenMeterDestination
 from target_usage_billing.destinations.orb import OrbDestination
 
 DESTINATIONS: dict[str, type[Destination]] = {
-    cls.name: cls for cls in (M3terDestination, MetronomeDestination, OrbDestination, LagoDestination)
+    cls.name: cls
+    for cls in (M3terDestination, MetronomeDestination, OrbDestination, LagoDestination, OpenMeterDestination)
 }
 
 __all__ = ["DESTINATIONS", "Destination", "OutgoingRequest", "Ruling", "Verdict"]

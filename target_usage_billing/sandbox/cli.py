@@ -17,8 +17,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = SandboxSettings()
     parser = argparse.ArgumentParser(
         prog="usage-billing-sandbox",
-        description="Local emulator of the m3ter, Metronome, Orb and Lago ingest APIs, for trying and "
-        "testing usage pipelines without an account.",
+        description="Local emulator of billing platforms' ingest APIs (m3ter, Metronome, Orb, Lago, "
+        "OpenMeter), for trying and testing usage pipelines without an account.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8787, help="port (0 picks a free one; default 8787)")
@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--orb-api-key", default=defaults.orb_api_key)
     parser.add_argument("--lago-api-key", default=defaults.lago_api_key)
     parser.add_argument(
+        "--openmeter-api-token",
+        default=defaults.openmeter_api_token,
+        help="the Bearer token OpenMeter Cloud expects; empty: none (a self-hosted OpenMeter)",
+    )
+    parser.add_argument(
         "--orb-grace-period-hours",
         type=float,
         default=defaults.orb_grace_period_hours,
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         metronome_api_token=args.metronome_api_token,
         orb_api_key=args.orb_api_key,
         lago_api_key=args.lago_api_key,
+        openmeter_api_token=args.openmeter_api_token,
         orb_grace_period_hours=args.orb_grace_period_hours,
         token_lifetime=args.token_lifetime,
         latency_ms=args.latency_ms,

@@ -1,8 +1,8 @@
-"""usage-billing-sandbox: a loopback emulator of the m3ter, Metronome, Orb and Lago ingest APIs.
+"""usage-billing-sandbox: a loopback emulator of the billing platforms' ingest APIs.
 
-Orb and Lago (and each platform added after them) are served under a path prefix of
-their own (/orb, /lago) by a module that knows the contract (sandbox/orb.py,
-sandbox/lago.py); m3ter and Metronome are served at the root, as the demo and the
+Orb, Lago and OpenMeter (and each platform added after them) are served under a path
+prefix of their own (/orb, /lago, /openmeter) by a module that knows the contract
+(sandbox/orb.py, ...); m3ter and Metronome are served at the root, as the demo and the
 examples have always addressed them.
 
 It checks credentials, enforces the contracts (limits, per-item validation, time
@@ -13,7 +13,7 @@ the control endpoint, to rehearse outages before they happen in production.
 Control endpoints (all under /_sandbox):
   GET  /health                   {"ok": true}
   GET  /stats                    counters per destination
-  GET  /items/{m3ter|metronome|orb|lago}  accepted items, one JSON object per line
+  GET  /items/{m3ter|metronome|orb|lago|openmeter}  accepted items, one JSON object per line
   POST /faults                   {"faults": [FAULT, ...], "latency_ms": N, "token_lifetime": S,
                                   "refuse_items_containing": [TEXT, ...]}
   DELETE /faults                 clear faults and latency
@@ -38,7 +38,7 @@ import time
 import typing as t
 import urllib.parse
 
-from target_usage_billing.sandbox import lago, orb
+from target_usage_billing.sandbox import lago, openmeter, orb
 from target_usage_billing.sandbox.contracts import (
     M3TER_MAX_BODY,
     ItemError,
@@ -54,7 +54,7 @@ from target_usage_billing.sandbox.state import (
 
 # Platforms served under a path prefix of their own (/orb/v1/ingest ...): each module
 # says how it authenticates, validates, refuses and answers.
-PLATFORMS: dict[str, t.Any] = {module.NAME: module for module in (orb, lago)}
+PLATFORMS: dict[str, t.Any] = {module.NAME: module for module in (orb, lago, openmeter)}
 
 
 def _platform_for(path: str) -> t.Any:
@@ -214,6 +214,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             if platform is not None:
                 platform.authenticate(self.headers, sandbox.settings)
+                if hasattr(platform, "check_request"):
+                    platform.check_request(self.headers)
                 with sandbox.lock:
                     stats.max_body_bytes = max(stats.max_body_bytes, len(raw_body))
                 items = platform.items(raw_body, query, sandbox.settings)

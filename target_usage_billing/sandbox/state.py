@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-DESTINATIONS = ("m3ter", "metronome", "orb", "lago")
+DESTINATIONS = ("m3ter", "metronome", "orb", "lago", "openmeter")
 FAULT_KINDS = (
     "401",
     "403",
@@ -40,6 +40,7 @@ class SandboxSettings:
     orb_api_key: str = "sandbox-orb-key"
     orb_grace_period_hours: float = 12.0
     lago_api_key: str = "sandbox-lago-key"
+    openmeter_api_token: str = "sandbox-openmeter-token"  # empty: none needed (self-hosted)
     token_lifetime: float = 18000.0
     latency_ms: float = 0.0
     # m3ter: 50 requests/s per organization, 5,000 per rolling 5 minutes per source IP
@@ -114,9 +115,11 @@ class DestinationStats:
 class Store:
     """Accepted items of one destination: a JSONL file plus an index id -> body digest."""
 
-    def __init__(self, path: Path, id_field: str):
+    def __init__(self, path: Path, id_field: str | tuple[str, ...]):
+        """``id_field``: the item's id, or the fields that together are its identity
+        (OpenMeter: source and id), joined with NUL as the platform module keys them."""
         self.path = path
-        self.id_field = id_field
+        self.id_fields = (id_field,) if isinstance(id_field, str) else id_field
         self.index: dict[str, bytes] = {}
         self.count = 0
         self._id_decoder = msgspec.json.Decoder(dict[str, t.Any])
@@ -126,7 +129,9 @@ class Store:
                 for line in existing:
                     if line.strip():
                         self.count += 1
-                        item_id = self._id_decoder.decode(line).get(id_field)
+                        document = self._id_decoder.decode(line)
+                        parts = [document.get(name) for name in self.id_fields]
+                        item_id = "\x00".join(map(str, parts)) if None not in parts else None
                         if item_id is not None:
                             self.index[item_id] = _digest(line.rstrip(b"\n"))
         self._file = open(path, "ab")  # noqa: SIM115 - held open while serving
@@ -185,6 +190,7 @@ class Sandbox:
             "metronome": Store(settings.data_dir / "metronome-events.jsonl", "transaction_id"),
             "orb": Store(settings.data_dir / "orb-events.jsonl", "idempotency_key"),
             "lago": Store(settings.data_dir / "lago-events.jsonl", "transaction_id"),
+            "openmeter": Store(settings.data_dir / "openmeter-events.jsonl", ("source", "id")),
         }
         self._arrivals: dict[str, collections.deque[float]] = {
             name: collections.deque() for name in DESTINATIONS
