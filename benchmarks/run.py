@@ -46,11 +46,22 @@ M3TER_RULE = {
         "cost": {"usd": "properties.cost_usd"},
     },
 }
-METRONOME_RULE = {"stream": "segment_events", "preset": "segment"}
-ORB_RULE = {"stream": "segment_events", "preset": "segment"}
-LAGO_RULE = {"stream": "segment_events", "preset": "segment"}
-OPENMETER_RULE = {"stream": "segment_events", "preset": "segment"}
-DESTINATIONS = ["m3ter", "metronome", "orb", "lago", "openmeter"]
+SEGMENT_PRESET = {"stream": "segment_events", "preset": "segment"}
+STRIPE_RULE = {
+    "stream": "segment_events",
+    "preset": "segment",
+    "filter": "type == 'track' && properties.tokens != null",
+    "fields": {"payload": {"stripe_customer_id": "context.groupId", "value": "properties.tokens"}},
+}
+RULES = {
+    "m3ter": M3TER_RULE,
+    "metronome": SEGMENT_PRESET,
+    "orb": SEGMENT_PRESET,
+    "lago": SEGMENT_PRESET,
+    "openmeter": SEGMENT_PRESET,
+    "stripe": STRIPE_RULE,
+}
+DESTINATIONS = ["m3ter", "metronome", "orb", "lago", "openmeter", "stripe"]
 
 
 def events_file(count: int) -> Path:
@@ -88,47 +99,39 @@ def fetch(url: str, method: str = "GET", body: bytes | None = None) -> dict:
         return json.loads(answer.read() or b"{}")
 
 
-def target_config(destination: str, url: str, rate_limited: bool, in_flight: int | None) -> dict:
-    if destination == "m3ter":
-        config = {
-            "destination": "m3ter",
+def destination_settings(destination: str, url: str) -> dict:
+    """The sandbox's credentials and URLs for ``destination`` (the examples' own settings)."""
+    sandbox = {
+        "m3ter": {
             "m3ter_org_id": "bench",
             "m3ter_access_key_id": "sandbox-access-key",
             "m3ter_api_secret": "sandbox-api-secret",
             "m3ter_ingest_url": url,
             "m3ter_auth_url": url,
-            "mappings": [M3TER_RULE],
-        }
-    elif destination == "orb":
-        config = {
-            "destination": "orb",
-            "orb_api_key": "sandbox-orb-key",
-            "orb_api_url": f"{url}/orb",
-            # the generated events span 72 hours; the sandbox is started with the same
-            "orb_grace_period_hours": 96,
-            "mappings": [ORB_RULE],
-        }
-    elif destination == "lago":
-        config = {
-            "destination": "lago",
-            "lago_api_key": "sandbox-lago-key",
-            "lago_api_url": f"{url}/lago",
-            "mappings": [LAGO_RULE],
-        }
-    elif destination == "openmeter":
-        config = {
-            "destination": "openmeter",
+        },
+        "metronome": {"metronome_api_token": "sandbox-metronome-token", "metronome_api_url": url},
+        # the generated events span 72 hours; the sandbox is started with the same grace
+        "orb": {"orb_api_key": "sandbox-orb-key", "orb_api_url": f"{url}/orb", "orb_grace_period_hours": 96},
+        "lago": {"lago_api_key": "sandbox-lago-key", "lago_api_url": f"{url}/lago"},
+        "openmeter": {
             "openmeter_api_token": "sandbox-openmeter-token",
             "openmeter_api_url": f"{url}/openmeter",
-            "mappings": [OPENMETER_RULE],
-        }
-    else:
-        config = {
-            "destination": "metronome",
-            "metronome_api_token": "sandbox-metronome-token",
-            "metronome_api_url": url,
-            "mappings": [METRONOME_RULE],
-        }
+        },
+        "stripe": {
+            "stripe_api_key": "sk_test_sandbox",
+            "stripe_api_url": f"{url}/stripe",
+            "stripe_meter_events_url": f"{url}/stripe",
+        },
+    }
+    return sandbox[destination]
+
+
+def target_config(destination: str, url: str, rate_limited: bool, in_flight: int | None) -> dict:
+    config = {
+        "destination": destination,
+        **destination_settings(destination, url),
+        "mappings": [RULES[destination]],
+    }
     if not rate_limited:
         config["max_requests_per_second"] = 0
     if in_flight:

@@ -18,6 +18,7 @@ from tests.conftest import (
     USAGE_RULE_METRONOME,
     USAGE_RULE_OPENMETER,
     USAGE_RULE_ORB,
+    USAGE_RULE_STRIPE,
     Pipeline,
     crash_config,
     lago_config,
@@ -28,6 +29,7 @@ from tests.conftest import (
     position,
     run_target,
     singer,
+    stripe_config,
     wait_until,
 )
 
@@ -41,6 +43,7 @@ BASE_EPOCH = {
     "orb": int(time.time()) - 3 * 3600,
     "lago": YESTERDAY,
     "openmeter": YESTERDAY,
+    "stripe": YESTERDAY,
 }
 
 
@@ -53,6 +56,7 @@ def now_config(sandbox, destination: str, **overrides) -> dict:
         "orb": USAGE_RULE_ORB,
         "lago": USAGE_RULE_LAGO,
         "openmeter": USAGE_RULE_OPENMETER,
+        "stripe": USAGE_RULE_STRIPE,
     }
     make = {
         "m3ter": m3ter_config,
@@ -60,6 +64,7 @@ def now_config(sandbox, destination: str, **overrides) -> dict:
         "orb": orb_config,
         "lago": lago_config,
         "openmeter": openmeter_config,
+        "stripe": stripe_config,
     }
     return make[destination](sandbox, mappings=[rules[destination]], **overrides)
 
@@ -196,7 +201,8 @@ ALL_FAULTS = [
 
 @pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_all_faults_together_lose_nothing(sandbox, tmp_path, destination):
-    faults = ALL_FAULTS + ([{"kind": "expire-tokens", "count": 1}] if destination == "m3ter" else [])
+    expiring = destination in ("m3ter", "stripe")  # OAuth tokens, meter event sessions
+    faults = ALL_FAULTS + ([{"kind": "expire-tokens", "count": 1}] if expiring else [])
     sandbox.faults(*faults)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
     records = [
@@ -232,7 +238,7 @@ def bad_mix(count: int, bad_every: int, destination: str = "m3ter") -> list[dict
             kind = (i // bad_every) % 3
             if kind == 0 and destination == "m3ter":
                 record["tokens"] = "lots"  # m3ter measures are numbers
-            elif kind == 0 and destination == "orb":
+            elif kind == 0 and destination in ("orb", "stripe"):
                 record["account"] = ["a", "b"]  # a customer id is text
             elif kind == 0:
                 record["account"] = None  # Metronome needs a customer (properties are free-form)
@@ -257,10 +263,10 @@ def test_bad_record_mix_under_the_limit_delivers_all_good_ones(sandbox, tmp_path
     dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
     assert {d["record"]["id"] for d in dead} == bad_ids
     for d in dead:
-        # Orb's customer id is optional in the mapping (one of two): an empty one is
-        # refused when the payload is checked, not while it is mapped
-        empty_orb_customer = destination == "orb" and d["record"]["account"] == ""
-        assert d["reason"] and d["stage"] == ("validation" if empty_orb_customer else "mapping"), d
+        # Orb's customer id is optional in the mapping (one of two) and Stripe's sits in
+        # the payload map: an empty one is refused when the payload is checked
+        late = destination in ("orb", "stripe") and d["record"]["account"] == ""
+        assert d["reason"] and d["stage"] == ("validation" if late else "mapping"), d
     assert result.states == [{"done": 1}]
     assert f"rejected {len(bad_ids)}" in result.stderr
 
@@ -334,7 +340,7 @@ def test_unknown_message_types_and_blank_lines_are_skipped(sandbox, tmp_path):
 def test_debug_logging_shows_no_secret_and_no_token(sandbox, tmp_path, destination):
     records = bad_mix(500, bad_every=100)
     config = now_config(sandbox, destination, dead_letter_path="dead.jsonl")
-    if destination == "m3ter":
+    if destination in ("m3ter", "stripe"):
         sandbox.faults({"kind": "expire-tokens", "count": 1}, {"kind": "500", "count": 1})
     else:
         sandbox.faults({"kind": "500", "count": 1})
@@ -343,7 +349,7 @@ def test_debug_logging_shows_no_secret_and_no_token(sandbox, tmp_path, destinati
     assert "DEBUG" in result.stderr  # debug logging was really on
     tokens = requests.get(f"{sandbox.url}/_sandbox/tokens", timeout=10).json()["tokens"]
     secrets = [*SECRETS.values(), *tokens]
-    if destination == "m3ter":
+    if destination in ("m3ter", "stripe"):
         assert len(tokens) == 2  # the first token expired and was renewed
     outputs = result.stdout + result.stderr + (tmp_path / "dead.jsonl").read_text()
     for secret in secrets:

@@ -38,6 +38,7 @@ def test_meltano_yml_loader_matches_about():
         "orb_api_key",
         "lago_api_key",
         "openmeter_api_token",
+        "stripe_api_key",
     }
 
 
@@ -57,10 +58,12 @@ def test_shipped_meltano_plugin_definition_matches_about():
     assert ["destination", "mappings", "metronome_api_token"] in groups
     assert ["destination", "mappings", "orb_api_key"] in groups
     assert ["destination", "mappings", "lago_api_key"] in groups
+    assert ["destination", "mappings", "stripe_api_key"] in groups
     assert {s["name"] for s in shipped["settings"] if s.get("sensitive")} == {
         "m3ter_api_secret",
         "metronome_api_token",
         "orb_api_key",
         "lago_api_key",
         "openmeter_api_token",
+        "stripe_api_key",
     }

@@ -105,23 +105,6 @@ def test_an_event_lago_refuses_is_isolated_and_dead_lettered(sandbox, tmp_path):
     assert dead["stage"] == "api" and dead["record"]["id"] == 4 and "Lago answered 422" in dead["reason"]
 
 
-def test_the_example_config_dry_runs_without_credentials(tmp_path):
-    config = json.loads((EXAMPLES / "lago-segment.config.json").read_text())
-    config.pop("lago_api_key")
-    result = run_target(tmp_path, {**config, "dry_run": True}, EXAMPLES / "segment-events.singer.jsonl")
-    assert result.returncode == 0, result.stderr
-    written = [json.loads(line) for line in (tmp_path / "dry-run-requests.jsonl").read_text().splitlines()]
-    assert [r["items"] for r in written] == [100, 100, 100, 100]
-    assert all(r["path"] == "/api/v1/events/batch" and set(r["body"]) == {"events"} for r in written)
-
-
-def test_a_bad_api_key_is_exit_3_before_any_input(sandbox, tmp_path):
-    result = run_target(tmp_path, lago_config(sandbox, lago_api_key="wrong"), singer("usage", usage(2)))
-    assert result.returncode == 3
-    (line,) = result.error_lines
-    assert line.endswith("Lago refused the API key (401 from GET /lago/api/v1/customers): check lago_api_key")
-
-
 # --- the sandbox's contract ------------------------------------------------------------
 
 

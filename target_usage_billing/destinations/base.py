@@ -263,3 +263,52 @@ class Destination(abc.ABC):
                 raise DeliveryError(f"{what} answered {response.status}: {response.text()}")
 
         self.transport.with_retries(attempt, what)
+
+
+class BearerKeyDestination(Destination):
+    """A platform reached with one static Bearer key (Metronome, Orb, Lago, OpenMeter):
+    its headers, the ingest request, the credentials probe and the usual refusals (401
+    and 403: the key; 400 and 422: the content) come from a few class attributes."""
+
+    key_setting: t.ClassVar[str]  # e.g. "orb_api_key"
+    url_setting: t.ClassVar[str]  # e.g. "orb_api_url"
+    default_url: t.ClassVar[str]
+    probe_path: t.ClassVar[str]  # a cheap authenticated GET, before any input is read
+    credential: t.ClassVar[str] = "API key"  # what the key is called in messages
+    content_type: t.ClassVar[str] = "application/json"
+
+    def __init__(self, config: t.Mapping[str, t.Any], transport: HttpTransport):
+        super().__init__(config, transport)
+        self.api_url = str(config.get(self.url_setting) or self.default_url).rstrip("/")
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": self.content_type}
+        key = self.config.get(self.key_setting)
+        if key:  # none: a dry run, or a self-hosted OpenMeter
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def ingest_request(self, body: bytes) -> OutgoingRequest:
+        return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", self._headers(), body)
+
+    def judge_refusal(self, response: Response) -> Ruling | None:
+        status = response.status
+        if status in (401, 403):
+            return Ruling(
+                Verdict.DENIED,
+                f"{self.label} refused the {self.credential} ({status} from POST {self.ingest_path}): "
+                f"check {self.key_setting}",
+            )
+        if status in (400, 422):
+            return Ruling(
+                Verdict.REJECTED, f"{self.label} answered {status}: {self.refusal_detail(response)}"[:1000]
+            )
+        return None
+
+    def refusal_detail(self, response: Response) -> str:
+        """What the platform said of refused content, on one line (its body by default)."""
+        return response.text()
+
+    def check_credentials(self) -> None:
+        url = f"{self.api_url}{self.probe_path}"
+        self.probe_credentials(url, self._headers(), self.key_setting, credential=self.credential)

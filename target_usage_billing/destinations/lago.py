@@ -19,13 +19,13 @@ import typing as t
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import Destination, OutgoingRequest, Ruling, Verdict
+from target_usage_billing.destinations.base import BearerKeyDestination, Ruling, Verdict
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 ALREADY_EXISTS = "value_already_exist"
 
 
-class LagoDestination(Destination):
+class LagoDestination(BearerKeyDestination):
     name = "lago"
     label = "Lago"
     item_noun = "events"
@@ -34,6 +34,10 @@ class LagoDestination(Destination):
     max_items_per_request = 100
     max_body_bytes = 4_000_000  # none published: keep requests reasonable
     rate_limits = ()  # none published: 429 + Retry-After is honoured instead
+    key_setting = "lago_api_key"
+    url_setting = "lago_api_url"
+    default_url = "https://api.getlago.com"
+    probe_path = "/api/v1/customers?per_page=1"
     presets: t.ClassVar[dict[str, Preset]] = {
         "segment": Preset(
             description="Segment track calls: the event name as the billable metric code, "
@@ -60,10 +64,6 @@ class LagoDestination(Destination):
         ),
     ]
 
-    def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
-        super().__init__(config, transport)
-        self.api_url = str(config.get("lago_api_url") or "https://api.getlago.com").rstrip("/")
-
     @classmethod
     def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
         return [
@@ -75,31 +75,15 @@ class LagoDestination(Destination):
             FieldSpec("precise_total_amount_cents", FieldKind.STRING),
         ]
 
-    def _headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self.config.get('lago_api_key', '')}",
-            "Content-Type": "application/json",
-        }
-
-    def ingest_request(self, body: bytes) -> OutgoingRequest:
-        return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", self._headers(), body)
-
     def judge_refusal(self, response: t.Any) -> Ruling | None:
-        status = response.status
-        if status in (401, 403):
-            return Ruling(
-                Verdict.DENIED,
-                f"Lago refused the API key ({status} from POST {self.ingest_path}): check lago_api_key",
-            )
-        if status in (400, 422):
+        if response.status in (400, 422):
             details = _error_details(response)
             if details and all(_only_already_stored(errors) for errors in details.values()):
                 return Ruling(Verdict.ALREADY_STORED, f"Lago already has these events: {details}"[:1000])
-            return Ruling(Verdict.REJECTED, f"Lago answered {status}: {details or response.text()}"[:1000])
-        return None
+        return super().judge_refusal(response)
 
-    def check_credentials(self) -> None:
-        self.probe_credentials(f"{self.api_url}/api/v1/customers?per_page=1", self._headers(), "lago_api_key")
+    def refusal_detail(self, response: t.Any) -> str:
+        return str(_error_details(response) or response.text())
 
 
 def _error_details(response: t.Any) -> dict[str, t.Any]:

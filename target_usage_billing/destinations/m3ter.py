@@ -11,8 +11,6 @@ import base64
 import datetime as dt
 import json
 import re
-import threading
-import time
 import typing as t
 
 from singer_sdk import typing as th
@@ -24,6 +22,7 @@ from target_usage_billing.destinations.base import (
     TimeWindow,
     Verdict,
 )
+from target_usage_billing.destinations.tokens import ExpiringToken
 from target_usage_billing.errors import CredentialsError, DeliveryError
 from target_usage_billing.http import RetryableFailure, retryable_status
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
@@ -89,9 +88,7 @@ class M3terDestination(Destination):
         self.ingest_url = config.get("m3ter_ingest_url", "https://ingest.m3ter.com").rstrip("/")
         self.auth_url = config.get("m3ter_auth_url", "https://api.m3ter.com").rstrip("/")
         self.ingest_path = f"/organizations/{self.org_id}/measurements"
-        self._token: str | None = None
-        self._token_refresh_at = 0.0
-        self._token_lock = threading.Lock()
+        self._token = ExpiringToken(self._fetch_token)
 
     @classmethod
     def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
@@ -168,25 +165,16 @@ class M3terDestination(Destination):
         return self.transport.with_retries(attempt, "m3ter POST /oauth/token")
 
     def _bearer(self) -> str:
-        with self._token_lock:
-            if self._token is None or time.monotonic() >= self._token_refresh_at:
-                token, lifetime = self._fetch_token()
-                # Renew before expiry: at 90% of the lifetime, and at least 5 s early.
-                self._token_refresh_at = time.monotonic() + max(0.0, min(lifetime * 0.9, lifetime - 5))
-                self._token = token
-            return self._token
+        return self._token.get()
 
     def refresh_credentials(self, stale: OutgoingRequest) -> None:
-        with self._token_lock:
-            # Several requests may see the same expired token: renew it only once.
-            if self._token and stale.headers.get("Authorization") == f"Bearer {self._token}":
-                self._token = None
+        self._token.drop(stale.headers.get("Authorization", "").removeprefix("Bearer "))
 
     def check_credentials(self) -> None:
         self._bearer()
 
     def live_secrets(self) -> list[str]:
-        token = self._token
+        token = self._token.current
         return [token] if token else []
 
     # --- requests --------------------------------------------------------------------

@@ -13,13 +13,7 @@ import typing as t
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import (
-    Destination,
-    OutgoingRequest,
-    Ruling,
-    TimeWindow,
-    Verdict,
-)
+from target_usage_billing.destinations.base import BearerKeyDestination, OutgoingRequest, TimeWindow
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AGE = dt.timedelta(days=34)
@@ -28,7 +22,7 @@ MAX_AHEAD = dt.timedelta(hours=24)
 GZIP_MIN_BYTES = 1024
 
 
-class MetronomeDestination(Destination):
+class MetronomeDestination(BearerKeyDestination):
     name = "metronome"
     label = "Metronome"
     item_noun = "events"
@@ -36,6 +30,11 @@ class MetronomeDestination(Destination):
     max_items_per_request = 100
     max_body_bytes = 4_000_000  # no published cap; keep requests reasonable
     rate_limits = ()  # none published: 429 + Retry-After is honoured instead
+    key_setting = "metronome_api_token"
+    url_setting = "metronome_api_url"
+    default_url = "https://api.metronome.com"
+    probe_path = "/v1/customers?limit=1"
+    credential = "API token"
     presets: t.ClassVar[dict[str, Preset]] = {
         "segment": Preset(
             description="Segment track calls, as Segment's own Metronome destination maps them.",
@@ -75,7 +74,6 @@ class MetronomeDestination(Destination):
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
         super().__init__(config, transport)
-        self.api_url = config.get("metronome_api_url", "https://api.metronome.com").rstrip("/")
         self.gzip = bool(config.get("metronome_gzip", True))
         self._window = TimeWindow(MAX_AGE, MAX_AHEAD)
 
@@ -101,12 +99,6 @@ class MetronomeDestination(Destination):
             )
         return None
 
-    def _headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self.config.get('metronome_api_token', '')}",
-            "Content-Type": "application/json",
-        }
-
     def ingest_request(self, body: bytes) -> OutgoingRequest:
         headers = self._headers()
         if self.gzip and len(body) >= GZIP_MIN_BYTES:
@@ -117,18 +109,3 @@ class MetronomeDestination(Destination):
                 headers["Content-Encoding"] = "gzip"
                 body = packed
         return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", headers, body)
-
-    def judge_refusal(self, response: t.Any) -> Ruling | None:
-        status = response.status
-        if status in (401, 403):
-            return Ruling(
-                Verdict.DENIED,
-                f"Metronome refused the API token ({status} from POST /v1/ingest): check metronome_api_token",
-            )
-        if status in (400, 422):
-            return Ruling(Verdict.REJECTED, f"Metronome answered {status}: {response.text()}")
-        return None
-
-    def check_credentials(self) -> None:
-        url = f"{self.api_url}/v1/customers?limit=1"
-        self.probe_credentials(url, self._headers(), "metronome_api_token", credential="API token")

@@ -17,13 +17,13 @@ import typing as t
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import Destination, OutgoingRequest, Ruling, Verdict
+from target_usage_billing.destinations.base import BearerKeyDestination
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 DEFAULT_SOURCE = "target-usage-billing"
 
 
-class OpenMeterDestination(Destination):
+class OpenMeterDestination(BearerKeyDestination):
     name = "openmeter"
     label = "OpenMeter"
     item_noun = "events"
@@ -32,6 +32,12 @@ class OpenMeterDestination(Destination):
     max_items_per_request = 500  # none published
     max_body_bytes = 4_000_000  # none published: keep requests reasonable
     rate_limits = ()
+    key_setting = "openmeter_api_token"
+    url_setting = "openmeter_api_url"
+    default_url = "https://openmeter.cloud"
+    probe_path = "/api/v1/meters"
+    credential = "API token"
+    content_type = "application/cloudevents-batch+json"
     presets: t.ClassVar[dict[str, Preset]] = {
         "segment": Preset(
             description="Segment track calls: the event name as the CloudEvents type, the "
@@ -68,10 +74,6 @@ class OpenMeterDestination(Destination):
         ),
     ]
 
-    def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
-        super().__init__(config, transport)
-        self.api_url = str(config.get("openmeter_api_url") or "https://openmeter.cloud").rstrip("/")
-
     @classmethod
     def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
         return [
@@ -90,30 +92,3 @@ class OpenMeterDestination(Destination):
         if payload["specversion"] != "1.0":
             return f"specversion {payload['specversion']!r}: OpenMeter takes CloudEvents 1.0 only"
         return None
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/cloudevents-batch+json"}
-        token = self.config.get("openmeter_api_token")
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
-
-    def ingest_request(self, body: bytes) -> OutgoingRequest:
-        return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", self._headers(), body)
-
-    def judge_refusal(self, response: t.Any) -> Ruling | None:
-        status = response.status
-        if status in (401, 403):
-            return Ruling(
-                Verdict.DENIED,
-                f"OpenMeter refused the API token ({status} from POST {self.ingest_path}): "
-                "check openmeter_api_token",
-            )
-        if status in (400, 422):
-            return Ruling(Verdict.REJECTED, f"OpenMeter answered {status}: {response.text()}"[:1000])
-        return None
-
-    def check_credentials(self) -> None:
-        self.probe_credentials(
-            f"{self.api_url}/api/v1/meters", self._headers(), "openmeter_api_token", credential="API token"
-        )

@@ -21,20 +21,14 @@ import typing as t
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import (
-    Destination,
-    OutgoingRequest,
-    Ruling,
-    TimeWindow,
-    Verdict,
-)
+from target_usage_billing.destinations.base import BearerKeyDestination, TimeWindow
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AHEAD = dt.timedelta(minutes=5)
 DEFAULT_GRACE_HOURS = 12.0
 
 
-class OrbDestination(Destination):
+class OrbDestination(BearerKeyDestination):
     name = "orb"
     label = "Orb"
     item_noun = "events"
@@ -43,6 +37,10 @@ class OrbDestination(Destination):
     max_items_per_request = 500
     max_body_bytes = 4_000_000  # none published: keep requests reasonable
     rate_limits = ()  # none published: 429 + Retry-After is honoured instead
+    key_setting = "orb_api_key"
+    url_setting = "orb_api_url"
+    default_url = "https://api.withorb.com"
+    probe_path = "/v1/customers?limit=1"
     presets: t.ClassVar[dict[str, Preset]] = {
         "segment": Preset(
             description="Segment track calls: the event name, the Segment group as Orb's "
@@ -78,7 +76,6 @@ class OrbDestination(Destination):
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
         super().__init__(config, transport)
-        self.api_url = str(config.get("orb_api_url") or "https://api.withorb.com").rstrip("/")
         self.grace_hours = float(config.get("orb_grace_period_hours") or DEFAULT_GRACE_HOURS)
         self._window = TimeWindow(dt.timedelta(hours=self.grace_hours), MAX_AHEAD)
 
@@ -119,27 +116,8 @@ class OrbDestination(Destination):
                 return f"properties.{key}: Orb takes numbers, booleans and strings only, not nested values"
         return None
 
-    def _headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self.config.get('orb_api_key', '')}",
-            "Content-Type": "application/json",
-        }
-
-    def ingest_request(self, body: bytes) -> OutgoingRequest:
-        return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", self._headers(), body)
-
-    def judge_refusal(self, response: t.Any) -> Ruling | None:
-        status = response.status
-        if status in (401, 403):
-            return Ruling(
-                Verdict.DENIED, f"Orb refused the API key ({status} from POST /v1/ingest): check orb_api_key"
-            )
-        if status in (400, 422):
-            return Ruling(Verdict.REJECTED, f"Orb answered {status}: {_validation_failures(response)}")
-        return None
-
-    def check_credentials(self) -> None:
-        self.probe_credentials(f"{self.api_url}/v1/customers?limit=1", self._headers(), "orb_api_key")
+    def refusal_detail(self, response: t.Any) -> str:
+        return _validation_failures(response)
 
 
 def _validation_failures(response: t.Any) -> str:

@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="usage-billing-sandbox",
         description="Local emulator of billing platforms' ingest APIs (m3ter, Metronome, Orb, Lago, "
-        "OpenMeter), for trying and testing usage pipelines without an account.",
+        "OpenMeter, Stripe), for trying and testing usage pipelines without an account.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8787, help="port (0 picks a free one; default 8787)")
@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.openmeter_api_token,
         help="the Bearer token OpenMeter Cloud expects; empty: none (a self-hosted OpenMeter)",
     )
+    parser.add_argument("--stripe-api-key", default=defaults.stripe_api_key)
+    parser.add_argument(
+        "--stripe-session-seconds",
+        type=float,
+        default=defaults.stripe_session_seconds,
+        help="lifetime of Stripe meter event sessions (default 900)",
+    )
     parser.add_argument(
         "--orb-grace-period-hours",
         type=float,
@@ -84,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         orb_api_key=args.orb_api_key,
         lago_api_key=args.lago_api_key,
         openmeter_api_token=args.openmeter_api_token,
+        stripe_api_key=args.stripe_api_key,
+        stripe_session_seconds=args.stripe_session_seconds,
         orb_grace_period_hours=args.orb_grace_period_hours,
         token_lifetime=args.token_lifetime,
         latency_ms=args.latency_ms,

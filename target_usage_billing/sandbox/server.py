@@ -1,7 +1,7 @@
 """usage-billing-sandbox: a loopback emulator of the billing platforms' ingest APIs.
 
-Orb, Lago and OpenMeter (and each platform added after them) are served under a path
-prefix of their own (/orb, /lago, /openmeter) by a module that knows the contract
+Orb, Lago, OpenMeter and Stripe (and each platform added after them) are served under
+a path prefix of their own (/orb, /lago, /openmeter, /stripe) by a module that knows the contract
 (sandbox/orb.py, ...); m3ter and Metronome are served at the root, as the demo and the
 examples have always addressed them.
 
@@ -13,17 +13,18 @@ the control endpoint, to rehearse outages before they happen in production.
 Control endpoints (all under /_sandbox):
   GET  /health                   {"ok": true}
   GET  /stats                    counters per destination
-  GET  /items/{m3ter|metronome|orb|lago|openmeter}  accepted items, one JSON object per line
+  GET  /items/{DESTINATION}       accepted items, one JSON object per line
   POST /faults                   {"faults": [FAULT, ...], "latency_ms": N, "token_lifetime": S,
                                   "refuse_items_containing": [TEXT, ...]}
   DELETE /faults                 clear faults and latency
   GET  /tokens                   the m3ter tokens issued so far
-  POST /expire-tokens            every issued m3ter token expires now
+  POST /expire-tokens            every issued m3ter token and Stripe session expires now
   POST /reset                    forget everything (items, stats, faults, tokens)
 A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D,
 "headers": {NAME: VALUE}} with
 K one of 401, 403, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
-expire-tokens (every m3ter token expires just before this request is checked).
+expire-tokens (every m3ter token and Stripe session expires just before this request is
+checked).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import time
 import typing as t
 import urllib.parse
 
-from target_usage_billing.sandbox import lago, openmeter, orb
+from target_usage_billing.sandbox import lago, openmeter, orb, stripe
 from target_usage_billing.sandbox.contracts import (
     M3TER_MAX_BODY,
     ItemError,
@@ -54,7 +55,7 @@ from target_usage_billing.sandbox.state import (
 
 # Platforms served under a path prefix of their own (/orb/v1/ingest ...): each module
 # says how it authenticates, validates, refuses and answers.
-PLATFORMS: dict[str, t.Any] = {module.NAME: module for module in (orb, lago, openmeter)}
+PLATFORMS: dict[str, t.Any] = {module.NAME: module for module in (orb, lago, openmeter, stripe)}
 
 
 def _platform_for(path: str) -> t.Any:
@@ -204,6 +205,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 elif fault.kind == "expire-tokens":  # this request already meets an expired token
                     with sandbox.lock:
                         sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
+                    stripe.expire_sessions()
                 elif fault.kind == "drop":
                     raise _Dropped
                 elif fault.kind in ("401", "403", "429", "500", "502", "503", "504"):
@@ -340,17 +342,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise json_reply(200, {"faults_pending": 0})
         if method == "GET" and action == "tokens":  # for tests that grep output for tokens
             with sandbox.lock:
-                raise json_reply(200, {"tokens": list(sandbox.tokens)})
+                tokens = list(sandbox.tokens)
+            raise json_reply(200, {"tokens": tokens + stripe.session_tokens()})
         if method == "POST" and action == "expire-tokens":
             self._body()
             with sandbox.lock:
                 expired = len(sandbox.tokens)
                 sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
+            expired += stripe.expire_sessions()
             raise json_reply(200, {"expired": expired})
         if method == "POST" and action == "reset":
             self._body()
             with sandbox.lock:
                 sandbox.reset()
+            stripe.forget_sessions()
             raise json_reply(200, {"ok": True})
         raise json_reply(404, {"message": f"no control action {method} {action}"})
 

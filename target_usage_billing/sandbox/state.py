@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-DESTINATIONS = ("m3ter", "metronome", "orb", "lago", "openmeter")
+DESTINATIONS = ("m3ter", "metronome", "orb", "lago", "openmeter", "stripe")
 FAULT_KINDS = (
     "401",
     "403",
@@ -41,6 +41,8 @@ class SandboxSettings:
     orb_grace_period_hours: float = 12.0
     lago_api_key: str = "sandbox-lago-key"
     openmeter_api_token: str = "sandbox-openmeter-token"  # empty: none needed (self-hosted)
+    stripe_api_key: str = "sk_test_sandbox"
+    stripe_session_seconds: float = 900.0  # meter event sessions last 15 minutes
     token_lifetime: float = 18000.0
     latency_ms: float = 0.0
     # m3ter: 50 requests/s per organization, 5,000 per rolling 5 minutes per source IP
@@ -191,6 +193,7 @@ class Sandbox:
             "orb": Store(settings.data_dir / "orb-events.jsonl", "idempotency_key"),
             "lago": Store(settings.data_dir / "lago-events.jsonl", "transaction_id"),
             "openmeter": Store(settings.data_dir / "openmeter-events.jsonl", ("source", "id")),
+            "stripe": Store(settings.data_dir / "stripe-meter-events.jsonl", "identifier"),
         }
         self._arrivals: dict[str, collections.deque[float]] = {
             name: collections.deque() for name in DESTINATIONS
