@@ -19,6 +19,7 @@ import requests
 import typing_extensions
 
 from target_usage_billing.sandbox.launch import launch
+from target_usage_billing.sandbox.samples import singer_lines
 
 BIN = Path(sys.executable).parent
 TARGET = str(BIN / "target-usage-billing")
@@ -494,6 +495,22 @@ def tls_sandbox(tmp_path):
 
 
 # --- the vendors' SDK request types as referees -------------------------------------------
+
+
+def referee_bodies(tmp_path: Path, destination: str, *, seed: int, hours: int) -> list[list[t.Any]]:
+    """The request bodies dry runs of ``destination``'s example config write: one list for
+    the bundled Segment example, one for 2,000 generated events (the referees judge both)."""
+    config = json.loads((EXAMPLES / f"{destination}-segment.config.json").read_text())
+    mixed = list(singer_lines(2000, seed=seed, hours=hours, state_every=500))
+    found = []
+    for name, lines in (("example", EXAMPLES / "segment-events.singer.jsonl"), ("mixed", mixed)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        result = run_target(run_dir, {**config, "dry_run": True}, lines)
+        assert result.returncode == 0, result.stderr
+        written = (run_dir / "dry-run-requests.jsonl").read_text().splitlines()
+        found.append([json.loads(line)["body"] for line in written])
+    return found
 
 
 def problems(value: t.Any, annotation: t.Any, where: str) -> list[str]:

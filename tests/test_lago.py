@@ -16,13 +16,13 @@ from lago_python_client.models.event import BatchEvent, Event
 
 from target_usage_billing.sandbox.samples import singer_lines
 from tests.conftest import (
-    EXAMPLES,
     LAGO_KEY,
     RECENT,
     config_for,
     dead_letters,
     lago_config,
     problems,
+    referee_bodies,
     run_target,
     singer,
     usage,
@@ -136,15 +136,7 @@ def test_the_sandbox_refuses_ids_it_already_has_and_oversized_requests(sandbox):
 
 
 def test_every_body_fits_the_sdk_request_type(tmp_path):
-    config = json.loads((EXAMPLES / "lago-segment.config.json").read_text())
-    mixed = list(singer_lines(2000, seed=10, hours=48, state_every=500))
-    for name, lines in (("example", EXAMPLES / "segment-events.singer.jsonl"), ("mixed", mixed)):
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        result = run_target(run_dir, {**config, "dry_run": True}, lines)
-        assert result.returncode == 0, result.stderr
-        written = (run_dir / "dry-run-requests.jsonl").read_text().splitlines()
-        bodies = [json.loads(line)["body"] for line in written]
+    for bodies in referee_bodies(tmp_path, "lago", seed=10, hours=48):
         for body in bodies:
             BatchEvent.parse_obj(body)  # the SDK's own model takes it
         events = [item for body in bodies for item in body["events"]]

@@ -16,13 +16,13 @@ from orb.types.event_ingest_params import Event as OrbEvent
 
 from target_usage_billing.sandbox.samples import singer_lines
 from tests.conftest import (
-    EXAMPLES,
     ORB_KEY,
     RECENT,
     config_for,
     dead_letters,
     orb_config,
     problems,
+    referee_bodies,
     run_target,
     singer,
     usage,
@@ -184,16 +184,7 @@ def test_the_sandbox_refuses_conflicting_bodies_for_one_key_and_oversized_reques
 
 
 def test_every_body_fits_the_sdk_request_type(tmp_path):
-    config = json.loads((EXAMPLES / "orb-segment.config.json").read_text())
-    mixed = list(singer_lines(2000, seed=9, hours=6, state_every=500))
-    for name, lines in (("example", EXAMPLES / "segment-events.singer.jsonl"), ("mixed", mixed)):
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        result = run_target(run_dir, {**config, "dry_run": True}, lines)
-        assert result.returncode == 0, result.stderr
-        bodies = [
-            json.loads(line)["body"] for line in (run_dir / "dry-run-requests.jsonl").read_text().splitlines()
-        ]
+    for bodies in referee_bodies(tmp_path, "orb", seed=9, hours=6):
         assert all(set(body) == {"events"} for body in bodies)
         events = [item for body in bodies for item in body["events"]]
         assert events

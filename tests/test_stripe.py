@@ -17,11 +17,11 @@ from stripe.params.v2.billing._meter_event_stream_create_params import MeterEven
 
 from target_usage_billing.sandbox.samples import singer_lines
 from tests.conftest import (
-    EXAMPLES,
     STRIPE_KEY,
     config_for,
     dead_letters,
     problems,
+    referee_bodies,
     run_target,
     singer,
     stripe_config,
@@ -164,15 +164,7 @@ def test_the_sandbox_refuses_a_malformed_event_and_the_whole_request(sandbox, ch
 
 
 def test_every_body_fits_the_sdk_request_type(tmp_path):
-    config = json.loads((EXAMPLES / "stripe-segment.config.json").read_text())
-    mixed = list(singer_lines(2000, seed=12, hours=48, state_every=500))
-    for name, lines in (("example", EXAMPLES / "segment-events.singer.jsonl"), ("mixed", mixed)):
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        result = run_target(run_dir, {**config, "dry_run": True}, lines)
-        assert result.returncode == 0, result.stderr
-        written = (run_dir / "dry-run-requests.jsonl").read_text().splitlines()
-        bodies = [json.loads(line)["body"] for line in written]
+    for bodies in referee_bodies(tmp_path, "stripe", seed=12, hours=48):
         assert all(set(body) == {"events"} and len(body["events"]) <= 100 for body in bodies)
         events = [item for body in bodies for item in body["events"]]
         assert events

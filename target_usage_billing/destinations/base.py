@@ -22,6 +22,7 @@ from target_usage_billing.errors import CredentialsError, DeliveryError
 from target_usage_billing.http import HttpTransport, Response, retryable_status, transient
 from target_usage_billing.mapping import FieldSpec, Preset
 
+_T = t.TypeVar("_T")
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -242,18 +243,36 @@ class Destination(abc.ABC):
     def probe_credentials(
         self, url: str, headers: dict[str, str], setting: str, credential: str = "API key"
     ) -> None:
-        """``check_credentials`` for a static key: one cheap authenticated GET, retried
-        while transient; 401/403 is CredentialsError naming ``setting``, another non-2xx
-        answer a DeliveryError (e.g. a wrong URL)."""
-        request = f"GET {urllib.parse.urlsplit(url).path}"
+        """``check_credentials`` for a static key: one cheap authenticated GET."""
+        self.credential_request("GET", url, headers, None, setting=setting, credential=credential)
+
+    def credential_request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        *,
+        setting: str,
+        credential: str,
+        path: str | None = None,
+        refused: tuple[int, ...] = (401, 403),
+        read: t.Callable[[Response], _T] = lambda response: None,  # type: ignore[assignment,return-value]
+    ) -> _T:
+        """A request that checks or obtains credentials, retried while transient: a
+        ``refused`` status is CredentialsError naming ``setting``, another non-2xx answer
+        a DeliveryError (e.g. a wrong URL); ``read`` takes what is needed from the 2xx
+        answer (raising RetryableFailure when it cannot). ``path``: the endpoint as
+        messages name it (default: the URL's path)."""
+        request = f"{method} {path or urllib.parse.urlsplit(url).path}"
         what = f"{self.label} {request}"
 
-        def attempt() -> None:
-            response = self.transport.send_once("GET", url, headers, None)
+        def attempt() -> _T:
+            response = self.transport.send_once(method, url, headers, body)
             retry = retryable_status(response, what)
             if retry is not None:
                 raise retry
-            if response.status in (401, 403):
+            if response.status in refused:
                 msg = (
                     f"{self.label} refused the {credential} ({response.status} from {request}): "
                     f"check {setting}"
@@ -261,8 +280,9 @@ class Destination(abc.ABC):
                 raise CredentialsError(msg)
             if not 200 <= response.status < 300:
                 raise DeliveryError(f"{what} answered {response.status}: {response.text()}")
+            return read(response)
 
-        self.transport.with_retries(attempt, what)
+        return self.transport.with_retries(attempt, what)
 
 
 class BearerKeyDestination(Destination):

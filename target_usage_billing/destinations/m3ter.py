@@ -23,8 +23,7 @@ from target_usage_billing.destinations.base import (
     Verdict,
 )
 from target_usage_billing.destinations.tokens import ExpiringToken
-from target_usage_billing.errors import CredentialsError, DeliveryError
-from target_usage_billing.http import RetryableFailure, retryable_status
+from target_usage_billing.http import RetryableFailure
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 # Organization ids are UUIDs; anything outside this set would change the request path.
@@ -142,27 +141,17 @@ class M3terDestination(Destination):
         headers = {"Authorization": f"Basic {basic}", "Content-Type": "application/json"}
         body = b'{"grant_type":"client_credentials"}'
 
-        def attempt() -> tuple[str, float]:
-            response = self.transport.send_once("POST", url, headers, body)
-            retry = retryable_status(response, "m3ter POST /oauth/token")
-            if retry is not None:
-                raise retry
-            if response.status in (400, 401, 403):
-                msg = (
-                    f"m3ter refused the credentials ({response.status} from POST /oauth/token): "
-                    "check m3ter_access_key_id and m3ter_api_secret"
-                )
-                raise CredentialsError(msg)
-            if response.status != 200:
-                msg = f"m3ter POST /oauth/token answered {response.status}: {response.text()}"
-                raise DeliveryError(msg)
-            try:
-                document = json.loads(response.body)
-                return document["access_token"], float(document.get("expires_in", 18000))
-            except (ValueError, KeyError, TypeError):
-                raise RetryableFailure("m3ter POST /oauth/token: unreadable answer") from None
-
-        return self.transport.with_retries(attempt, "m3ter POST /oauth/token")
+        return self.credential_request(
+            "POST",
+            url,
+            headers,
+            body,
+            setting="m3ter_access_key_id and m3ter_api_secret",
+            credential="credentials",
+            path="/oauth/token",
+            refused=(400, 401, 403),
+            read=_token_and_lifetime,
+        )
 
     def _bearer(self) -> str:
         return self._token.get()
@@ -215,3 +204,11 @@ def _error_message(response: t.Any) -> str:
             if key in document:
                 return str(document[key])[:500]
     return response.text()
+
+
+def _token_and_lifetime(response: t.Any) -> tuple[str, float]:
+    try:
+        document = json.loads(response.body)
+        return document["access_token"], float(document.get("expires_in", 18000))
+    except (ValueError, KeyError, TypeError):
+        raise RetryableFailure("m3ter POST /oauth/token: unreadable answer") from None

@@ -29,8 +29,7 @@ from target_usage_billing.destinations.base import (
     Verdict,
 )
 from target_usage_billing.destinations.tokens import ExpiringToken
-from target_usage_billing.errors import CredentialsError, DeliveryError
-from target_usage_billing.http import RetryableFailure, retryable_status
+from target_usage_billing.http import RetryableFailure
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AGE = dt.timedelta(days=35)
@@ -130,30 +129,16 @@ class StripeDestination(Destination):
             "Authorization": f"Bearer {self.config.get('stripe_api_key', '')}",
             "Content-Type": "application/json",
         }
-        what = f"Stripe POST {SESSION_PATH}"
-
-        def attempt() -> tuple[str, float]:
-            response = self.transport.send_once("POST", url, headers, b"{}")
-            retry = retryable_status(response, what)
-            if retry is not None:
-                raise retry
-            if response.status in (401, 403):
-                msg = (
-                    f"Stripe refused the secret key ({response.status} from POST {SESSION_PATH}): "
-                    "check stripe_api_key"
-                )
-                raise CredentialsError(msg)
-            if response.status != 200:
-                raise DeliveryError(f"{what} answered {response.status}: {response.text()}")
-            try:
-                document = json.loads(response.body)
-                expires = dt.datetime.fromisoformat(document["expires_at"].replace("Z", "+00:00"))
-                lifetime = (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()
-                return document["authentication_token"], lifetime
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise RetryableFailure(f"{what}: unreadable answer") from None
-
-        return self.transport.with_retries(attempt, what)
+        return self.credential_request(
+            "POST",
+            url,
+            headers,
+            b"{}",
+            setting="stripe_api_key",
+            credential="secret key",
+            path=SESSION_PATH,
+            read=_token_and_lifetime,
+        )
 
     def check_credentials(self) -> None:
         self._session.get()
@@ -185,3 +170,14 @@ class StripeDestination(Destination):
 
     def reauth_failed_message(self, status: int) -> str:
         return f"Stripe refused a new meter event session too ({status}): check stripe_api_key"
+
+
+def _token_and_lifetime(response: t.Any) -> tuple[str, float]:
+    """The session's token and the seconds it has left."""
+    try:
+        document = json.loads(response.body)
+        expires = dt.datetime.fromisoformat(document["expires_at"].replace("Z", "+00:00"))
+        lifetime = (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        return document["authentication_token"], lifetime
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise RetryableFailure(f"Stripe POST {SESSION_PATH}: unreadable answer") from None
