@@ -567,6 +567,8 @@ def random_record(rng) -> dict:
     record = {key: rng.choice(VALUES) for key in ("a", "b", "kind") if rng.random() < 0.8}
     if rng.random() < 0.8:
         record["o"] = {key: rng.choice(VALUES) for key in ("x", "y", "z") if rng.random() < 0.7}
+        if rng.random() < 0.1:  # not a valid m3ter data-field code
+            record["o"]["bad key"] = rng.choice(VALUES)
     elif rng.random() < 0.5:
         record["o"] = rng.choice(VALUES)
     if rng.random() < 0.3:
@@ -606,7 +608,7 @@ def random_rule_fields(rng) -> dict:
         elif roll < 0.5:  # keys from anywhere
             fields[category] = {"k": rng.choice(PATHS), "j": rng.choice(PATHS)}
         elif roll < 0.6:  # one expression yielding an object
-            fields[category] = "o"
+            fields[category] = rng.choice(["o", "n.deep", "a"])
     return fields
 
 
@@ -629,7 +631,7 @@ def metronome_rule_fields(rng) -> dict:
     elif roll < 0.6:
         fields["properties"] = {"k": rng.choice(PATHS), "j": rng.choice(PATHS)}
     elif roll < 0.8:
-        fields["properties"] = "o"
+        fields["properties"] = rng.choice(["o", "n.deep", "a"])
     return fields
 
 

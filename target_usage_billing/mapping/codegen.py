@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import typing as t
 
+from target_usage_billing.mapping.coerce import describe
 from target_usage_billing.mapping.expressions import is_truthy
 
 INDENT = "        "
@@ -31,7 +32,8 @@ class FieldCode(t.NamedTuple):
     compute: t.Callable[[t.Any], t.Any]  # the field's closure: the general case
     # ("plain", keys, convert, is_text) | ("expression", parsed JMESPath, convert, is_text)
     # | ("keyed", [(key, keys, source, label)], kept, convert)
-    # | ("children", parent, [(key, child, source, label)], kept, convert) | None
+    # | ("children", parent, [(key, child, source, label)], kept, convert)
+    # | ("object", keys, key_pattern, kept, convert) | None
     inline: tuple | None
     default: t.Any = None  # sent when the rule yields no value (None: the field is left out)
 
@@ -85,6 +87,9 @@ def generate_apply(
         if inline is not None and inline[0] == "keyed":
             lines += _keyed_code(number, field, inline, namespace)
             continue
+        if inline is not None and inline[0] == "object":
+            lines += _object_code(number, field, inline, namespace)
+            continue
         written = writer.write(inline[1]) if inline is not None and inline[0] == "expression" else None
         if inline is not None and inline[0] == "plain":
             lines += _plain_code(number, field, inline, namespace)
@@ -129,18 +134,18 @@ def generate_apply(
     return apply
 
 
-def _rejecting(
-    convert: t.Callable[[t.Any], t.Any], helpers: dict, label: str, source: str | None
-) -> t.Callable:
-    rejection = helpers["MappingRejection"]
-
-    def convert_or_reject(value: t.Any) -> t.Any:
-        try:
-            return convert(value)
-        except ValueError as exc:
-            raise rejection(str(exc), label, source) from None
-
-    return convert_or_reject
+def _converting(
+    indent: str, target: str, helper: str, argument: str, label: str, source: str | None
+) -> list[str]:
+    """``target = helper(argument)``, a ValueError becoming the field's rejection: written
+    inline (a try costs nothing until it raises) rather than wrapping each converter in
+    a closure, which cost a call per value."""
+    return [
+        f"{indent}try:",
+        f"{indent}    {target} = {helper}({argument})",
+        f"{indent}except ValueError as exc:",
+        f"{indent}    raise MappingRejection(str(exc), {label}, {source!r}) from None",
+    ]
 
 
 def _plain_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
@@ -155,7 +160,9 @@ def _converted(
     number: int, field: FieldCode, convert: t.Callable, is_text: bool, namespace: dict
 ) -> list[str]:
     """``value`` converted to the field's kind (text kept as it is without a call)."""
-    namespace[f"_convert{number}"] = _rejecting(convert, namespace, field.name, field.source)
+    helper = f"_convert{number}"
+    namespace[helper] = convert
+    label = repr(field.name)
     lines = [f"{INDENT}if value is not None:"]
     if is_text:
         lines += [
@@ -163,19 +170,25 @@ def _converted(
             f"{INDENT}        if not value or value.isspace():",
             f"{INDENT}            value = None",
             f"{INDENT}    else:",
-            f"{INDENT}        value = _convert{number}(value)",
+            *_converting(INDENT + "        ", "value", helper, "value", label, field.source),
         ]
     else:
-        lines.append(f"{INDENT}    value = _convert{number}(value)")
+        lines += _converting(INDENT + "    ", "value", helper, "value", label, field.source)
     return lines
 
 
 def _store_item(
-    indent: str, key: str, helper: str, kept: tuple[frozenset, bool], namespace: dict
+    indent: str,
+    key: str,
+    helper: str,
+    kept: tuple[frozenset, bool],
+    namespace: dict,
+    rejection: tuple[str, str | None],
 ) -> list[str]:
     """``out[key] = item`` converted: types the converter returns unchanged are kept
     without a call (``kept`` is mapping._kept_as_is: those types, and whether whole
-    numbers become their text)."""
+    numbers become their text). ``key`` is Python source; ``rejection`` is the (label
+    source, expression) a conversion failure names."""
     types, ints_as_text = kept
     if len(types) == 1:
         (only,) = types
@@ -186,11 +199,12 @@ def _store_item(
     lines = [
         f"{indent}kind = type(item)",
         f"{indent}if {test}:",
-        f"{indent}    out[{key!r}] = item",
+        f"{indent}    out[{key}] = item",
     ]
     if ints_as_text:
-        lines += [f"{indent}elif kind is int:", f"{indent}    out[{key!r}] = str(item)"]
-    lines += [f"{indent}else:", f"{indent}    out[{key!r}] = {helper}(item)"]
+        lines += [f"{indent}elif kind is int:", f"{indent}    out[{key}] = str(item)"]
+    label, source = rejection
+    lines += [f"{indent}else:", *_converting(indent + "    ", f"out[{key}]", helper, "item", label, source)]
     return lines
 
 
@@ -207,12 +221,12 @@ def _keyed_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -
     lines = [f"{INDENT}out = {{}}"]
     for index, (key, path, source, label) in enumerate(entries):
         helper = f"_convert{number}_{index}"
-        namespace[helper] = _rejecting(convert, namespace, label, source)
+        namespace[helper] = convert
         lines.append(f"{INDENT}item = record.get({path[0]!r})")
         if len(path) == 2:
             lines.append(f"{INDENT}item = item.get({path[1]!r}) if type(item) is dict else None")
         lines.append(f"{INDENT}if item is not None:")
-        lines += _store_item(INDENT + "    ", key, helper, kept, namespace)
+        lines += _store_item(INDENT + "    ", repr(key), helper, kept, namespace, (repr(label), source))
     lines += [f"{INDENT}if out:", f"{INDENT}    payload[{field.name!r}] = out"]
     if field.required:
         lines += [f"{INDENT}else:", *_missing_map(INDENT + "    ", field)]
@@ -229,14 +243,58 @@ def _children_code(number: int, field: FieldCode, inline: tuple, namespace: dict
     ]
     for index, (key, child, source, label) in enumerate(children):
         helper = f"_convert{number}_{index}"
-        namespace[helper] = _rejecting(convert, namespace, label, source)
+        namespace[helper] = convert
         lines += [f"{INDENT}    item = base.get({child!r})", f"{INDENT}    if item is not None:"]
-        lines += _store_item(INDENT + "        ", key, helper, kept, namespace)
+        lines += _store_item(INDENT + "        ", repr(key), helper, kept, namespace, (repr(label), source))
     lines += [f"{INDENT}    if out:", f"{INDENT}        payload[{field.name!r}] = out"]
     if field.required:  # no map field is required today; keep the generic rule anyway
         lines += [f"{INDENT}    else:", *_missing_map(INDENT + "        ", field)]
         lines += [f"{INDENT}else:", *_missing_map(INDENT + "    ", field)]
     return lines
+
+
+def _object_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
+    """A map given as one plain path to an object (``properties``): its keys copied in a
+    loop, each value converted as the field's closure (fields._object) would."""
+    _kind, keys, key_pattern, kept, convert = inline
+    helper = f"_convert{number}"
+    namespace[helper] = convert
+    namespace["describe"] = describe
+    name, source = field.name, field.source
+    label = "f" + repr(_braces(name) + ".{key}")  # f'properties.{key}'
+    lines = [f"{INDENT}value = record.get({keys[0]!r})"]
+    if len(keys) == 2:
+        lines.append(f"{INDENT}value = value.get({keys[1]!r}) if type(value) is dict else None")
+    lines += [
+        f"{INDENT}if value is not None:",
+        f"{INDENT}    if not isinstance(value, dict):",
+        f"{INDENT}        raise MappingRejection(f'expected an object, got {{describe(value)}}', "
+        f"{name!r}, {source!r})",
+        f"{INDENT}    out = {{}}",
+        f"{INDENT}    for key, item in value.items():",
+    ]
+    if key_pattern is not None:
+        namespace[f"_key_pattern{number}"] = key_pattern.match
+        message = "f" + repr(f"key {{key!r}} is not a valid data-field code ({_braces(key_pattern.pattern)})")
+        lines += [
+            f"{INDENT}        if not (isinstance(key, str) and _key_pattern{number}(key)):",
+            f"{INDENT}            raise MappingRejection({message}, {label}, {source!r})",
+        ]
+    lines += [f"{INDENT}        if item is None:", f"{INDENT}            continue"]
+    lines += _store_item(INDENT + "        ", "key", helper, kept, namespace, (label, source))
+    lines.append(f"{INDENT}    value = out or None")
+    lines += [f"{INDENT}if value is None:"]
+    if field.required:
+        lines += _missing_map(INDENT + "    ", field)
+    else:
+        lines.append(f"{INDENT}    pass")
+    lines += [f"{INDENT}else:", f"{INDENT}    payload[{name!r}] = value"]
+    return lines
+
+
+def _braces(text: str) -> str:
+    """``text`` as the literal part of an f-string."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 # Static kinds of written expressions: BOOL is always True or False, so its truth is

@@ -171,7 +171,11 @@ def _object(spec: FieldSpec, expression: Expression) -> CompiledField:
                 raise MappingRejection(str(exc), f"{name}.{key}", expression.source) from None
         return out or None
 
-    return CompiledField(spec, compute_object, expression.source)
+    path = expression.path
+    inline = None
+    if path is not None and len(path) <= 2:  # e.g. properties: codegen loops over it inline
+        inline = ("object", list(path), key_pattern, (keep, ints_as_text), convert)
+    return CompiledField(spec, compute_object, expression.source, inline)
 
 
 def _scalar(spec: FieldSpec, expression: Expression) -> CompiledField:
