@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import ssl
 import threading
 import time
 import typing as t
@@ -29,10 +30,23 @@ from dataclasses import dataclass, field
 import backoff
 import certifi
 import requests
-import requests.structures
 import requests.utils
+import urllib3.exceptions
 from backoff.types import Details
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    HTTPError,
+    LocationValueError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+)
+from urllib3.util import Retry, Timeout
 
 from target_usage_billing import __version__
 from target_usage_billing.errors import DeliveryError
@@ -66,6 +80,7 @@ class RetryableFailure(Exception):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = ""  # for transport stats: "timeout", "connection error" (no answer)
 
 
 class RetryBudgetExhausted(DeliveryError):
@@ -202,6 +217,15 @@ class HttpTransport:
     is large), and ``trust_env`` is off so that a ``~/.netrc`` entry for the API host
     cannot replace the Authorization header (psf/requests#3929). Redirects are not
     followed: an ingest endpoint that redirects is misconfigured.
+
+    requests decides, once per thread and URL, everything that depends on the network:
+    the connection pool (direct, through an HTTP(S) or SOCKS proxy, TLS with the CA
+    bundle) and the request target (the path, or the whole URL through a plain-HTTP
+    proxy). Each request then goes to that pool's ``urlopen`` exactly as requests'
+    HTTPAdapter.send calls it, with the same retry setting, so errors come in the same
+    shapes; what requests adds per request on top (prepared-request copies, cookie
+    jars, hooks, a Response object, the pool lookup again) was 40 % of the client CPU of
+    a request, and Metronome sends one every 100 events (benchmarks/http_cost.py).
     """
 
     def __init__(
@@ -226,7 +250,7 @@ class HttpTransport:
             or certifi.where()
         )
         self._proxies: dict[str, dict[str, str]] = {}
-        self._templates: dict[tuple[str, str], requests.PreparedRequest] = {}
+        self._timeout = Timeout(connect=connect_timeout_seconds, read=timeout_seconds)
         self._local = threading.local()
         # The retry policy, built once (not per request): calls attempt(), waits, again.
         self._retrying = backoff.on_exception(
@@ -248,7 +272,8 @@ class HttpTransport:
             adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
-            self._local.session = session  # headers come whole from _prepare
+            self._local.session = session
+            self._local.routes = {}
         return session
 
     def _proxies_for(self, url: str) -> dict[str, str]:
@@ -261,76 +286,59 @@ class HttpTransport:
             found = self._proxies[origin] = requests.utils.get_environ_proxies(url)
         return found
 
+    def _route(self, method: str, url: str) -> _Route:
+        """This thread's way to ``url``, as requests' HTTPAdapter works it out."""
+        session = self._session()
+        route: _Route | None = self._local.routes.get(url)
+        if route is None or route.pool.pool is None:  # none yet, or the pool was closed
+            adapter = t.cast(HTTPAdapter, session.get_adapter(url))
+            proxies = self._proxies_for(url)
+            prepared = requests.Request(method, url).prepare()
+            pool = t.cast(
+                HTTPConnectionPool,
+                adapter.get_connection_with_tls_context(prepared, self._verify, proxies=proxies),
+            )
+            adapter.cert_verify(pool, url, self._verify, None)
+            route = _Route(pool, adapter.request_url(prepared, proxies), adapter.max_retries)
+            self._local.routes[url] = route
+        return route
+
     def send_once(self, method: str, url: str, headers: t.Mapping[str, str], body: bytes | None) -> Response:
         """One request; connection errors and timeouts become RetryableFailure."""
-        session = self._session()
-        proxies = self._proxies_for(url)
+        what = f"{method} {_no_query(url)}"
+        sent = {**_DEFAULT_HEADERS, **headers}
+        if body is not None:
+            sent["Content-Length"] = str(len(body))
         for attempt in (1, 2):
             try:
-                reply = session.send(
-                    self._prepare(method, url, headers, body),
-                    proxies=proxies,
-                    verify=self._verify,
-                    timeout=(self.connect_timeout, self.read_timeout),
-                    allow_redirects=False,
+                route = self._route(method, url)
+                reply = route.pool.urlopen(
+                    method,
+                    route.target,
+                    body=body,
+                    headers=sent,
+                    redirect=False,
+                    assert_same_host=False,
+                    preload_content=True,
+                    decode_content=True,
+                    retries=route.retries,
+                    timeout=self._timeout,
+                    chunked=False,
                 )
-                data = reply.content
-            except requests.exceptions.SSLError as exc:
-                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
-                    msg = (
-                        f"{method} {_no_query(url)}: the server's TLS certificate is not trusted; for a "
-                        "private CA set SSL_CERT_FILE or REQUESTS_CA_BUNDLE"
-                    )
-                    raise DeliveryError(msg) from None
-                self.stats.count("connection error")
-                raise RetryableFailure(
-                    f"{method} {_no_query(url)}: TLS failed ({_short_reason(exc)})"
-                ) from None
-            except requests.exceptions.Timeout:
-                self.stats.count("timeout")
-                raise RetryableFailure(f"{method} {_no_query(url)}: timed out") from None
-            except requests.exceptions.ConnectionError as exc:
-                reason = _short_reason(exc)
-                if attempt == 1 and reason in _STALE_REASONS:
-                    continue  # the server closed an idle kept-alive connection: reconnect now
-                self.stats.count("connection error")
-                raise RetryableFailure(f"{method} {_no_query(url)}: connection failed ({reason})") from None
-            except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, ValueError):
-                # A header or URL with a line break: the library's message would quote the
-                # header (a credential). Say what, never the value.
-                msg = (
-                    f"{method} {_no_query(url)}: a request header or the URL holds a character HTTP "
-                    "forbids (check the credential and URL settings for line breaks)"
-                )
-                raise DeliveryError(msg) from None
-            except requests.exceptions.RequestException as exc:
-                self.stats.count("connection error")
-                reason = type(exc).__name__
-                raise RetryableFailure(f"{method} {_no_query(url)}: request failed ({reason})") from None
-            self.stats.count(reply.status_code)
-            return Response(reply.status_code, reply.headers, data)
+            except Exception as exc:  # sorted by _failure; anything else is a bug: re-raised
+                failure = _failure(exc, what)
+                if failure is None:
+                    raise
+                if isinstance(failure, _Stale):
+                    if attempt == 1:
+                        continue  # the server closed an idle kept-alive connection: reconnect now
+                    failure = failure.failure
+                if isinstance(failure, RetryableFailure):
+                    self.stats.count(failure.status)
+                raise failure from None
+            self.stats.count(reply.status)
+            return Response(reply.status, reply.headers, reply.data)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _prepare(
-        self, method: str, url: str, headers: t.Mapping[str, str], body: bytes | None
-    ) -> requests.PreparedRequest:
-        """The request, from a template prepared once per method and URL.
-
-        Session.request parses and re-validates the URL, merges settings and cookies on
-        every call: a third of requests' CPU per request, which Metronome's many small
-        requests make count. Copying a prepared template and setting headers and body is
-        what remains of it here.
-        """
-        key = (method, url)
-        template = self._templates.get(key)
-        if template is None:
-            template = self._templates[key] = requests.Request(method, url).prepare()
-        prepared = template.copy()
-        prepared.headers = requests.structures.CaseInsensitiveDict({**_DEFAULT_HEADERS, **headers})
-        prepared.body = body
-        if body is not None:
-            prepared.headers["Content-Length"] = str(len(body))
-        return prepared
 
     def close_connections(self) -> None:
         """Close the calling thread's kept-alive connections (each thread, when it is done)."""
@@ -338,6 +346,7 @@ class HttpTransport:
         if session is not None:
             session.close()
             self._local.session = None
+            self._local.routes = {}
 
     def with_retries(self, attempt: t.Callable[[], t.Any], what: str) -> t.Any:
         """Call ``attempt`` until it stops raising RetryableFailure or the budget is spent."""
@@ -376,6 +385,66 @@ def retryable_status(response: Response, what: str) -> RetryableFailure | None:
 
 def _call(attempt: t.Callable[[], t.Any], what: str) -> t.Any:
     return attempt()
+
+
+class _Route(t.NamedTuple):
+    pool: HTTPConnectionPool  # requests' pool for the URL: direct, proxied, TLS as configured
+    target: str  # the request line's target: the path, or the URL through a plain-HTTP proxy
+    retries: Retry  # requests' own setting (no retries: those are backoff's)
+
+
+class _Stale(Exception):
+    """A kept-alive connection the server had closed: resend at once on a new one."""
+
+    def __init__(self, failure: RetryableFailure):
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+def _failure(exc: Exception, what: str) -> Exception | None:
+    """What a failed ``urlopen`` means, sorted as requests' HTTPAdapter.send sorts it.
+
+    A RetryableFailure (with ``status`` "timeout" or "connection error") for what may
+    pass, _Stale for a kept-alive connection closed under us, a DeliveryError for what
+    sending again cannot mend, None for anything else (a bug: re-raised as it is).
+    """
+    reason: BaseException = exc.reason if isinstance(exc, MaxRetryError) and exc.reason else exc
+    if isinstance(reason, (urllib3.exceptions.SSLError, ssl.SSLError)):
+        text = str(reason)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            msg = (
+                f"{what}: the server's TLS certificate is not trusted; for a private CA set "
+                "SSL_CERT_FILE or REQUESTS_CA_BUNDLE"
+            )
+            return DeliveryError(msg)
+        return _retryable(f"{what}: TLS failed ({_short_reason(reason)})", "connection error")
+    if isinstance(reason, (ConnectTimeoutError, ReadTimeoutError)) and not isinstance(
+        reason, NewConnectionError
+    ):
+        return _retryable(f"{what}: timed out", "timeout")
+    if isinstance(reason, (urllib3.exceptions.InvalidHeader, LocationValueError, ValueError)) or (
+        isinstance(exc, (ValueError, LocationValueError))
+    ):
+        # A header or URL with a line break: the library's message would quote the
+        # header (a credential). Say what, never the value.
+        msg = (
+            f"{what}: a request header or the URL holds a character HTTP forbids (check the "
+            "credential and URL settings for line breaks)"
+        )
+        return DeliveryError(msg)
+    if isinstance(reason, (ProtocolError, OSError, ClosedPoolError, NewConnectionError, ProxyError)):
+        short = _short_reason(reason)
+        failure = _retryable(f"{what}: connection failed ({short})", "connection error")
+        return _Stale(failure) if short in _STALE_REASONS else failure
+    if isinstance(reason, HTTPError):
+        return _retryable(f"{what}: request failed ({type(reason).__name__})", "connection error")
+    return None
+
+
+def _retryable(message: str, status: str) -> RetryableFailure:
+    failure = RetryableFailure(message)
+    failure.status = status
+    return failure
 
 
 # Reasons that mean a kept-alive connection had been closed by the server before we used
