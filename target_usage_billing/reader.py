@@ -64,12 +64,14 @@ class LineReader(GenericSingerReader[str]):
     def default_input(self) -> t.IO[t.Any]:
         return sys.stdin.buffer
 
-    def _lines(self, source: t.Any) -> t.Iterator[t.Any]:
-        """Lines of the input; binary streams are read in chunks of what is available.
+    def _line_batches(self, source: t.Any) -> t.Iterator[t.Any]:
+        """Lists of input lines (or IDLE); binary streams are read in chunks of what is
+        available.
 
         read1() returns whatever the pipe holds (at least one byte) instead of waiting
         for a full chunk, so a slow tap is never waited on, and splitting a chunk in C
-        is several times cheaper than reading line by line.
+        is several times cheaper than reading line by line. A chunk's lines come as one
+        list: the reading loop walks it without resuming a generator for every line.
         """
         read1 = getattr(source, "read1", None)
         try:
@@ -88,7 +90,7 @@ class LineReader(GenericSingerReader[str]):
                     self.waiting_for_input = False
                 if line is None:
                     return
-                yield line
+                yield [line]
         # The start of a line the chunk did not finish. A bytearray grows in place (large
         # ones by mremap, without copying) and the JSON decoder reads it as it is, so a
         # 50 MB line costs its own size once, in linear time.
@@ -131,9 +133,9 @@ class LineReader(GenericSingerReader[str]):
                 lines[0] = pending  # handed over whole: a new buffer starts below
             tail = lines.pop()
             pending = bytearray(tail)
-            yield from lines
+            yield lines
         if pending:
-            yield pending
+            yield [pending]
 
     def deserialize_json(self, line: str | bytes) -> dict:
         try:
@@ -182,32 +184,41 @@ class LineReader(GenericSingerReader[str]):
         # bytes go to the JSON decoder as they are: no UTF-8 decoding of every line
         source = getattr(source, "buffer", source)
         decode = _decoder.decode
-        for line in self._lines(source):
-            if line is IDLE:
+        on_record = callbacks.get("RECORD")
+        records = 0  # RECORD messages, counted here and added to stats at the end
+        for lines in self._line_batches(source):
+            if lines is IDLE:
                 self.on_idle()
                 continue
-            self.line_number += 1
-            self.current_line = line
-            try:  # the common case inline; deserialize_json is the careful path
-                message = decode(line)
-            except Exception:
-                if not line.strip():
-                    continue  # a blank line carries nothing; taps sometimes end with one
-                message = self.deserialize_json(line)  # raises InputError, or reads NaN/BOM
-            if type(message) is not dict:
-                message = self.deserialize_json(line)  # raises: not an object
-            kind = message.get("type")
-            self.current_stream = message.get("stream")
-            callback = callbacks.get(kind) if isinstance(kind, str) else None
-            if callback is None:
-                # Unknown message types cannot carry usage: skip them, loudly.
-                logger.warning("line %d: skipping message of unknown type %r", self.line_number, kind)
-                self.on_unknown_message(str(kind)[:40])
-            else:
-                callback(message)
-                stats[kind] += 1  # type: ignore[index]  # a str: callbacks are keyed by str
-            if self.stop_requested:
-                raise StopRequested
+            for line in lines:
+                self.line_number += 1
+                self.current_line = line
+                try:  # the common case inline; deserialize_json is the careful path
+                    message = decode(line)
+                except Exception:
+                    if not line.strip():
+                        continue  # a blank line carries nothing; taps sometimes end with one
+                    message = self.deserialize_json(line)  # raises InputError, or reads NaN/BOM
+                if type(message) is not dict:
+                    message = self.deserialize_json(line)  # raises: not an object
+                kind = message.get("type")
+                self.current_stream = message.get("stream")
+                if kind == "RECORD" and on_record is not None:  # nearly every line: no lookup
+                    on_record(message)
+                    records += 1
+                else:
+                    callback = callbacks.get(kind) if isinstance(kind, str) else None
+                    if callback is None:
+                        # Unknown message types cannot carry usage: skip them, loudly.
+                        logger.warning("line %d: skipping message of unknown type %r", self.line_number, kind)
+                        self.on_unknown_message(str(kind)[:40])
+                    else:
+                        callback(message)
+                        stats[kind] += 1  # type: ignore[index]  # a str: callbacks are keyed by str
+                if self.stop_requested:
+                    raise StopRequested
+        if records:
+            stats["RECORD"] += records
         return stats
 
 

@@ -75,26 +75,27 @@ class UsageSink(RecordCheck, BatchSink):
             return super().get_validator()
         return None
 
-    def process_direct(self, record: dict) -> None:
-        """The record path when no stream map applies: only the SDK steps that matter.
+    def process_record(self, record: dict, context: dict | None) -> None:
+        """Map one record and buffer its payload (or dead-letter the record).
 
-        Same checks and bookkeeping as the SDK's path (key properties, validation when
-        on, the batch tally its drains rely on) without the per-record copies, metadata
-        handling and metrics that cost more than the mapping itself.
+        The SDK calls this with a context (a dict) after its own checks. The target's
+        direct path (target._on_record: no stream maps, flattening or record metadata)
+        calls it with None: the same checks and bookkeeping as the SDK's path (key
+        properties, validation when on, the batch tally its drains rely on) are made
+        here, without the per-record copies, metadata handling and metrics that cost
+        more than the mapping itself.
         """
-        for key in self._keys:
-            if key not in record:
-                msg = (  # the SDK's own words for it
-                    "Record is missing one or more key_properties. \n"
-                    f"Key Properties: {list(self._keys)}, Record Keys: {list(record.keys())}"
-                )
-                raise MissingKeyPropertiesError(msg)
-        if self.record_validator is not None:
-            self._validate_and_parse(record)
-        self._direct_uncounted += 1
-        self.process_record(record, None)  # type: ignore[arg-type]
-
-    def process_record(self, record: dict, context: dict) -> None:
+        if context is None:
+            for key in self._keys:
+                if key not in record:
+                    msg = (  # the SDK's own words for it
+                        "Record is missing one or more key_properties. \n"
+                        f"Key Properties: {list(self._keys)}, Record Keys: {list(record.keys())}"
+                    )
+                    raise MissingKeyPropertiesError(msg)
+            if self.record_validator is not None:
+                self._validate_and_parse(record)
+            self._direct_uncounted += 1
         counts = self.counts
         counts.read += 1
         rule = self.rule

@@ -151,14 +151,14 @@ class TargetUsageBilling(SettingsCheck, Target):
         stream = message_dict.get("stream")
         sink = self._direct_sinks.get(stream)  # type: ignore[arg-type]
         record = message_dict.get("record")
-        if type(record) is not dict and stream in self.mapper.stream_maps:
+        if sink is not None and type(record) is dict:  # nearly every record
+            sink.process_record(record, None)
+        elif type(record) is not dict and stream in self.mapper.stream_maps:
             # Not a record at all (null, a list, a number): kept and counted, not mapped.
             got = "null" if record is None else type(record).__name__
             problem = MappingRejection(f"a RECORD's record must be a JSON object, got {got}")
             run.stats.stream(stream).read += 1
             run.reject(stream, record, "input", problem, line=self.message_reader.line_number)
-        elif sink is not None:
-            sink.process_direct(record)  # type: ignore[arg-type]
         elif not isinstance(stream, str):
             raise InputError(f"a message's stream must be a string, got {type(stream).__name__}")
         else:  # stream maps, flattening or record metadata: the SDK's full path
