@@ -344,6 +344,9 @@ class HttpTransport:
         """Close the calling thread's kept-alive connections (each thread, when it is done)."""
         session = getattr(self._local, "session", None)
         if session is not None:
+            # a pool the manager no longer holds (it keeps 4) is still this thread's route
+            for route in self._local.routes.values():
+                route.pool.close()
             session.close()
             self._local.session = None
             self._local.routes = {}
