@@ -2,9 +2,10 @@
 
 1. starts ``usage-billing-sandbox`` on a free loopback port (data in .demo/sandbox/),
 2. loads examples/segment-events.singer.jsonl into the m3ter sandbox,
-3. generates recent Segment events and loads them into the Metronome sandbox (Metronome
-   refuses events older than 34 days, so a fixed file would age out),
-4. prints what the sandbox received, then stops it.
+3. generates recent Segment events and loads them into the Metronome, Orb, Lago,
+   OpenMeter and Stripe sandboxes (Metronome and Stripe refuse events older than 34 and
+   35 days, so a fixed file would age out),
+4. prints what the sandbox received for each, then stops it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +24,28 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 WORK = ROOT / ".demo"
 BIN = Path(sys.executable).parent
+URL_SETTINGS = (
+    "m3ter_ingest_url",
+    "m3ter_auth_url",
+    "metronome_api_url",
+    "orb_api_url",
+    "lago_api_url",
+    "openmeter_api_url",
+    "stripe_api_url",
+    "stripe_meter_events_url",
+)
+# the platforms fed the generated recent events: (title, example config, destination)
+RECENT = [
+    ("Segment events (segment preset) -> Metronome events", "metronome-segment.config.json", "metronome"),
+    ("Segment events (segment preset) -> Orb events", "orb-segment.config.json", "orb"),
+    ("Segment events (segment preset) -> Lago events", "lago-segment.config.json", "lago"),
+    (
+        "Segment events (segment preset) -> OpenMeter CloudEvents",
+        "openmeter-segment.config.json",
+        "openmeter",
+    ),
+    ("Segment events (segment preset) -> Stripe meter events", "stripe-segment.config.json", "stripe"),
+]
 
 
 def fetch(url: str) -> bytes:
@@ -31,9 +55,9 @@ def fetch(url: str) -> bytes:
 
 def run(title: str, config_name: str, input_path: Path, url: str, destination: str) -> None:
     config = json.loads((EXAMPLES / config_name).read_text())
-    for key in ("m3ter_ingest_url", "m3ter_auth_url", "metronome_api_url"):
-        if key in config:
-            config[key] = url
+    for key in URL_SETTINGS:
+        if key in config:  # the example's port -> this sandbox's, path kept (/orb, ...)
+            config[key] = url + urllib.parse.urlsplit(config[key]).path
     config["dead_letter_path"] = str(WORK / f"{destination}-dead-letters.jsonl")
     config_path = WORK / config_name
     config_path.write_text(json.dumps(config, indent=2))
@@ -69,7 +93,9 @@ def run(title: str, config_name: str, input_path: Path, url: str, destination: s
 def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir()
-    sandbox = launch(WORK / "sandbox")
+    # Orb's grace period as the Orb example sets it (the events span the last 3 days)
+    grace = json.loads((EXAMPLES / "orb-segment.config.json").read_text())["orb_grace_period_hours"]
+    sandbox = launch(WORK / "sandbox", "--orb-grace-period-hours", str(grace))
     url = sandbox.url
     print(f"Sandbox listening on {url} (stats: {url}/_sandbox/stats)")
     try:
@@ -87,13 +113,8 @@ def main() -> None:
                 stdout=out,
                 check=True,
             )
-        run(
-            "Segment events (segment preset) -> Metronome events",
-            "metronome-segment.config.json",
-            recent,
-            url,
-            "metronome",
-        )
+        for title, config_name, destination in RECENT:
+            run(title, config_name, recent, url, destination)
     finally:
         sandbox.stop()
     print(f"\nDone. Sandbox data, configs and dead letters are in {WORK.relative_to(ROOT)}/")

@@ -65,3 +65,28 @@ def test_a_refused_key_is_exit_3_before_any_input(sandbox, tmp_path, destination
     assert line.endswith(message)
     assert "wrong-key-123" not in result.stderr
     assert sandbox.stats(destination)["requests"] == 0  # stopped before any ingest request
+
+
+def test_make_demo_loads_the_examples_into_all_six_sandboxes():
+    """`make demo` (examples/demo.py), as a newcomer runs it: every platform gets usage."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "demo.py")],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+        cwd=root,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    accepted = dict(re.findall(r"The (\w+) sandbox accepted (\d+) items", done.stdout))
+    assert set(accepted) == set(EXAMPLES_DRY_RUN)
+    assert all(int(count) > 0 for count in accepted.values()), accepted
+    assert done.stdout.count("rejected requests 0") == len(EXAMPLES_DRY_RUN)
+    totals = re.findall(r"total: sent (\d+) .*, rejected (\d+),", done.stdout)
+    assert len(totals) == len(EXAMPLES_DRY_RUN) and all(rejected == "0" for _, rejected in totals)
