@@ -39,7 +39,6 @@ from urllib3.exceptions import (
     ClosedPoolError,
     ConnectTimeoutError,
     HTTPError,
-    LocationValueError,
     MaxRetryError,
     NewConnectionError,
     ProtocolError,
@@ -80,7 +79,6 @@ class RetryableFailure(Exception):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
-        self.status = ""  # for transport stats: "timeout", "connection error" (no answer)
 
 
 class RetryBudgetExhausted(DeliveryError):
@@ -237,8 +235,6 @@ class HttpTransport:
         backoff_base_seconds: float = 0.5,
         backoff_cap_seconds: float = 30.0,
     ):
-        self.read_timeout = timeout_seconds
-        self.connect_timeout = connect_timeout_seconds
         self.retry_budget_seconds = retry_budget_seconds
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_cap_seconds = backoff_cap_seconds
@@ -305,7 +301,6 @@ class HttpTransport:
 
     def send_once(self, method: str, url: str, headers: t.Mapping[str, str], body: bytes | None) -> Response:
         """One request; connection errors and timeouts become RetryableFailure."""
-        what = f"{method} {_no_query(url)}"
         sent = {**_DEFAULT_HEADERS, **headers}
         if body is not None:
             sent["Content-Length"] = str(len(body))
@@ -326,15 +321,16 @@ class HttpTransport:
                     chunked=False,
                 )
             except Exception as exc:  # sorted by _failure; anything else is a bug: re-raised
-                failure = _failure(exc, what)
-                if failure is None:
+                sorted_failure = _failure(exc, f"{method} {_no_query(url)}")
+                if sorted_failure is None:
                     raise
-                if isinstance(failure, _Stale):
+                failure, counted = sorted_failure
+                if counted == _STALE:
                     if attempt == 1:
                         continue  # the server closed an idle kept-alive connection: reconnect now
-                    failure = failure.failure
-                if isinstance(failure, RetryableFailure):
-                    self.stats.count(failure.status)
+                    counted = "connection error"
+                if counted is not None:
+                    self.stats.count(counted)
                 raise failure from None
             self.stats.count(reply.status)
             return Response(reply.status, reply.headers, reply.data)
@@ -396,20 +392,17 @@ class _Route(t.NamedTuple):
     retries: Retry  # requests' own setting (no retries: those are backoff's)
 
 
-class _Stale(Exception):
-    """A kept-alive connection the server had closed: resend at once on a new one."""
-
-    def __init__(self, failure: RetryableFailure):
-        super().__init__(str(failure))
-        self.failure = failure
+_STALE = "stale"  # what _failure calls a kept-alive connection the server had closed
 
 
-def _failure(exc: Exception, what: str) -> Exception | None:
+def _failure(exc: Exception, what: str) -> tuple[Exception, str | None] | None:
     """What a failed ``urlopen`` means, sorted as requests' HTTPAdapter.send sorts it.
 
-    A RetryableFailure (with ``status`` "timeout" or "connection error") for what may
-    pass, _Stale for a kept-alive connection closed under us, a DeliveryError for what
-    sending again cannot mend, None for anything else (a bug: re-raised as it is).
+    (the exception to raise, what the transport stats count it as): a RetryableFailure
+    counted as "timeout" or "connection error" for what may pass (_STALE when a
+    kept-alive connection was closed under us: sent again at once), a DeliveryError,
+    not counted, for what sending again cannot mend; None for anything else (a bug:
+    re-raised as it is).
     """
     reason: BaseException = exc.reason if isinstance(exc, MaxRetryError) and exc.reason else exc
     if isinstance(reason, (urllib3.exceptions.SSLError, ssl.SSLError)):
@@ -419,35 +412,27 @@ def _failure(exc: Exception, what: str) -> Exception | None:
                 f"{what}: the server's TLS certificate is not trusted; for a private CA set "
                 "SSL_CERT_FILE or REQUESTS_CA_BUNDLE"
             )
-            return DeliveryError(msg)
-        return _retryable(f"{what}: TLS failed ({_short_reason(reason)})", "connection error")
+            return DeliveryError(msg), None
+        return RetryableFailure(f"{what}: TLS failed ({_short_reason(reason)})"), "connection error"
     if isinstance(reason, (ConnectTimeoutError, ReadTimeoutError)) and not isinstance(
         reason, NewConnectionError
     ):
-        return _retryable(f"{what}: timed out", "timeout")
-    if isinstance(reason, (urllib3.exceptions.InvalidHeader, LocationValueError, ValueError)) or (
-        isinstance(exc, (ValueError, LocationValueError))
-    ):
+        return RetryableFailure(f"{what}: timed out"), "timeout"
+    if isinstance(reason, (urllib3.exceptions.InvalidHeader, ValueError)):  # LocationValueError too
         # A header or URL with a line break: the library's message would quote the
         # header (a credential). Say what, never the value.
         msg = (
             f"{what}: a request header or the URL holds a character HTTP forbids (check the "
             "credential and URL settings for line breaks)"
         )
-        return DeliveryError(msg)
+        return DeliveryError(msg), None
     if isinstance(reason, (ProtocolError, OSError, ClosedPoolError, NewConnectionError, ProxyError)):
         short = _short_reason(reason)
-        failure = _retryable(f"{what}: connection failed ({short})", "connection error")
-        return _Stale(failure) if short in _STALE_REASONS else failure
+        failure = RetryableFailure(f"{what}: connection failed ({short})")
+        return failure, (_STALE if short in _STALE_REASONS else "connection error")
     if isinstance(reason, HTTPError):
-        return _retryable(f"{what}: request failed ({type(reason).__name__})", "connection error")
+        return RetryableFailure(f"{what}: request failed ({type(reason).__name__})"), "connection error"
     return None
-
-
-def _retryable(message: str, status: str) -> RetryableFailure:
-    failure = RetryableFailure(message)
-    failure.status = status
-    return failure
 
 
 # Reasons that mean a kept-alive connection had been closed by the server before we used

@@ -198,6 +198,27 @@ def run_target(
     return Result(done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
+def stamp(seconds_ago: float) -> str:
+    """Canonical UTC text for the time ``seconds_ago`` seconds before now."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
+
+
+def load_segment_tracks(
+    sandbox: Sandbox, tmp_path: Path, destination: str, config: dict, seed: int
+) -> tuple[Result, list[tuple[dict, dict]]]:
+    """Run the target on 300 generated Segment events (6 hours, a STATE every 100) and
+    check that every track call, and nothing else, was stored once under its messageId.
+    Gives the run's result and each (record, item stored) pair."""
+    lines = list(singer_lines(300, seed=seed, hours=6, state_every=100))
+    result = run_target(tmp_path, config, lines)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line)["record"] for line in lines if '"RECORD"' in line]
+    tracks = {r["messageId"]: r for r in records if r["type"] == "track"}
+    stored = {item[ID_FIELD[destination]]: item for item in sandbox.items(destination)}
+    assert set(stored) == set(tracks)
+    return result, [(tracks[key], item) for key, item in stored.items()]
+
+
 def singer(
     stream: str,
     records: t.Iterable[dict],

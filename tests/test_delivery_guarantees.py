@@ -29,6 +29,7 @@ from tests.conftest import (
     position,
     run_target,
     singer,
+    stamp,
     stripe_config,
     wait_until,
 )
@@ -204,7 +205,7 @@ def test_all_faults_together_lose_nothing(sandbox, tmp_path, destination):
     expiring = destination in ("m3ter", "stripe")  # OAuth tokens, meter event sessions
     faults = ALL_FAULTS + ([{"kind": "expire-tokens", "count": 1}] if expiring else [])
     sandbox.faults(*faults)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    now = stamp(3600)
     records = [
         {"id": i, "account": f"a{i % 5}", "at": 1795184122 + i, "now_ts": now, "tokens": i, "note": f"n{i}"}
         for i in range(1500)
@@ -223,7 +224,7 @@ def test_all_faults_together_lose_nothing(sandbox, tmp_path, destination):
 
 
 def bad_mix(count: int, bad_every: int, destination: str = "m3ter") -> list[dict]:
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    now = stamp(3600)
     records = []
     for i in range(count):
         record = {

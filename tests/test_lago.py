@@ -14,13 +14,13 @@ from lago_python_client.client import Client
 from lago_python_client.exceptions import LagoApiError
 from lago_python_client.models.event import BatchEvent, Event
 
-from target_usage_billing.sandbox.samples import singer_lines
 from tests.conftest import (
     LAGO_KEY,
     RECENT,
     config_for,
     dead_letters,
     lago_config,
+    load_segment_tracks,
     problems,
     referee_bodies,
     run_target,
@@ -53,15 +53,8 @@ def ingest(sandbox, events: list[dict], key: str = LAGO_KEY) -> requests.Respons
 
 
 def test_segment_events_arrive_once_with_lagos_fields_and_unix_seconds(sandbox, tmp_path):
-    lines = list(singer_lines(300, seed=4, hours=6, state_every=100))
-    result = run_target(tmp_path, lago_config(sandbox), lines)
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line)["record"] for line in lines if '"RECORD"' in line]
-    tracks = {r["messageId"]: r for r in records if r["type"] == "track"}
-    stored = {item["transaction_id"]: item for item in sandbox.items("lago")}
-    assert set(stored) == set(tracks)
-    for key, item in stored.items():
-        record = tracks[key]
+    result, pairs = load_segment_tracks(sandbox, tmp_path, "lago", lago_config(sandbox), seed=4)
+    for record, item in pairs:
         assert item["code"] == record["event"]
         assert item["external_subscription_id"] == record["context"]["groupId"]
         assert item["properties"] == record["properties"]

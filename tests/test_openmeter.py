@@ -14,11 +14,11 @@ from corehttp.exceptions import ClientAuthenticationError, HttpResponseError
 from openmeter import Client as OpenMeterClient
 from openmeter.models import Event as CloudEvent
 
-from target_usage_billing.sandbox.samples import singer_lines
 from tests.conftest import (
     OPENMETER_TOKEN,
     config_for,
     dead_letters,
+    load_segment_tracks,
     openmeter_config,
     referee_bodies,
     run_target,
@@ -56,15 +56,8 @@ def ingest(sandbox, events: list[dict], token: str = OPENMETER_TOKEN, content_ty
 
 
 def test_segment_events_arrive_once_as_cloudevents(sandbox, tmp_path):
-    lines = list(singer_lines(300, seed=6, hours=6, state_every=100))
-    result = run_target(tmp_path, openmeter_config(sandbox), lines)
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line)["record"] for line in lines if '"RECORD"' in line]
-    tracks = {r["messageId"]: r for r in records if r["type"] == "track"}
-    stored = {item["id"]: item for item in sandbox.items("openmeter")}
-    assert set(stored) == set(tracks)
-    for key, item in stored.items():
-        record = tracks[key]
+    result, pairs = load_segment_tracks(sandbox, tmp_path, "openmeter", openmeter_config(sandbox), seed=6)
+    for record, item in pairs:
         assert item["specversion"] == "1.0" and item["source"] == "target-usage-billing"
         assert item["type"] == record["event"]
         assert item["subject"] == record["context"]["groupId"]

@@ -5,8 +5,6 @@ DESTINATIONS_UNDER_TEST in conftest)."""
 from __future__ import annotations
 
 import datetime as dt
-import json
-import time
 import typing as t
 
 import orb
@@ -14,23 +12,20 @@ import pytest
 import requests
 from orb.types.event_ingest_params import Event as OrbEvent
 
-from target_usage_billing.sandbox.samples import singer_lines
 from tests.conftest import (
     ORB_KEY,
     RECENT,
     config_for,
     dead_letters,
+    load_segment_tracks,
     orb_config,
     problems,
     referee_bodies,
     run_target,
     singer,
+    stamp,
     usage,
 )
-
-
-def stamp(seconds_ago: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
 
 
 def event(key: str, **fields: t.Any) -> dict:
@@ -57,15 +52,8 @@ def ingest(sandbox, events: list[dict], key: str = ORB_KEY, query: str = "") -> 
 
 
 def test_segment_events_arrive_once_with_orbs_fields(sandbox, tmp_path):
-    lines = list(singer_lines(300, seed=3, hours=6, state_every=100))
-    result = run_target(tmp_path, orb_config(sandbox), lines)
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line)["record"] for line in lines if '"RECORD"' in line]
-    tracks = {r["messageId"]: r for r in records if r["type"] == "track"}
-    stored = {item["idempotency_key"]: item for item in sandbox.items("orb")}
-    assert set(stored) == set(tracks)
-    for key, item in stored.items():
-        record = tracks[key]
+    result, pairs = load_segment_tracks(sandbox, tmp_path, "orb", orb_config(sandbox), seed=3)
+    for record, item in pairs:
         assert item["event_name"] == record["event"]
         assert item["external_customer_id"] == record["context"]["groupId"]
         assert item["properties"] == record["properties"]  # numbers exact, as JSON numbers

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import typing as t
 from decimal import Decimal
 
@@ -24,13 +23,10 @@ from tests.conftest import (
     referee_bodies,
     run_target,
     singer,
+    stamp,
     stripe_config,
     usage,
 )
-
-
-def stamp(seconds_ago: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
 
 
 def meter_event(key: str, **fields: t.Any) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 import typing as t
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tests.conftest import (
     metronome_config,
     problems,
     run_target,
+    stamp,
 )
 
 ALL_M3TER_FIELDS = {
@@ -158,8 +158,7 @@ def metronome_client(sandbox, **options: t.Any) -> metronome.Metronome:
 
 
 def usage_event(i: int) -> dict:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
-    return {"transaction_id": f"sdk-{i}", "customer_id": "c", "event_type": "e", "timestamp": stamp}
+    return {"transaction_id": f"sdk-{i}", "customer_id": "c", "event_type": "e", "timestamp": stamp(3600)}
 
 
 def test_the_metronome_sdk_authenticates_lists_customers_and_ingests_through_the_sandbox(sandbox):

@@ -87,12 +87,11 @@ def generate_apply(
         if inline is not None and inline[0] == "keyed":
             lines += _keyed_code(number, field, inline, namespace)
             continue
-        if inline is not None and inline[0] == "object":
-            lines += _object_code(number, field, inline, namespace)
-            continue
         written = writer.write(inline[1]) if inline is not None and inline[0] == "expression" else None
         if inline is not None and inline[0] == "plain":
             lines += _plain_code(number, field, inline, namespace)
+        elif inline is not None and inline[0] == "object":
+            lines += _object_code(number, field, inline, namespace)
         elif written is not None:
             lines.append(f"{INDENT}value = {written[0]}")
             lines += _converted(number, field, inline[2], inline[3], namespace)  # type: ignore[index]
@@ -254,8 +253,9 @@ def _children_code(number: int, field: FieldCode, inline: tuple, namespace: dict
 
 
 def _object_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
-    """A map given as one plain path to an object (``properties``): its keys copied in a
-    loop, each value converted as the field's closure (fields._object) would."""
+    """``value``: a map given as one plain path to an object (``properties``), its keys
+    copied in a loop, each value converted as the field's closure (fields._object) would;
+    None when absent or empty."""
     _kind, keys, key_pattern, kept, convert = inline
     helper = f"_convert{number}"
     namespace[helper] = convert
@@ -283,12 +283,6 @@ def _object_code(number: int, field: FieldCode, inline: tuple, namespace: dict) 
     lines += [f"{INDENT}        if item is None:", f"{INDENT}            continue"]
     lines += _store_item(INDENT + "        ", "key", helper, kept, namespace, (label, source))
     lines.append(f"{INDENT}    value = out or None")
-    lines += [f"{INDENT}if value is None:"]
-    if field.required:
-        lines += _missing_map(INDENT + "    ", field)
-    else:
-        lines.append(f"{INDENT}    pass")
-    lines += [f"{INDENT}else:", f"{INDENT}    payload[{name!r}] = value"]
     return lines
 
 
