@@ -247,6 +247,9 @@ class HttpTransport:
         )
         self._proxies: dict[str, dict[str, str]] = {}
         self._timeout = Timeout(connect=connect_timeout_seconds, read=timeout_seconds)
+        # the whole request and its answer, not each socket read: a server trickling
+        # bytes is cut off too
+        self._answer_seconds = timeout_seconds
         self._local = threading.local()
         # The retry policy, built once (not per request): calls attempt(), waits, again.
         self._retrying = backoff.on_exception(
@@ -305,6 +308,7 @@ class HttpTransport:
         if body is not None:
             sent["Content-Length"] = str(len(body))
         for attempt in (1, 2):
+            started = time.monotonic()
             try:
                 route = self._route(method, url)
                 reply = route.pool.urlopen(
@@ -314,12 +318,13 @@ class HttpTransport:
                     headers=sent,
                     redirect=False,
                     assert_same_host=False,
-                    preload_content=True,
+                    preload_content=False,  # read below, within the request's deadline
                     decode_content=True,
                     retries=route.retries,
                     timeout=self._timeout,
                     chunked=False,
                 )
+                data = _read_within(reply, started + self._answer_seconds, f"{method} {_no_query(url)}")
             except Exception as exc:  # sorted by _failure; anything else is a bug: re-raised
                 sorted_failure = _failure(exc, f"{method} {_no_query(url)}")
                 if sorted_failure is None:
@@ -333,7 +338,7 @@ class HttpTransport:
                     self.stats.count(counted)
                 raise failure from None
             self.stats.count(reply.status)
-            return Response(reply.status, reply.headers, reply.data)
+            return Response(reply.status, reply.headers, data)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close_connections(self) -> None:
@@ -373,6 +378,38 @@ class HttpTransport:
             )
             return
         logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], wait)
+
+
+# An answer larger than this is no platform's acknowledgement or refusal: cut off.
+MAX_ANSWER_BYTES = 4 << 20
+
+
+def _read_within(reply: t.Any, deadline: float, what: str) -> bytes:
+    """The answer's body, read before ``deadline`` (time.monotonic): each read waits at
+    most the time left, so a server that trickles bytes cannot hold the request open."""
+    chunks = []
+    size = 0
+    sock = getattr(reply.connection, "sock", None)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                no_pool = t.cast(t.Any, None)
+                raise ReadTimeoutError(no_pool, what, "the whole answer took longer than the timeout")
+            if sock is not None:
+                sock.settimeout(left)
+            chunk = reply.read1(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise ProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+    except BaseException:
+        reply.close()  # the connection is in an unknown state: never reused
+        raise
+    reply.release_conn()
+    return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
 def retryable_status(response: Response, what: str) -> RetryableFailure | None:

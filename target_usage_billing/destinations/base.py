@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
 from singer_sdk import typing as th
 
 from target_usage_billing.errors import CredentialsError, DeliveryError
@@ -80,6 +81,57 @@ class Ruling:
     message: str = ""
 
 
+ACCEPTED = Ruling(Verdict.ACCEPTED)
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """What a platform's own success answer to an ingest request looks like.
+
+    Taken from the official SDK's response type. A 2xx that does not look like this came
+    from something else (a proxy, a gateway, a captive portal) and is not a delivery.
+    """
+
+    statuses: tuple[int, ...] = (200,)
+    # "object": a JSON object with a JSON content type; "empty": no body at all;
+    # "empty or object": either (an SDK that casts the answer to None)
+    body: t.Literal["object", "empty", "empty or object"] = "object"
+
+    def problem(self, response: Response) -> str | None:
+        """Why ``response`` (a 2xx) is not this acknowledgement, or None when it is."""
+        if response.status not in self.statuses:
+            expected = " or ".join(str(s) for s in self.statuses)
+            return f"status {response.status}, where the platform answers {expected}"
+        if not response.body:
+            return None if self.body != "object" else "an empty body, where the platform answers JSON"
+        if self.body == "empty":
+            return "a body, where the platform answers with none"
+        content_type = response.headers.get("content-type", "")
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            return f"Content-Type {content_type or 'none'!r}, where the platform answers application/json"
+        document = json_document(response)
+        if not isinstance(document, dict):
+            return "a body that is not a JSON object"
+        for key in ("error", "errors"):
+            if document.get(key):  # a gateway's error dressed as a success
+                return f"a body reporting {key}"
+        return None
+
+
+def describe_answer(response: Response) -> str:
+    """The answer as a log line may show it: status, content type and its first bytes."""
+    content_type = response.headers.get("content-type") or "none"
+    return f"{response.status}, Content-Type {content_type!r}, body {response.text(120)!r}"
+
+
+def json_document(response: Response) -> t.Any:
+    """The answer's body as JSON, or None when it is not JSON."""
+    try:
+        return msgspec.json.decode(response.body)
+    except msgspec.DecodeError:
+        return None
+
+
 @dataclass(frozen=True)
 class OutgoingRequest:
     """One authenticated ingest request, ready for the transport."""
@@ -127,6 +179,10 @@ class Destination(abc.ABC):
     required_settings: t.ClassVar[tuple[str, ...]] = ()
     # The body is {"<envelope_key>": [item, ...]}, or a bare array when None.
     envelope_key: t.ClassVar[str | None] = None
+    # The platform's own success answer (see Acknowledgement): nothing else is a delivery.
+    acknowledgement: t.ClassVar[Acknowledgement]
+    # The setting holding the ingest URL, named when an answer is not the platform's.
+    url_setting: t.ClassVar[str]
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: HttpTransport):
         self.config = config
@@ -208,13 +264,27 @@ class Destination(abc.ABC):
     def judge(self, response: Response) -> Ruling:
         """What an ingest answer means: a small pure decision, in this order.
 
-        2xx accepted; ``x-should-retry: true`` from the server, retry; then the
-        platform's own reading of refusals (``judge_refusal``); then transient statuses
-        (408, 409, 429, 5xx, unless ``x-should-retry: false``), retry; anything else fatal.
+        2xx: accepted only when it is the platform's own acknowledgement (see
+        ``acknowledgement`` and ``judge_acknowledgement``), else retried and in the end a
+        failure naming what came back; a redirect is fatal and names its Location;
+        ``x-should-retry: true`` from the server, retry; then the platform's own reading
+        of refusals (``judge_refusal``); then transient statuses (408, 409, 429, 5xx,
+        unless ``x-should-retry: false``), retry; anything else fatal.
         """
         status = response.status
         if 200 <= status < 300:
-            return Ruling(Verdict.ACCEPTED)
+            problem = self.acknowledgement.problem(response)
+            if problem is not None:
+                return self.not_acknowledged(response, problem)
+            return self.judge_acknowledgement(response) or ACCEPTED
+        if 300 <= status < 400:
+            location = response.headers.get("location") or "nowhere"
+            return Ruling(
+                Verdict.FATAL,
+                f"{self.label} POST {self.ingest_path} answered {status}, a redirect to "
+                f"{location[:200]!r}: ingest requests are never redirected; check {self.url_setting} "
+                "(the API's own URL, not a web page or a proxy's login page)",
+            )
         hint = response.headers.get("x-should-retry", "").strip().lower()
         if hint == "true":
             return Ruling(Verdict.RETRY, f"{self.label} answered {status} (x-should-retry: true)")
@@ -224,6 +294,21 @@ class Destination(abc.ABC):
         if transient(response):
             return Ruling(Verdict.RETRY, f"{self.label} answered {status}")
         return Ruling(Verdict.FATAL, f"{self.label} answered {status}: {response.text()}")
+
+    def judge_acknowledgement(self, response: Response) -> Ruling | None:
+        """The platform's reading of the body of its own success answer: None when it
+        acknowledges every item, else a Ruling (e.g. Orb's ``validation_failed``)."""
+        return None
+
+    def not_acknowledged(self, response: Response, problem: str) -> Ruling:
+        """A 2xx that is not the platform's acknowledgement: retried, never a delivery."""
+        return Ruling(
+            Verdict.RETRY,
+            f"{self.label} POST {self.ingest_path}: the answer is not {self.label}'s "
+            f"acknowledgement ({problem}; got {describe_answer(response)}), so nothing counts as "
+            f"delivered: a proxy, gateway or captive portal may be answering instead of {self.label}; "
+            f"check {self.url_setting} and the HTTPS_PROXY/ALL_PROXY variables",
+        )
 
     @abc.abstractmethod
     def judge_refusal(self, response: Response) -> Ruling | None:
@@ -291,7 +376,6 @@ class BearerKeyDestination(Destination):
     and 403: the key; 400 and 422: the content) come from a few class attributes."""
 
     key_setting: t.ClassVar[str]  # e.g. "orb_api_key"
-    url_setting: t.ClassVar[str]  # e.g. "orb_api_url"
     default_url: t.ClassVar[str]
     probe_path: t.ClassVar[str]  # a cheap authenticated GET, before any input is read
     credential: t.ClassVar[str] = "API key"  # what the key is called in messages

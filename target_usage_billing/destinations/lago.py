@@ -19,7 +19,7 @@ import typing as t
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import BearerKeyDestination, Ruling, Verdict
+from target_usage_billing.destinations.base import Acknowledgement, BearerKeyDestination, Ruling, Verdict
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 ALREADY_EXISTS = "value_already_exist"
@@ -36,6 +36,8 @@ class LagoDestination(BearerKeyDestination):
     rate_limits = ()  # none published: 429 + Retry-After is honoured instead
     key_setting = "lago_api_key"
     url_setting = "lago_api_url"
+    # Lago answers a stored batch with {"events": [...]}
+    acknowledgement = Acknowledgement((200,), "object")
     default_url = "https://api.getlago.com"
     probe_path = "/api/v1/customers?per_page=1"
     presets: t.ClassVar[dict[str, Preset]] = {

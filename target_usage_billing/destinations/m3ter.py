@@ -16,11 +16,14 @@ import typing as t
 from singer_sdk import typing as th
 
 from target_usage_billing.destinations.base import (
+    Acknowledgement,
     Destination,
     OutgoingRequest,
+    Response,
     Ruling,
     TimeWindow,
     Verdict,
+    json_document,
 )
 from target_usage_billing.destinations.tokens import ExpiringToken
 from target_usage_billing.http import RetryableFailure
@@ -36,6 +39,9 @@ DATA_FIELD_CODE = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]{0,79}\Z")
 class M3terDestination(Destination):
     name = "m3ter"
     envelope_key = "measurements"
+    # SubmitMeasurementsResponse: {"result": "accepted"} (checked in judge_acknowledgement)
+    acknowledgement = Acknowledgement((200,), "object")
+    url_setting = "m3ter_ingest_url"
     label = "m3ter"
     item_noun = "measurements"
     max_items_per_request = 1000
@@ -185,6 +191,12 @@ class M3terDestination(Destination):
                 Verdict.FATAL,
                 f"m3ter answered 404 for {self.ingest_path}: check m3ter_org_id and m3ter_ingest_url",
             )
+        return None
+
+    def judge_acknowledgement(self, response: Response) -> Ruling | None:
+        result = json_document(response).get("result")
+        if result != "accepted":
+            return self.not_acknowledged(response, f"result is {result!r}, not 'accepted'")
         return None
 
     def reauth_failed_message(self, status: int) -> str:

@@ -13,7 +13,12 @@ import typing as t
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import BearerKeyDestination, OutgoingRequest, TimeWindow
+from target_usage_billing.destinations.base import (
+    Acknowledgement,
+    BearerKeyDestination,
+    OutgoingRequest,
+    TimeWindow,
+)
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AGE = dt.timedelta(days=34)
@@ -32,6 +37,8 @@ class MetronomeDestination(BearerKeyDestination):
     rate_limits = ()  # none published: 429 + Retry-After is honoured instead
     key_setting = "metronome_api_token"
     url_setting = "metronome_api_url"
+    # v1.usage.ingest casts the answer to None: a 200, with no body or a JSON one
+    acknowledgement = Acknowledgement((200,), "empty or object")
     default_url = "https://api.metronome.com"
     probe_path = "/v1/customers?limit=1"
     credential = "API token"

@@ -17,7 +17,7 @@ import typing as t
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import BearerKeyDestination
+from target_usage_billing.destinations.base import Acknowledgement, BearerKeyDestination
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 DEFAULT_SOURCE = "target-usage-billing"
@@ -34,6 +34,8 @@ class OpenMeterDestination(BearerKeyDestination):
     rate_limits = ()
     key_setting = "openmeter_api_token"
     url_setting = "openmeter_api_url"
+    # ingest_events expects exactly 204 No Content
+    acknowledgement = Acknowledgement((204,), "empty")
     default_url = "https://openmeter.cloud"
     probe_path = "/api/v1/meters"
     credential = "API token"

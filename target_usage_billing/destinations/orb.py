@@ -21,7 +21,14 @@ import typing as t
 
 from singer_sdk import typing as th
 
-from target_usage_billing.destinations.base import BearerKeyDestination, TimeWindow
+from target_usage_billing.destinations.base import (
+    Acknowledgement,
+    BearerKeyDestination,
+    Ruling,
+    TimeWindow,
+    Verdict,
+    json_document,
+)
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AHEAD = dt.timedelta(minutes=5)
@@ -39,6 +46,8 @@ class OrbDestination(BearerKeyDestination):
     rate_limits = ()  # none published: 429 + Retry-After is honoured instead
     key_setting = "orb_api_key"
     url_setting = "orb_api_url"
+    # EventIngestResponse: validation_failed is always present (judge_acknowledgement)
+    acknowledgement = Acknowledgement((200,), "object")
     default_url = "https://api.withorb.com"
     probe_path = "/v1/customers?limit=1"
     presets: t.ClassVar[dict[str, Preset]] = {
@@ -118,6 +127,14 @@ class OrbDestination(BearerKeyDestination):
 
     def refusal_detail(self, response: t.Any) -> str:
         return _validation_failures(response)
+
+    def judge_acknowledgement(self, response: t.Any) -> Ruling | None:
+        failed = json_document(response).get("validation_failed")
+        if not isinstance(failed, list):
+            return self.not_acknowledged(response, "no validation_failed list")
+        if failed:  # Orb says this never happens with a 200; if it does, isolate them
+            return Ruling(Verdict.REJECTED, f"Orb answered 200: {_validation_failures(response)}"[:1000])
+        return None
 
 
 def _validation_failures(response: t.Any) -> str:

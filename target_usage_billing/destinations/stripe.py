@@ -22,6 +22,7 @@ import typing as t
 from singer_sdk import typing as th
 
 from target_usage_billing.destinations.base import (
+    Acknowledgement,
     Destination,
     OutgoingRequest,
     Ruling,
@@ -42,6 +43,10 @@ class StripeDestination(Destination):
     label = "Stripe"
     item_noun = "meter events"
     envelope_key = "events"
+    # Stripe's v2 answers are JSON (the SDK parses every body it gets); events are
+    # validated later, so this says only that the stream took them
+    acknowledgement = Acknowledgement((200, 202), "object")
+    url_setting = "stripe_meter_events_url"
     ingest_path = "/v2/billing/meter_event_stream"
     max_items_per_request = 100
     max_body_bytes = 4_000_000  # none published: keep requests reasonable

@@ -24,7 +24,8 @@ A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": 
 "headers": {NAME: VALUE}} with
 K one of 401, 403, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
 expire-tokens (every m3ter token and Stripe session expires just before this request is
-checked).
+checked), html-200 (a captive portal's page), errors-200 (a gateway's 200 {"errors": ...}),
+redirect (302 to a login page), trickle (the answer's body one byte every "delay_ms").
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ from target_usage_billing.sandbox.state import (
 PLATFORMS: dict[str, t.Any] = {module.NAME: module for module in (orb, lago, openmeter, stripe)}
 
 
+# What a captive portal, a proxy or an API gateway answers in front of a platform.
+MIDDLEBOX_ANSWERS: dict[str, t.Callable[[], Reply]] = {
+    "html-200": lambda: Reply(
+        200,
+        b"<!DOCTYPE html><html><body>Sign in to the guest network to continue</body></html>",
+        {"Content-Type": "text/html; charset=utf-8"},
+    ),
+    "errors-200": lambda: json_reply(200, {"errors": [{"message": "upstream connect error"}]}),
+    "redirect": lambda: Reply(302, b"", {"Location": "https://portal.example.net/login"}),
+}
+
+
 def _platform_for(path: str) -> t.Any:
     for module in PLATFORMS.values():
         if path.startswith(module.PREFIX + "/"):
@@ -81,13 +94,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
+    _trickle_seconds = 0.0  # a "trickle" fault: the body's bytes this far apart
+
     def _send(self, reply: Reply) -> None:
         self.send_response(reply.status)
         for key, value in reply.headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
-        if reply.body:
+        trickle, self._trickle_seconds = self._trickle_seconds, 0.0
+        if reply.body and trickle:
+            self.wfile.flush()
+            try:
+                for index in range(len(reply.body)):
+                    time.sleep(trickle)
+                    self.wfile.write(reply.body[index : index + 1])
+                    self.wfile.flush()
+            except OSError:  # the client gave up waiting, as it should
+                self.close_connection = True
+        elif reply.body:
             self.wfile.write(reply.body)
 
     def _drop(self) -> None:
@@ -208,6 +233,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     stripe.expire_sessions()
                 elif fault.kind == "drop":
                     raise _Dropped
+                elif fault.kind in MIDDLEBOX_ANSWERS:
+                    raise MIDDLEBOX_ANSWERS[fault.kind]()
+                elif fault.kind == "trickle":
+                    self._trickle_seconds = fault.delay_ms / 1000
                 elif fault.kind in ("401", "403", "429", "500", "502", "503", "504"):
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                     headers.update(fault.headers)

@@ -29,6 +29,11 @@ FAULT_KINDS = (
     "stored-drop",
     "slow",
     "expire-tokens",
+    # answers a middlebox gives instead of the platform (nothing is stored)
+    "html-200",
+    "errors-200",
+    "redirect",
+    "trickle",  # the platform's answer, its body one byte every delay_ms
 )
 
 
