@@ -83,6 +83,7 @@ class Ruling:
 
 ACCEPTED = Ruling(Verdict.ACCEPTED)
 
+
 @dataclass(frozen=True)
 class Acknowledgement:
     """What a platform's own success answer to an ingest request looks like.
