@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import DESTINATIONS_UNDER_TEST, config_for, run_target, singer, usage
+from tests.conftest import DESTINATIONS_UNDER_TEST, config_for, dead_letters, run_target, singer, usage
 
 LABELS = {
     "m3ter": "m3ter",
@@ -100,3 +100,42 @@ def test_an_answer_trickled_forever_ends_in_exit_4(sandbox, tmp_path):
     assert result.states == []
     (line,) = result.error_lines
     assert "timed out" in line and "retry budget" in line
+
+
+# --- what platforms validate only after acknowledging is checked before sending ---------
+
+
+def mixed_rows(bad: dict) -> list[str]:
+    """20 usage rows; rows 3 and 11 (input lines 5 and 13) changed by ``bad``."""
+    rows = usage(20)
+    for index in (3, 11):
+        rows[index].update(bad)
+    return singer("usage", rows, state={"bookmark": 20})
+
+
+@pytest.mark.parametrize(
+    ("destination", "bad", "reason"),
+    [
+        # Stripe accepts a meter event whose value is not a number, then drops it
+        ("stripe", {"tokens": "lots"}, "payload.value: 'lots' is not a number"),
+        # Metronome: property values over 256 bytes
+        ("metronome", {"note": "x" * 300}, "properties.note: value of 300 bytes"),
+        # m3ter: a measure must be a number
+        ("m3ter", {"tokens": "lots"}, "measure.tokens"),
+    ],
+)
+def test_what_the_platform_would_drop_later_is_dead_lettered_not_sent(
+    sandbox, tmp_path, destination, bad, reason
+):
+    config = config_for(destination, sandbox, max_rejected_ratio=1)
+
+    result = run_target(tmp_path, config, mixed_rows(bad))
+
+    assert result.returncode == 0, result.stderr
+    assert result.states == [{"bookmark": 20}]
+    assert sandbox.stats(destination)["stored"] == 18
+    letters = dead_letters(tmp_path)
+    assert [letter["line"] for letter in letters] == [5, 13]  # SCHEMA is line 1
+    for letter in letters:
+        assert letter["stage"] in ("validation", "mapping")
+        assert reason in letter["reason"]

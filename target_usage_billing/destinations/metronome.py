@@ -72,6 +72,14 @@ class MetronomeDestination(BearerKeyDestination):
             "Metronome recommends for precision. false sends JSON numbers.",
         ),
         th.Property(
+            "metronome_max_property_bytes",
+            th.IntegerType,
+            default=256,
+            description="Longest property value (UTF-8 bytes) an event may carry; a longer one is "
+            "dead-lettered, not sent (users report Metronome dropping such events; the limit is not "
+            "in its docs). 0: no check.",
+        ),
+        th.Property(
             "metronome_gzip",
             th.BooleanType,
             default=True,
@@ -83,6 +91,7 @@ class MetronomeDestination(BearerKeyDestination):
         super().__init__(config, transport)
         self.gzip = bool(config.get("metronome_gzip", True))
         self._window = TimeWindow(MAX_AGE, MAX_AHEAD)
+        self.max_property_bytes = int(config.get("metronome_max_property_bytes", 256) or 0)
 
     @classmethod
     def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
@@ -104,6 +113,15 @@ class MetronomeDestination(BearerKeyDestination):
             return (
                 f"timestamp {payload['timestamp']} is more than 24 hours in the future (Metronome refuses it)"
             )
+        limit = self.max_property_bytes
+        if limit:
+            for key, value in (payload.get("properties") or {}).items():
+                # a character is at most 4 bytes: only long text is measured
+                if type(value) is str and len(value) * 4 > limit and len(value.encode()) > limit:
+                    return (
+                        f"properties.{key}: value of {len(value.encode())} bytes, over "
+                        f"metronome_max_property_bytes={limit}"
+                    )
         return None
 
     def ingest_request(self, body: bytes) -> OutgoingRequest:

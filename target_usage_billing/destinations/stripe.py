@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import typing as t
 
 from singer_sdk import typing as th
@@ -33,6 +34,8 @@ from target_usage_billing.destinations.tokens import ExpiringToken
 from target_usage_billing.http import RetryableFailure
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
+# What a meter's value may be: a decimal number, as text (as mapping writes numbers).
+NUMBER_TEXT = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)\Z")
 MAX_AGE = dt.timedelta(days=35)
 MAX_AHEAD = dt.timedelta(minutes=5)
 SESSION_PATH = "/v2/billing/meter_event_session"
@@ -85,6 +88,14 @@ class StripeDestination(Destination):
             description="Base URL of Stripe's meter event stream.",
         ),
         th.Property(
+            "stripe_value_keys",
+            th.ArrayType(th.StringType),
+            default=["value"],
+            description="Payload keys that carry a meter's value (its value_settings "
+            "event_payload_key): each must be a number as text, or Stripe drops the event after "
+            "accepting it, so such records are dead-lettered instead.",
+        ),
+        th.Property(
             "stripe_payload_keys",
             th.ArrayType(th.StringType),
             default=["stripe_customer_id", "value"],
@@ -100,6 +111,7 @@ class StripeDestination(Destination):
             config.get("stripe_meter_events_url") or "https://meter-events.stripe.com"
         ).rstrip("/")
         self.payload_keys = tuple(config.get("stripe_payload_keys") or ("stripe_customer_id", "value"))
+        self.value_keys = tuple(config.get("stripe_value_keys") or ("value",))
         self._window = TimeWindow(MAX_AGE, MAX_AHEAD)
         self._session = ExpiringToken(self._new_session)
 
@@ -114,9 +126,17 @@ class StripeDestination(Destination):
         ]
 
     def validate_payload(self, payload: dict[str, t.Any]) -> str | None:
-        missing = [key for key in self.payload_keys if not payload["payload"].get(key, "").strip()]
+        values = payload["payload"]
+        missing = [key for key in self.payload_keys if not values.get(key, "").strip()]
         if missing:
             return f"payload needs {', '.join(missing)} (the meter's event payload keys, stripe_payload_keys)"
+        for key in self.value_keys:
+            value = values.get(key)
+            if value is not None and not NUMBER_TEXT.match(value):
+                return (
+                    f"payload.{key}: {value[:80]!r} is not a number; Stripe would accept the event "
+                    "and drop it later (stripe_value_keys)"
+                )
         where = self._window.outside(payload["timestamp"])
         if where == "past":
             return f"timestamp {payload['timestamp']} is more than 35 days in the past (Stripe refuses it)"
