@@ -30,6 +30,7 @@ from target_usage_billing.errors import (
     CredentialsError,
     DeliveryError,
     InterruptedRun,
+    JournalError,
     UsageBillingError,
 )
 from target_usage_billing.http import (
@@ -39,6 +40,7 @@ from target_usage_billing.http import (
     RetryBudgetExhausted,
     retryable_status,
 )
+from target_usage_billing.journal import Journal
 from target_usage_billing.stats import RunStats
 
 logger = logging.getLogger("target-usage-billing.delivery")
@@ -80,6 +82,10 @@ class Batch:
     seq: int
     stream: str
     items: list[Item]
+    first_index: int  # the record index of its first item
+    # STATEs received when its first record arrived: STATE number epoch+1 covers part or
+    # all of it, and the journal holds it before that STATE is written
+    epoch: int
 
 
 class DryRunWriter:
@@ -117,6 +123,7 @@ class Delivery:
         on_api_rejection: t.Callable[[], None] = lambda: None,
         key_properties: t.Mapping[str, t.Sequence[str]] | None = None,
         dry_run: DryRunWriter | None = None,
+        journal: Journal | None = None,
     ):
         self.destination = destination
         self.transport = transport
@@ -124,6 +131,7 @@ class Delivery:
         self.dead_letters = dead_letters
         self.stats = stats
         self.dry_run = dry_run
+        self.journal = journal
         self._on_states = on_states
         # called after each item the API refused; raises to stop splitting (rejection limits)
         self._on_api_rejection = on_api_rejection
@@ -136,7 +144,10 @@ class Delivery:
         # the first record index of each pending batch and of each non-empty sink buffer
         self._in_flight_first: dict[int, int] = {}
         self._buffered_first: dict[int, int] = {}
-        self._states: collections.deque[tuple[int, dict]] = collections.deque()
+        # (bound, state, its number): STATE number n covers batches of epochs below n
+        self._states: collections.deque[tuple[int, dict, int]] = collections.deque()
+        self._states_received = 0
+        self._buffer_epoch: dict[int, int] = {}  # epoch of each non-empty sink buffer
         self.failure: UsageBillingError | None = None
         self.in_flight = 0
         # Set on SIGTERM/SIGINT: past it, nothing waits for delivery any more.
@@ -155,6 +166,7 @@ class Delivery:
         """A sink buffer (identified by ``buffer``) received its first record."""
         with self._lock:
             self._buffered_first[buffer] = first_index
+            self._buffer_epoch[buffer] = self._states_received
 
     def submit(self, stream: str, items: list[Item], buffer: int, first_index: int) -> None:
         """Queue a batch; blocks while ``max_in_flight`` batches are outstanding."""
@@ -164,7 +176,8 @@ class Delivery:
             if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
                 raise InterruptedRun("the shutdown grace period ended while requests were still failing")
         with self._lock:
-            batch = Batch(self._next_seq, stream, items)
+            epoch = self._buffer_epoch.pop(buffer, self._states_received)
+            batch = Batch(self._next_seq, stream, items, first_index, epoch)
             self._next_seq += 1
             self.in_flight += 1
             self._in_flight_first[batch.seq] = first_index
@@ -174,7 +187,8 @@ class Delivery:
     def add_state(self, state: dict, bound: int) -> None:
         """Release ``state`` once every record with an index below ``bound`` is done."""
         with self._lock:
-            self._states.append((bound, state))
+            self._states_received += 1
+            self._states.append((bound, state, self._states_received))
             self._release_states()
 
     @property
@@ -227,7 +241,7 @@ class Delivery:
                 return
             try:
                 if self.failure is None:  # after a failure, stop sending: restart resends
-                    self._deliver(batch.stream, batch.items)
+                    self._deliver(batch, batch.items)
                     self._mark_done(batch.seq)
             except UsageBillingError as exc:
                 self._fail(exc)
@@ -239,8 +253,9 @@ class Delivery:
                     self.in_flight -= 1
                 self._slots.release()
 
-    def _deliver(self, stream: str, items: list[Item]) -> None:
+    def _deliver(self, batch: Batch, items: list[Item]) -> None:
         """Send items; on a content rejection, bisect until the bad items are isolated."""
+        stream = batch.stream
         self.raise_if_failed()  # e.g. the rejection limit was crossed while splitting
         body = self.destination.envelope([item[BODY] for item in items])
         self.stats.add_request(stream)
@@ -250,9 +265,11 @@ class Delivery:
             return
         ruling = self._post(stream, body)
         if ruling.verdict is Verdict.ACCEPTED:
+            self._journal(batch, items)
             self.stats.add_sent(stream, len(items))
             return
         if ruling.verdict is Verdict.ALREADY_STORED and len(items) == 1:
+            self._journal(batch, items)  # the platform holds it (sent by a run that crashed)
             self.stats.add_already_stored(stream)  # billed by an earlier request: done
             return
         # REJECTED (or ALREADY_STORED with others in the request, which the platform then
@@ -284,8 +301,13 @@ class Delivery:
             self.destination.item_noun,
             ruling.message[:200],
         )
-        self._deliver(stream, items[:middle])
-        self._deliver(stream, items[middle:])
+        self._deliver(batch, items[:middle])
+        self._deliver(batch, items[middle:])
+
+    def _journal(self, batch: Batch, items: list[Item]) -> None:
+        if self.journal is not None:
+            bodies = [item[BODY] for item in items]
+            self.journal.acknowledged(batch.stream, bodies, batch.epoch, batch.first_index)
 
     def _post(self, stream: str, body: bytes) -> Ruling:
         destination = self.destination
@@ -334,9 +356,20 @@ class Delivery:
         pending = [*self._in_flight_first.values(), *self._buffered_first.values()]
         frontier = min(pending) if pending else None  # lowest record index not yet done
         ready = []
+        covered = 0  # the number of the last STATE released
         while self._states and (frontier is None or self._states[0][0] <= frontier):
-            ready.append(self._states.popleft()[1])
+            _bound, state, covered = self._states.popleft()
+            ready.append(state)
         if ready:
+            if self.journal is not None:
+                try:  # what the STATEs cover is in the journal before they are written
+                    self.journal.commit(before_epoch=covered)
+                except JournalError as exc:
+                    if self.failure is None:
+                        self.failure = exc
+                    self._frozen = True
+                    self._all_done.notify_all()
+                    return
             self._on_states(ready)
 
     def _fail(self, exc: UsageBillingError) -> None:

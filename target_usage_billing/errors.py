@@ -51,3 +51,9 @@ class InterruptedRun(UsageBillingError):
     """SIGTERM/SIGINT arrived and some received usage was not delivered."""
 
     exit_code = 7
+
+
+class JournalError(UsageBillingError):
+    """The run journal could not be written: no STATE goes past usage it does not hold."""
+
+    exit_code = 9

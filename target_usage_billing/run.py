@@ -20,8 +20,10 @@ import msgspec
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.delivery import Delivery, DryRunWriter
 from target_usage_billing.destinations import DESTINATIONS, Destination
-from target_usage_billing.errors import ConfigError, RejectionLimitError, UnmatchedStreamError
+from target_usage_billing.errors import ConfigError, JournalError, RejectionLimitError, UnmatchedStreamError
 from target_usage_billing.http import HttpTransport, RateLimiter
+from target_usage_billing.journal import Journal
+from target_usage_billing.journal_store import open_store
 from target_usage_billing.ledger import IdLedger
 from target_usage_billing.mapping import CompiledRule, MappingRejection, compile_rules, find_rule
 from target_usage_billing.settings import MIN_CHECKPOINT_SECONDS, Settings
@@ -83,6 +85,9 @@ class BillingRun:
             _open_output("dry_run_path", DryRunWriter, settings.dry_run_path) if settings.dry_run else None
         )
         self.ledger = IdLedger()
+        self.journal = (
+            open_journal(settings, self.destination) if settings.journal and not settings.dry_run else None
+        )
         self.delivery = Delivery(
             self.destination,
             self.transport,
@@ -94,6 +99,7 @@ class BillingRun:
             on_api_rejection=lambda: self.check_rejection_limits(final=False),
             key_properties=self.key_properties,
             dry_run=self.dry_run,
+            journal=self.journal,
         )
         self.rule_by_stream: dict[str, CompiledRule | None] = {}
         self._rules_used: set[int] = set()
@@ -263,8 +269,19 @@ class BillingRun:
             self.states_emitted += len(lines)
         logger.debug("Emitted STATE %s", lines[-1].decode())
 
-    def close(self) -> None:
+    def close(self, *, clean: bool = False) -> None:
+        """``clean``: the input ended and everything was delivered, so what was
+        acknowledged after the last STATE goes into the journal too."""
         self.finished.set()
+        if self.journal is not None:
+            try:
+                if clean and self.delivery.failure is None:
+                    self.journal.commit()
+                self.journal.finish("succeeded" if clean and self.delivery.failure is None else "failed")
+            except JournalError as exc:
+                if self.delivery.failure is None:
+                    self.delivery.failure = exc
+            self.journal.store.close()
         self.delivery.close()
         self.transport.close_connections()  # the reading thread's (credential check)
         self.dead_letters.close()
@@ -282,3 +299,12 @@ def _open_output(setting: str, kind: t.Callable[..., _Output], path: str, *args:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{setting}: cannot write {path!r}: {reason}") from None
+
+
+def open_journal(settings: Settings, destination: Destination) -> Journal:
+    """The run journal the settings ask for; one that cannot be opened stops the run at start."""
+    try:
+        store = open_store(settings.journal_url, settings.journal_path, settings.dead_letter_path)
+        return Journal(store, destination.journal_scope(), destination.journal_layout())
+    except JournalError as exc:
+        raise ConfigError(str(exc)) from None

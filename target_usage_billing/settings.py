@@ -99,6 +99,27 @@ COMMON_SETTINGS = th.PropertiesList(
         "the run starts, removed at the end if nothing was rejected.",
     ),
     th.Property(
+        "journal",
+        th.BooleanType,
+        default=True,
+        description="Keep the run journal: what each platform acknowledged (counts, exact sums "
+        "and a sample of ids per customer, meter and hour), written before the STATE that "
+        "covers it; --reconcile reads it back. Dry runs keep none.",
+    ),
+    th.Property(
+        "journal_path",
+        th.StringType,
+        description="SQLite file of the run journal (default: "
+        "target-usage-billing-journal.sqlite beside dead_letter_path). Runs may share it.",
+    ),
+    th.Property(
+        "journal_url",
+        th.StringType,
+        secret=True,
+        description="postgresql://user:password@host/db: keep the journal in PostgreSQL instead "
+        "(pipelines on many machines sharing one; needs the postgres extra).",
+    ),
+    th.Property(
         "unmatched_streams",
         th.StringType,
         default="fail",
@@ -183,6 +204,9 @@ class Settings:
     state_checkpoint_seconds: float
     shutdown_grace_seconds: float
     dead_letter_path: str
+    journal: bool
+    journal_path: str | None
+    journal_url: str | None
     unmatched_streams: str
     max_rejected_records: int | None
     max_rejected_ratio: float | None

@@ -219,9 +219,11 @@ class TargetUsageBilling(SettingsCheck, Target):
     def process_endofpipe(self) -> None:
         self._phase = "finishing"
         super().process_endofpipe()
-        self._complete()
+        self._complete(clean=True)
 
-    def _complete(self, deadline: float | None = None, *, check_limits: bool = True) -> None:
+    def _complete(
+        self, deadline: float | None = None, *, check_limits: bool = True, clean: bool = False
+    ) -> None:
         """Checkpoint, wait for delivery (until ``deadline``), summarise, report failures."""
         if self._completed:
             return
@@ -232,7 +234,7 @@ class TargetUsageBilling(SettingsCheck, Target):
         for line in summary_lines(run):
             self.logger.info(line)
         log_metrics(run)
-        run.close()
+        run.close(clean=clean and all_done)
         run.delivery.raise_if_failed()
         if not all_done:
             msg = (

@@ -21,6 +21,7 @@ from singer_sdk import typing as th
 
 from target_usage_billing.errors import CredentialsError, DeliveryError
 from target_usage_billing.http import HttpTransport, Response, retryable_status, transient
+from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldSpec, Preset
 
 _T = t.TypeVar("_T")
@@ -184,6 +185,8 @@ class Destination(abc.ABC):
     acknowledgement: t.ClassVar[Acknowledgement]
     # The setting holding the ingest URL, named when an answer is not the platform's.
     url_setting: t.ClassVar[str]
+    # Where a payload keeps its id, customer, meter, time and numbers (the run journal).
+    journal_fields: t.ClassVar[JournalFields]
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: HttpTransport):
         self.config = config
@@ -231,6 +234,14 @@ class Destination(abc.ABC):
     def live_secrets(self) -> list[str]:
         """Secrets obtained while running (e.g. an access token), to keep out of logs."""
         return []
+
+    def journal_scope(self) -> str:
+        """The platform account the journal files acknowledged usage under."""
+        return f"{self.name} {self.config.get(self.url_setting) or ''}".strip()
+
+    def journal_layout(self) -> JournalFields:
+        """``journal_fields``, for platforms whose layout depends on settings (Stripe)."""
+        return self.journal_fields
 
     # --- payloads --------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import typing as t
 from singer_sdk import typing as th
 
 from target_usage_billing.destinations.base import Acknowledgement, BearerKeyDestination, Ruling, Verdict
+from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 ALREADY_EXISTS = "value_already_exist"
@@ -38,6 +39,9 @@ class LagoDestination(BearerKeyDestination):
     url_setting = "lago_api_url"
     # Lago answers a stored batch with {"events": [...]}
     acknowledgement = Acknowledgement((200,), "object")
+    journal_fields = JournalFields(
+        "transaction_id", ("external_subscription_id",), "code", "timestamp", (("properties", None),)
+    )
     default_url = "https://api.getlago.com"
     probe_path = "/api/v1/customers?per_page=1"
     presets: t.ClassVar[dict[str, Preset]] = {

@@ -27,6 +27,7 @@ from target_usage_billing.destinations.base import (
 )
 from target_usage_billing.destinations.tokens import ExpiringToken
 from target_usage_billing.http import RetryableFailure
+from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 # Organization ids are UUIDs; anything outside this set would change the request path.
@@ -42,6 +43,9 @@ class M3terDestination(Destination):
     # SubmitMeasurementsResponse: {"result": "accepted"} (checked in judge_acknowledgement)
     acknowledgement = Acknowledgement((200,), "object")
     url_setting = "m3ter_ingest_url"
+    journal_fields = JournalFields(
+        "uid", ("account",), "meter", "ts", (("measure", None), ("cost", None), ("income", None))
+    )
     label = "m3ter"
     item_noun = "measurements"
     max_items_per_request = 1000
@@ -164,6 +168,9 @@ class M3terDestination(Destination):
 
     def refresh_credentials(self, stale: OutgoingRequest) -> None:
         self._token.drop(stale.headers.get("Authorization", "").removeprefix("Bearer "))
+
+    def journal_scope(self) -> str:
+        return f"m3ter {self.org_id}"
 
     def check_credentials(self) -> None:
         self._bearer()

@@ -19,6 +19,7 @@ from target_usage_billing.destinations.base import (
     OutgoingRequest,
     TimeWindow,
 )
+from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AGE = dt.timedelta(days=34)
@@ -39,6 +40,9 @@ class MetronomeDestination(BearerKeyDestination):
     url_setting = "metronome_api_url"
     # v1.usage.ingest casts the answer to None: a 200, with no body or a JSON one
     acknowledgement = Acknowledgement((200,), "empty or object")
+    journal_fields = JournalFields(
+        "transaction_id", ("customer_id",), "event_type", "timestamp", (("properties", None),)
+    )
     default_url = "https://api.metronome.com"
     probe_path = "/v1/customers?limit=1"
     credential = "API token"

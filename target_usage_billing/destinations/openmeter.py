@@ -18,6 +18,7 @@ import typing as t
 from singer_sdk import typing as th
 
 from target_usage_billing.destinations.base import Acknowledgement, BearerKeyDestination
+from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 DEFAULT_SOURCE = "target-usage-billing"
@@ -36,6 +37,7 @@ class OpenMeterDestination(BearerKeyDestination):
     url_setting = "openmeter_api_url"
     # ingest_events expects exactly 204 No Content
     acknowledgement = Acknowledgement((204,), "empty")
+    journal_fields = JournalFields("id", ("subject",), "type", "time", (("data", None),))
     default_url = "https://openmeter.cloud"
     probe_path = "/api/v1/meters"
     credential = "API token"

@@ -29,6 +29,7 @@ from target_usage_billing.destinations.base import (
     Verdict,
     json_document,
 )
+from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AHEAD = dt.timedelta(minutes=5)
@@ -48,6 +49,13 @@ class OrbDestination(BearerKeyDestination):
     url_setting = "orb_api_url"
     # EventIngestResponse: validation_failed is always present (judge_acknowledgement)
     acknowledgement = Acknowledgement((200,), "object")
+    journal_fields = JournalFields(
+        "idempotency_key",
+        ("customer_id", "external_customer_id"),
+        "event_name",
+        "timestamp",
+        (("properties", None),),
+    )
     default_url = "https://api.withorb.com"
     probe_path = "/v1/customers?limit=1"
     presets: t.ClassVar[dict[str, Preset]] = {

@@ -32,6 +32,7 @@ from target_usage_billing.destinations.base import (
 )
 from target_usage_billing.destinations.tokens import ExpiringToken
 from target_usage_billing.http import RetryableFailure
+from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 # What a meter's value may be: a decimal number, as text (as mapping writes numbers).
@@ -50,6 +51,7 @@ class StripeDestination(Destination):
     # validated later, so this says only that the stream took them
     acknowledgement = Acknowledgement((200, 202), "object")
     url_setting = "stripe_meter_events_url"
+    journal_fields = JournalFields("identifier", ("payload.stripe_customer_id",), "event_name", "timestamp")
     ingest_path = "/v2/billing/meter_event_stream"
     max_items_per_request = 100
     max_body_bytes = 4_000_000  # none published: keep requests reasonable
@@ -164,6 +166,12 @@ class StripeDestination(Destination):
             path=SESSION_PATH,
             read=_token_and_lifetime,
         )
+
+    def journal_layout(self) -> JournalFields:
+        # the customer key: the first payload key that is not a value key
+        customer = next((k for k in self.payload_keys if k not in self.value_keys), "stripe_customer_id")
+        values = tuple(("payload", (key,)) for key in self.value_keys)
+        return JournalFields("identifier", (f"payload.{customer}",), "event_name", "timestamp", values)
 
     def check_credentials(self) -> None:
         self._session.get()

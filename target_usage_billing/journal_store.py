@@ -1,0 +1,289 @@
+"""Where the run journal lives: an SQLite file (the default) or a PostgreSQL database.
+
+Every write is an additive upsert in one short transaction, so any number of runs (on one
+machine with SQLite in WAL mode, on many with PostgreSQL) may share a journal: counts and
+exact decimal sums add up, and no run overwrites another's figures. Decimal sums are kept
+as exact text in SQLite (added by a SQL function in Python) and as NUMERIC in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import decimal
+import os
+import sqlite3
+import threading
+import typing as t
+
+from target_usage_billing.errors import JournalError
+
+BucketKey = tuple[str, str, str, str]  # stream, customer, meter, hour ("YYYY-MM-DDTHH")
+# Sums are added with enough digits that no realistic total is ever rounded.
+EXACT = decimal.Context(prec=200, Emax=999_999, Emin=-999_999)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS journal_runs (
+    run_id TEXT PRIMARY KEY, scope TEXT NOT NULL, started_at TEXT NOT NULL,
+    finished_at TEXT, outcome TEXT, items BIGINT NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS journal_buckets (
+    scope TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL, meter TEXT NOT NULL,
+    hour TEXT NOT NULL, items BIGINT NOT NULL, first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL,
+    PRIMARY KEY (scope, stream, customer, meter, hour));
+CREATE TABLE IF NOT EXISTS journal_sums (
+    scope TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL, meter TEXT NOT NULL,
+    hour TEXT NOT NULL, field TEXT NOT NULL, total {number} NOT NULL,
+    PRIMARY KEY (scope, stream, customer, meter, hour, field));
+CREATE TABLE IF NOT EXISTS journal_samples (
+    scope TEXT NOT NULL, item_id TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL,
+    meter TEXT NOT NULL, hour TEXT NOT NULL, body_digest TEXT NOT NULL, run_id TEXT NOT NULL,
+    sent_at TEXT NOT NULL, PRIMARY KEY (scope, item_id));
+CREATE INDEX IF NOT EXISTS journal_samples_bucket
+    ON journal_samples (scope, stream, customer, meter, hour);
+CREATE TABLE IF NOT EXISTS journal_resent (
+    scope TEXT NOT NULL, stream TEXT NOT NULL, items BIGINT NOT NULL, PRIMARY KEY (scope, stream));
+CREATE TABLE IF NOT EXISTS journal_tails (
+    scope TEXT NOT NULL, stream TEXT NOT NULL, ids TEXT NOT NULL, PRIMARY KEY (scope, stream));
+CREATE TABLE IF NOT EXISTS journal_id_schemes (
+    scope TEXT NOT NULL, stream TEXT NOT NULL, scheme TEXT NOT NULL, PRIMARY KEY (scope, stream));
+"""
+
+# One bucket's figures as read back: (stream, customer, meter, hour, items, {field: total}).
+BucketRow = tuple[str, str, str, str, int, dict[str, decimal.Decimal]]
+SampleRow = tuple[str, str, str, str, str, str]  # item_id, stream, customer, meter, hour, digest
+
+
+class JournalStore:
+    """The SQL both back ends run; ``_execute``/``_transaction`` differ."""
+
+    placeholder = "?"
+    number_type = "TEXT"
+    add_sums = "dec_add(journal_sums.total, excluded.total)"
+
+    def __init__(self, where: str):
+        self.where = where  # a path or a URL without its password, for messages
+        self._lock = threading.Lock()
+
+    # --- back-end specifics -------------------------------------------------------------
+
+    def _run(self, statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]]) -> None:
+        """Run each (sql, rows) with executemany, all in one transaction."""
+        raise NotImplementedError
+
+    def _query(self, sql: str, args: t.Sequence[t.Any]) -> list[tuple]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self.placeholder) if self.placeholder != "?" else text
+
+    # --- writes -------------------------------------------------------------------------
+
+    def run_started(self, run_id: str, scope: str, at: str) -> None:
+        sql = "INSERT INTO journal_runs (run_id, scope, started_at) VALUES (?, ?, ?)"
+        self._run([(self._sql(sql), [(run_id, scope, at)])])
+
+    def run_finished(self, run_id: str, outcome: str, at: str, items: int) -> None:
+        sql = "UPDATE journal_runs SET finished_at = ?, outcome = ?, items = ? WHERE run_id = ?"
+        self._run([(self._sql(sql), [(at, outcome, items, run_id)])])
+
+    def commit(
+        self,
+        scope: str,
+        run_id: str,
+        buckets: t.Mapping[BucketKey, t.Any],
+        resent: t.Mapping[str, int],
+        tails: t.Mapping[str, t.Sequence[str]],
+        at: str,
+    ) -> None:
+        buckets = dict(sorted(buckets.items()))  # one order for all runs: no deadlocks
+        bucket_rows = [(scope, *key, b.items, at, at) for key, b in buckets.items()]
+        sum_rows = [
+            (scope, *key, name, self._number(value))
+            for key, b in buckets.items()
+            for name, value in b.sums.items()
+        ]
+        sample_rows = [
+            (scope, item_id, *key, item_digest, run_id, at)
+            for key, b in buckets.items()
+            for item_id, item_digest in sorted(b.sample)
+        ]
+        statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]] = [
+            (
+                self._sql(
+                    "INSERT INTO journal_buckets (scope, stream, customer, meter, hour, items, "
+                    "first_sent_at, last_sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (scope, stream, customer, meter, hour) DO UPDATE SET "
+                    "items = journal_buckets.items + excluded.items, last_sent_at = excluded.last_sent_at"
+                ),
+                bucket_rows,
+            ),
+            (
+                self._sql(
+                    "INSERT INTO journal_sums (scope, stream, customer, meter, hour, field, total) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, stream, customer, meter, hour, field) "
+                    f"DO UPDATE SET total = {self.add_sums}"
+                ),
+                sum_rows,
+            ),
+            (
+                # a bounded sample: the first SAMPLE_SIZE a bucket met in each run, an id once
+                self._sql(
+                    "INSERT INTO journal_samples (scope, item_id, stream, customer, meter, hour, "
+                    "body_digest, run_id, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (scope, item_id) DO NOTHING"
+                ),
+                sample_rows,
+            ),
+            (
+                self._sql(
+                    "INSERT INTO journal_resent (scope, stream, items) VALUES (?, ?, ?) "
+                    "ON CONFLICT (scope, stream) DO UPDATE SET items = journal_resent.items + excluded.items"
+                ),
+                [(scope, stream, count) for stream, count in resent.items()],
+            ),
+            (
+                self._sql(
+                    "INSERT INTO journal_tails (scope, stream, ids) VALUES (?, ?, ?) "
+                    "ON CONFLICT (scope, stream) DO UPDATE SET ids = excluded.ids"
+                ),
+                [(scope, stream, "\n".join(ids)) for stream, ids in tails.items()],
+            ),
+        ]
+        self._run([(sql, rows) for sql, rows in statements if rows])
+
+    def _number(self, value: decimal.Decimal) -> t.Any:
+        return str(value)
+
+    def remember_id_scheme(self, scope: str, stream: str, scheme: str) -> None:
+        sql = (
+            "INSERT INTO journal_id_schemes (scope, stream, scheme) VALUES (?, ?, ?) "
+            "ON CONFLICT (scope, stream) DO UPDATE SET scheme = excluded.scheme"
+        )
+        self._run([(self._sql(sql), [(scope, stream, scheme)])])
+
+    # --- reads --------------------------------------------------------------------------
+
+    def tail(self, scope: str, stream: str) -> set[str]:
+        sql = "SELECT ids FROM journal_tails WHERE scope = ? AND stream = ?"
+        rows = self._query(self._sql(sql), (scope, stream))
+        return set(rows[0][0].split("\n")) if rows and rows[0][0] else set()
+
+    def id_scheme(self, scope: str, stream: str) -> str | None:
+        sql = "SELECT scheme FROM journal_id_schemes WHERE scope = ? AND stream = ?"
+        rows = self._query(self._sql(sql), (scope, stream))
+        return rows[0][0] if rows else None
+
+    def buckets(self, scope: str, since: str, until: str) -> list[BucketRow]:
+        """Buckets whose hour is in [since, until) (hours as "YYYY-MM-DDTHH")."""
+        rows = self._query(
+            self._sql(
+                "SELECT stream, customer, meter, hour, items FROM journal_buckets "
+                "WHERE scope = ? AND hour >= ? AND hour < ? ORDER BY customer, meter, hour, stream"
+            ),
+            (scope, since, until),
+        )
+        sums: dict[BucketKey, dict[str, decimal.Decimal]] = {}
+        for stream, customer, meter, hour, name, total in self._query(
+            self._sql(
+                "SELECT stream, customer, meter, hour, field, total FROM journal_sums "
+                "WHERE scope = ? AND hour >= ? AND hour < ?"
+            ),
+            (scope, since, until),
+        ):
+            sums.setdefault((stream, customer, meter, hour), {})[name] = decimal.Decimal(str(total))
+        return [(s, c, m, h, int(n), sums.get((s, c, m, h), {})) for s, c, m, h, n in rows]
+
+    def samples(self, scope: str, since: str, until: str) -> list[SampleRow]:
+        return [
+            tuple(row)
+            for row in self._query(
+                self._sql(
+                    "SELECT item_id, stream, customer, meter, hour, body_digest FROM journal_samples "
+                    "WHERE scope = ? AND hour >= ? AND hour < ? ORDER BY hour, item_id"
+                ),
+                (scope, since, until),
+            )
+        ]
+
+    def resent(self, scope: str) -> dict[str, int]:
+        rows = self._query(self._sql("SELECT stream, items FROM journal_resent WHERE scope = ?"), (scope,))
+        return {stream: int(items) for stream, items in rows}
+
+
+def _dec_add(a: str, b: str) -> str:
+    return str(EXACT.add(decimal.Decimal(a), decimal.Decimal(b)))
+
+
+class SqliteJournalStore(JournalStore):
+    """One SQLite file in WAL mode; a busy timeout lets concurrent runs take turns."""
+
+    def __init__(self, path: str, busy_timeout_seconds: float = 10.0):
+        super().__init__(path)
+        with self._errors("open"):
+            self._db = sqlite3.connect(
+                path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
+            )
+            self._db.create_function("dec_add", 2, _dec_add, deterministic=True)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the STATE it precedes is written
+            self._db.execute("PRAGMA synchronous=FULL")
+        with self._lock, self._errors("create tables in"):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in SCHEMA.format(number=self.number_type).split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(
+                    "INSERT INTO journal_meta (name, value) VALUES ('schema_version', ?) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    (str(SCHEMA_VERSION),),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _run(self, statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]]) -> None:
+        with self._lock, self._errors("write"):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, rows in statements:
+                    self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, args: t.Sequence[t.Any]) -> list[tuple]:
+        with self._lock, self._errors("read"):
+            return self._db.execute(sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> t.Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalError(f"journal_path: cannot {doing} {self.where!r}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+DEFAULT_JOURNAL_NAME = "target-usage-billing-journal.sqlite"
+
+
+def open_store(url: str | None, path: str | None, dead_letter_path: str) -> JournalStore:
+    """The journal at ``url`` (PostgreSQL) or ``path`` (SQLite; by default beside the dead
+    letters)."""
+    if url:
+        from target_usage_billing.journal_postgres import PostgresJournalStore
+
+        return PostgresJournalStore(url)
+    where = path or os.path.join(os.path.dirname(dead_letter_path), DEFAULT_JOURNAL_NAME)
+    return SqliteJournalStore(where)

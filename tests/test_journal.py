@@ -1,0 +1,368 @@
+"""The run journal: acknowledged usage on disk before the STATE that covers it, counted once.
+
+Every test compares the journal with what the sandbox actually stored.
+"""
+
+from __future__ import annotations
+
+import collections
+import decimal
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import time
+import typing as t
+from pathlib import Path
+
+import pytest
+
+from target_usage_billing.journal_store import DEFAULT_JOURNAL_NAME, SqliteJournalStore
+from tests.conftest import (
+    DESTINATIONS_UNDER_TEST,
+    TARGET,
+    USAGE_RULE_M3TER,
+    Pipeline,
+    config_for,
+    crash_config,
+    position,
+    run_target,
+    singer,
+    usage,
+    wait_until,
+)
+
+EVERYTHING = ("0000", "9999")  # hours from the beginning to the end of time
+
+
+def journal(tmp_path, name: str = DEFAULT_JOURNAL_NAME) -> SqliteJournalStore:
+    return SqliteJournalStore(str(tmp_path / name))
+
+
+def only_scope(store: SqliteJournalStore) -> str:
+    (scope,) = {row[0] for row in store._query("SELECT scope FROM journal_runs", ())}
+    return scope
+
+
+def journal_counts(store: SqliteJournalStore) -> collections.Counter[str]:
+    """Items per customer, over every bucket of the journal's one scope."""
+    counts: collections.Counter[str] = collections.Counter()
+    for _stream, customer, _meter, _hour, items, _sums in store.buckets(only_scope(store), *EVERYTHING):
+        counts[customer] += items
+    return counts
+
+
+def journal_sums(store: SqliteJournalStore) -> dict[str, decimal.Decimal]:
+    totals: dict[str, decimal.Decimal] = collections.defaultdict(decimal.Decimal)
+    for _stream, customer, _meter, _hour, _items, sums in store.buckets(only_scope(store), *EVERYTHING):
+        for value in sums.values():
+            totals[customer] += value
+    return dict(totals)
+
+
+CUSTOMER = {
+    "m3ter": lambda item: item["account"],
+    "metronome": lambda item: item["customer_id"],
+    "orb": lambda item: item["external_customer_id"],
+    "lago": lambda item: item["external_subscription_id"],
+    "openmeter": lambda item: item["subject"],
+    "stripe": lambda item: item["payload"]["stripe_customer_id"],
+}
+
+
+def stored_counts(sandbox, destination: str) -> collections.Counter[str]:
+    return collections.Counter(CUSTOMER[destination](item) for item in sandbox.items(destination))
+
+
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
+def test_the_journal_holds_what_the_platform_stored_through_faults(sandbox, tmp_path, destination):
+    # a stored-then-failed answer and a dropped connection: both re-sent, stored once
+    sandbox.faults(
+        {"kind": "stored-500", "count": 1, "destination": destination},
+        {"kind": "drop", "count": 1, "destination": destination},
+    )
+    config = config_for(destination, sandbox, batch_size_rows=20)
+
+    result = run_target(tmp_path, config, singer("usage", usage(300), state={"bookmark": 300}))
+
+    assert result.returncode == 0, result.stderr
+    store = journal(tmp_path)
+    assert journal_counts(store) == stored_counts(sandbox, destination)
+    assert sum(journal_counts(store).values()) == 300
+
+
+def test_sums_are_exact_decimals(sandbox, tmp_path):
+    rows = [{**row, "tokens": decimal.Decimal("0.000000000000000000000000000001")} for row in usage(7 * 40)]
+    rows[0]["tokens"] = decimal.Decimal("123456789012345678901234567890.5")
+    lines = singer("usage", [], state=None)
+    lines += [
+        '{"type": "RECORD", "stream": "usage", "record": '
+        + str(row).replace("'", '"').replace('Decimal("', "").replace('")', "")
+        + "}"
+        for row in rows
+    ]
+    config = config_for("m3ter", sandbox)
+
+    result = run_target(tmp_path, config, lines)
+
+    assert result.returncode == 0, result.stderr
+    sums = journal_sums(journal(tmp_path))
+    assert sums["a0"] == decimal.Decimal("123456789012345678901234567890.5") + 39 * decimal.Decimal(
+        "0.000000000000000000000000000001"
+    )
+    assert sums["a1"] == 40 * decimal.Decimal("0.000000000000000000000000000001")
+
+
+@pytest.mark.parametrize("destination", ["m3ter", "lago", "stripe"])
+def test_a_resumed_run_after_sigkill_counts_nothing_twice(sandbox, tmp_path, destination):
+    total = 2000
+    sandbox.faults(latency_ms=60)  # keep requests in flight when the kill lands
+    config = crash_config(sandbox, destination)
+    base = int(time.time()) - 86400
+    first = Pipeline(tmp_path, config, total, every=50, pause=0.02, name="first", base_epoch=base)
+    wait_until(lambda: sandbox.stats(destination)["requests"] >= 6)
+    first.kill()
+    resume = first.states[-1] if first.states else None
+    assert position(resume) < total
+    second = Pipeline(tmp_path, config, total, state=resume, every=50, name="second", base_epoch=base)
+    assert second.wait() == 0, second.stderr
+
+    store = journal(tmp_path)
+    assert journal_counts(store) == stored_counts(sandbox, destination)
+    assert sum(journal_counts(store).values()) == total
+
+
+def test_a_tap_re_reading_its_last_row_is_counted_once(sandbox, tmp_path):
+    config = config_for("m3ter", sandbox)
+    first = run_target(tmp_path, config, singer("usage", usage(50), state={"bookmark": 49}))
+    # an inclusive replication key: the next run starts with the last row again
+    second = run_target(tmp_path, config, singer("usage", usage(51, start=49), state={"bookmark": 99}))
+
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    store = journal(tmp_path)
+    assert sum(journal_counts(store).values()) == 100 == sandbox.stats("m3ter")["stored"]
+    assert store.resent(only_scope(store)) == {"usage": 1}
+
+
+def test_the_sample_is_bounded_and_the_file_does_not_grow_with_the_ids(sandbox, tmp_path):
+    rows = [{**row, "account": "one"} for row in usage(3000)]
+    config = config_for("m3ter", sandbox)
+
+    result = run_target(tmp_path, config, singer("usage", rows))
+
+    assert result.returncode == 0, result.stderr
+    store = journal(tmp_path)
+    scope = only_scope(store)
+    assert sum(journal_counts(store).values()) == 3000
+    samples = store.samples(scope, *EVERYTHING)
+    hours = collections.Counter(hour for _id, _stream, _customer, _meter, hour, _digest in samples)
+    assert hours and max(hours.values()) <= 100  # at most 100 ids a bucket
+    stored_ids = {item["uid"] for item in sandbox.items("m3ter")}
+    assert {item_id for item_id, *_rest in samples} <= stored_ids
+
+
+def test_runs_sharing_one_journal_add_up(sandbox, tmp_path):
+    shared = tmp_path / "shared.sqlite"
+    processes = []
+    for n in range(3):  # three pipelines at once, each its own stream and directory
+        stream = f"usage_{n}"
+        config = config_for("m3ter", sandbox, journal_path=str(shared), batch_size_rows=10)
+        config["mappings"] = [{**config["mappings"][0], "stream": stream}]
+        directory = tmp_path / f"run{n}"
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(config))
+        lines = singer(stream, usage(200, start=1000 * n), state={"bookmark": n})
+        (directory / "input.jsonl").write_text("\n".join(lines) + "\n")
+        with open(directory / "input.jsonl", "rb") as stdin:
+            processes.append(
+                subprocess.Popen(
+                    [TARGET, "--config", "config.json"],
+                    stdin=stdin,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    cwd=directory,
+                )
+            )
+    for process in processes:
+        _out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err.decode()
+
+    store = SqliteJournalStore(str(shared))
+    assert sum(journal_counts(store).values()) == 600 == sandbox.stats("m3ter")["stored"]
+    outcomes = store._query("SELECT outcome, items FROM journal_runs", ())
+    assert sorted(outcomes) == [("succeeded", 200)] * 3
+
+
+def test_a_dry_run_keeps_no_journal(tmp_path):
+    config = {"destination": "m3ter", "dry_run": True, "mappings": [USAGE_RULE_M3TER]}
+
+    result = run_target(tmp_path, config, singer("usage", usage(5)))
+
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / DEFAULT_JOURNAL_NAME).exists()
+
+
+def test_an_unwritable_journal_stops_the_run_before_input_with_exit_2(sandbox, tmp_path):
+    config = config_for("m3ter", sandbox, journal_path=str(tmp_path / "missing-dir" / "j.sqlite"))
+
+    result = run_target(tmp_path, config, singer("usage", usage(5), state={"bookmark": 5}))
+
+    assert result.returncode == 2, result.stderr
+    (line,) = result.error_lines
+    assert "journal_path" in line and "missing-dir" in line
+    assert result.states == []
+    assert sandbox.stats("m3ter")["requests"] == 0
+
+
+def test_a_journal_that_cannot_be_written_mid_run_releases_no_further_state(sandbox, tmp_path):
+    total = 3000
+    config = crash_config(sandbox)
+    run = Pipeline(tmp_path, config, total, every=50, pause=0.05)
+    wait_until(lambda: len(run.states) >= 2)
+    blocker = sqlite3.connect(tmp_path / DEFAULT_JOURNAL_NAME, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the journal past the busy timeout
+    try:
+        code = run.wait(timeout=120)
+        locked_states = run.states
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    assert code == 9, run.stderr
+    assert "journal_path" in run.stderr and "database is locked" in run.stderr
+    last = position(locked_states[-1])
+    assert last < total
+    # every STATE written is covered by the journal
+    assert sum(journal_counts(journal(tmp_path)).values()) >= last
+
+
+# --- PostgreSQL: one journal for pipelines on many machines ---------------------------
+
+PG_PASSWORD = "pg-secret-4f1c9b"
+
+
+def _postgres_bin() -> Path:
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).resolve().parent
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed (.ci/run installs the postgresql package)")
+    return found[-1].parent
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> t.Iterator[str]:
+    """A real PostgreSQL server on loopback, password-protected, for this module."""
+    # not under pytest's temporary directory: that is private to root, and the server
+    # runs as the postgres user
+    root = Path(tempfile.mkdtemp(prefix="target-usage-billing-pg-"))
+    data, password_file = root / "data", root / "password"
+    password_file.write_text(PG_PASSWORD)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(password_file, "postgres")
+    bin_dir = _postgres_bin()
+    subprocess.run(
+        _as_postgres_user(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "billing",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                f"--pwfile={password_file}",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        _as_postgres_user(
+            [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://billing:{PG_PASSWORD}@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            _as_postgres_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_pipelines_sharing_a_postgres_journal_add_up_exactly(sandbox, tmp_path, postgres_url):
+    from target_usage_billing.journal_postgres import PostgresJournalStore
+
+    processes = []
+    for n in range(3):  # three pipelines at once, each its own stream and directory
+        stream = f"pg_usage_{n}"
+        config = config_for("m3ter", sandbox, journal_url=postgres_url, batch_size_rows=10)
+        config["mappings"] = [{**config["mappings"][0], "stream": stream}]
+        directory = tmp_path / f"run{n}"
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(config))
+        rows = [{**row, "tokens": decimal.Decimal("0.1")} for row in usage(70, start=1000 * n)]
+        lines = singer(stream, [], state=None) + [
+            json.dumps({"type": "RECORD", "stream": stream, "record": {**row, "tokens": 0}}).replace(
+                '"tokens": 0', '"tokens": 0.1'
+            )
+            for row in rows
+        ]
+        (directory / "input.jsonl").write_text("\n".join(lines) + "\n")
+        with open(directory / "input.jsonl", "rb") as stdin:
+            processes.append(
+                subprocess.Popen(
+                    [TARGET, "--config", "config.json"],
+                    stdin=stdin,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    cwd=directory,
+                )
+            )
+    for process in processes:
+        _out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err.decode()
+        assert PG_PASSWORD not in err.decode()
+
+    store = PostgresJournalStore(postgres_url)
+    scope = "m3ter demo-org"
+    rows = [row for row in store.buckets(scope, *EVERYTHING) if row[0].startswith("pg_usage_")]
+    assert sum(row[4] for row in rows) == 210 == sandbox.stats("m3ter")["stored"]
+    total = sum((sum(row[5].values(), decimal.Decimal(0)) for row in rows), decimal.Decimal(0))
+    assert total == decimal.Decimal("21.0")  # 210 x 0.1, exactly (NUMERIC)
+    assert not (tmp_path / "run0" / DEFAULT_JOURNAL_NAME).exists()  # PostgreSQL, not a file
+    store.close()
+
+
+def test_an_unreachable_postgres_journal_is_exit_2_without_the_password(sandbox, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here
+    url = f"postgresql://billing:{PG_PASSWORD}@127.0.0.1:{port}/postgres"
+    config = config_for("m3ter", sandbox, journal_url=url)
+
+    result = run_target(tmp_path, config, singer("usage", usage(5), state={"bookmark": 5}))
+
+    assert result.returncode == 2, result.stderr
+    (line,) = result.error_lines
+    assert "journal_url" in line and f"127.0.0.1:{port}" in line
+    assert PG_PASSWORD not in result.stderr
+    assert sandbox.stats("m3ter")["requests"] == 0
