@@ -147,6 +147,7 @@ def bench(
     baseline: float | None,
     in_flight: int | None,
     dry_run: bool = False,
+    journal: bool = True,
 ) -> dict:
     input_path = events_file(count)
     rate_limited = (
@@ -163,6 +164,9 @@ def bench(
             config = target_config(destination, url, rate_limited, in_flight)
             if dry_run:  # everything but sending: request bodies go to /dev/null
                 config.update(dry_run=True, dry_run_path=os.devnull)
+            if not journal:
+                config["journal"] = False
+            config["journal_path"] = str(work / "journal.sqlite")
             config_path.write_text(json.dumps(config))
             seconds, code, rss, cpu = run_child(
                 [str(BIN / "target-usage-billing"), "--config", str(config_path)],
@@ -292,6 +296,11 @@ def main() -> None:
         help="run the baseline and each target this many times, interleaved, and report the "
         "least CPU time of each (the run least disturbed by the rest of the machine)",
     )
+    parser.add_argument(
+        "--journal-cost",
+        action="store_true",
+        help="only measure the run journal: CPU with and without it, interleaved --repeat times",
+    )
     parser.add_argument("--stage-costs", choices=DESTINATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage_costs:
@@ -299,6 +308,32 @@ def main() -> None:
         return
     destinations = DESTINATIONS if args.destination == "all" else [args.destination]
     compile_package()
+    if args.journal_cost:
+        for latency in args.latency_ms:
+            for destination in destinations:
+                with_journal, without = [], []
+                for _ in range(max(1, args.repeat)):  # interleaved: both see the same machine
+                    with_journal.append(bench(destination, args.events, latency, None, args.in_flight))
+                    without.append(
+                        bench(destination, args.events, latency, None, args.in_flight, journal=False)
+                    )
+                on = min(run["cpu_seconds"] for run in with_journal)
+                off = min(run["cpu_seconds"] for run in without)
+                print(
+                    json.dumps(
+                        {
+                            "destination": destination,
+                            "events": args.events,
+                            "latency_ms": latency,
+                            "cpu_seconds_with_journal": on,
+                            "cpu_seconds_without_journal": off,
+                            "cpu_seconds_all_runs": [r["cpu_seconds"] for r in with_journal + without],
+                            "journal_share_of_cpu": round((on - off) / on, 3),
+                        }
+                    ),
+                    flush=True,
+                )
+        return
     baseline = None
     repeat = max(1, args.repeat)
     if not args.no_baseline:

@@ -265,11 +265,11 @@ class Delivery:
             return
         ruling = self._post(stream, body)
         if ruling.verdict is Verdict.ACCEPTED:
-            self._journal(batch, items)
+            self._journal(batch, items, body)
             self.stats.add_sent(stream, len(items))
             return
         if ruling.verdict is Verdict.ALREADY_STORED and len(items) == 1:
-            self._journal(batch, items)  # the platform holds it (sent by a run that crashed)
+            self._journal(batch, items, body)  # the platform holds it (sent by a run that crashed)
             self.stats.add_already_stored(stream)  # billed by an earlier request: done
             return
         # REJECTED (or ALREADY_STORED with others in the request, which the platform then
@@ -304,10 +304,10 @@ class Delivery:
         self._deliver(batch, items[:middle])
         self._deliver(batch, items[middle:])
 
-    def _journal(self, batch: Batch, items: list[Item]) -> None:
+    def _journal(self, batch: Batch, items: list[Item], body: bytes) -> None:
         if self.journal is not None:
             bodies = [item[BODY] for item in items]
-            self.journal.acknowledged(batch.stream, bodies, batch.epoch, batch.first_index)
+            self.journal.acknowledged(batch.stream, body, bodies, batch.epoch, batch.first_index)
 
     def _post(self, stream: str, body: bytes) -> Ruling:
         destination = self.destination

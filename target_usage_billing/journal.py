@@ -1,6 +1,6 @@
 """The run journal: what each platform acknowledged, kept before the STATE that covers it.
 
-Per platform account ("scope"), stream, customer, meter (event name) and hour of usage:
+Per platform account ("scope"), stream, customer, meter (event name) and UTC day of usage:
 how many items were acknowledged and the exact decimal sums of their numeric fields, plus
 a bounded random sample of their ids (at most SAMPLE_SIZE a bucket) with body digests.
 ``--reconcile`` reads it back and asks each platform what it holds.
@@ -28,6 +28,7 @@ import datetime as dt
 import decimal
 import hashlib
 import logging
+import operator
 import random
 import threading
 import time
@@ -41,19 +42,10 @@ from target_usage_billing.journal_store import EXACT, BucketKey, JournalStore
 
 logger = logging.getLogger("target-usage-billing.journal")
 
-SAMPLE_SIZE = 100  # ids kept per bucket
+SAMPLE_SIZE = 100  # at most this many ids kept per bucket
+SAMPLE_RATE = 0.01  # beyond the first id of each bucket, about one id in a hundred
 
-_body_decoder = msgspec.json.Decoder(float_hook=decimal.Decimal)
 _Decimal = decimal.Decimal
-_ZERO = decimal.Decimal(0)
-
-
-class _Discard(list):  # ids of an older batch than the latest: not kept
-    def append(self, item: t.Any) -> None:
-        pass
-
-
-_DISCARD: list[str] = _Discard()
 
 
 @dataclass(frozen=True)
@@ -70,55 +62,32 @@ class JournalFields:
     values: tuple[tuple[str, tuple[str, ...] | None], ...] = ()
 
 
-@dataclass
-class _Bucket:
-    items: int = 0
-    sums: dict[str, decimal.Decimal] = field(default_factory=dict)
-    sample: list[tuple[str, str]] = field(default_factory=list)  # (id, body digest)
-
-
 def digest(body: bytes) -> str:
-    """A body's digest as the journal and dead letters keep it (stable across runs)."""
+    """A body's digest as the journal keeps it (stable across runs and machines)."""
     return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 
-def _reader(path: str) -> t.Callable[[dict], t.Any]:
-    parts = path.split(".")
-    if len(parts) == 1:
-        return lambda payload: payload.get(path)
-
-    def read(payload: dict) -> t.Any:
-        value: t.Any = payload
-        for part in parts:
-            if not isinstance(value, dict):
-                return None
-            value = value.get(part)
-        return value
-
-    return read
-
-
-def hour_of(value: t.Any) -> str:
-    """The hour of a payload time: canonical UTC text, or Unix seconds (Lago)."""
+def day_of(value: t.Any) -> str:
+    """The UTC day of a payload time: canonical UTC text, or Unix seconds (Lago)."""
     if isinstance(value, str):
-        if value[:4].isdigit() and len(value) >= 13 and value[10] == "T":
-            return value[:13]
+        if value[:4].isdigit() and len(value) >= 10 and value[4] == "-":
+            return value[:10]
         try:
             value = _Decimal(value)
         except decimal.InvalidOperation:
             return "unknown"
     if isinstance(value, (int, _Decimal)) and not isinstance(value, bool):
         try:
-            return time.strftime("%Y-%m-%dT%H", time.gmtime(int(value)))
+            return time.strftime("%Y-%m-%d", time.gmtime(int(value)))
         except (OverflowError, ValueError, OSError):
             return "unknown"
     return "unknown"
 
 
-def as_number(value: t.Any) -> decimal.Decimal | None:
+def as_number(value: t.Any) -> int | decimal.Decimal | None:
     """A payload value as an exact number, when it is one (a JSON number or numeric text)."""
     if type(value) is int or type(value) is _Decimal:
-        return _Decimal(value)
+        return value
     if type(value) is str and value and (value[0].isdigit() or value[0] in "-."):
         try:
             number = _Decimal(value)
@@ -128,92 +97,155 @@ def as_number(value: t.Any) -> decimal.Decimal | None:
     return None
 
 
+def _getter(path: str) -> t.Callable[[t.Any], t.Any]:
+    """Read a dotted path from a decoded item (its first part is a Struct attribute)."""
+    head, _, rest = path.partition(".")
+    top = operator.attrgetter(head)
+    if not rest:
+        return top
+    parts = rest.split(".")
+
+    def read(item: t.Any) -> t.Any:
+        value = top(item)
+        for part in parts:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(part)
+        return value
+
+    return read
+
+
+@dataclass
+class _Epoch:
+    """What was acknowledged of the batches of one epoch, not yet committed."""
+
+    counts: collections.Counter[BucketKey] = field(default_factory=collections.Counter)
+    sums: dict[tuple[BucketKey, str], int | decimal.Decimal] = field(
+        default_factory=lambda: collections.defaultdict(int)
+    )
+    samples: dict[BucketKey, list[tuple[str, str]]] = field(default_factory=dict)
+    # per stream: (first record index of its latest batch, that batch's ids)
+    tails: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
+
+
 class Journal:
     """In-memory aggregates of acknowledged usage, committed to a JournalStore by epoch."""
 
-    def __init__(self, store: JournalStore, scope: str, fields: JournalFields, *, run_id: str | None = None):
+    def __init__(
+        self,
+        store: JournalStore,
+        scope: str,
+        fields: JournalFields,
+        *,
+        envelope_key: str | None,
+        run_id: str | None = None,
+    ):
         self.store = store
         self.scope = scope
         self.run_id = run_id or uuid.uuid4().hex
-        self._id = _reader(fields.id)
-        self._customers = [_reader(path) for path in fields.customer]
-        self._meter = _reader(fields.meter)
-        self._time = _reader(fields.time)
-        self._values = [(_reader(path), path, keys) for path, keys in fields.values]
+        # Only the fields the journal reads are decoded (in C); numbers exactly.
+        names = sorted(
+            {p.split(".")[0] for p in (fields.id, fields.meter, fields.time, *fields.customer)}
+            | {p.split(".")[0] for p, _keys in fields.values}
+        )
+        item_type = msgspec.defstruct("JournalItem", [(n, t.Any, None) for n in names])
+        envelope: t.Any = list[item_type]  # type: ignore[valid-type]
+        if envelope_key:
+            envelope = msgspec.defstruct("JournalEnvelope", [(envelope_key, envelope)])
+        self._decoder = msgspec.json.Decoder(envelope, float_hook=_Decimal)
+        self._envelope_key = envelope_key
+        self._id = _getter(fields.id)
+        self._customers = [_getter(path) for path in fields.customer]
+        self._meter = _getter(fields.meter)
+        self._time = _getter(fields.time)
+        self._values = [(_getter(path), path, keys) for path, keys in fields.values]
+        self._field_names: dict[tuple[str, str], str] = {}  # (object, key) -> "object.key"
         self._lock = threading.Lock()
-        # epoch -> bucket key -> _Bucket
-        self._epochs: dict[int, dict[BucketKey, _Bucket]] = collections.defaultdict(dict)
-        # the ids of each stream's latest batch (by its first record), per epoch and once
-        # committed: what a next run may send again
-        self._epoch_tails: dict[int, dict[str, tuple[int, list[str]]]] = collections.defaultdict(dict)
+        self._epochs: dict[int, _Epoch] = collections.defaultdict(_Epoch)
         self._committed_tails: dict[str, tuple[int, list[str]]] = {}
-        self._known_tail: dict[str, set[str]] = {}
+        self._known_tail: dict[str, set[str]] = {}  # per stream, loaded from the store once
         self._resent: collections.Counter[str] = collections.Counter()
-        self._random = random.Random()
+        self._random = random.Random().random
         self.committed_items = 0
-        self.started_at = _now()
-        store.run_started(self.run_id, scope, self.started_at)
+        self.acknowledged_items = 0  # counted in memory (committed or not yet)
+        store.run_started(self.run_id, scope, _now())
 
-    def acknowledged(self, stream: str, bodies: t.Sequence[bytes], epoch: int, first_index: int) -> None:
-        """Count the items of an acknowledged request of the batch whose first record has
-        index ``first_index`` (called by delivery workers)."""
-        payloads = [_body_decoder.decode(body) for body in bodies]
+    def acknowledged(
+        self, stream: str, body: bytes, item_bodies: t.Sequence[bytes], epoch: int, first_index: int
+    ) -> None:
+        """Count an acknowledged request: its envelope ``body`` and each item's bytes, of
+        the batch whose first record has index ``first_index`` (called by delivery workers)."""
+        document = self._decoder.decode(body)
+        items = getattr(document, self._envelope_key) if self._envelope_key else document
+        get_id = self._id
+        ids = [str(i) if type(i) is not str else i for i in map(get_id, items)]
         with self._lock:
             known = self._known_tail.get(stream)
             if known is None:
                 known = self._known_tail[stream] = self.store.tail(self.scope, stream)
-            buckets = self._epochs[epoch]
-            tails = self._epoch_tails[epoch]
-            latest = tails.get(stream)
+            if known:  # ids the last run counted, sent again (a re-read boundary row)
+                kept = [n for n, item_id in enumerate(ids) if item_id not in known]
+                self._resent[stream] += len(ids) - len(kept)
+                known.difference_update(ids)
+                items = [items[n] for n in kept]
+                item_bodies = [item_bodies[n] for n in kept]
+                ids = [ids[n] for n in kept]
+            bucket = self._epochs[epoch]
+            latest = bucket.tails.get(stream)
             if latest is None or latest[0] < first_index:
-                latest = tails[stream] = (first_index, [])
-            tail = latest[1] if latest[0] == first_index else _DISCARD
-            for payload, body in zip(payloads, bodies):
-                self._count(stream, payload, body, buckets, known, tail)
+                bucket.tails[stream] = (first_index, list(ids))
+            elif latest[0] == first_index:  # another part of a split batch
+                latest[1].extend(ids)
+            self._count(stream, items, ids, item_bodies, bucket)
+            self.acknowledged_items += len(ids)
 
     def _count(
-        self,
-        stream: str,
-        payload: dict,
-        body: bytes,
-        buckets: dict[BucketKey, _Bucket],
-        known: set[str],
-        tail: list[str],
+        self, stream: str, items: list, ids: list[str], item_bodies: t.Sequence[bytes], epoch: _Epoch
     ) -> None:
-        item_id = self._id(payload)
-        item_id = "" if item_id is None else str(item_id)
-        if known and item_id in known:
-            self._resent[stream] += 1
-            known.discard(item_id)  # a second re-send within this run would be the ledger's
-            return
-        tail.append(item_id)
-        customer = next((str(c) for c in (read(payload) for read in self._customers) if c is not None), "")
-        key = (stream, customer, str(self._meter(payload) or ""), hour_of(self._time(payload)))
-        bucket = buckets.get(key)
-        if bucket is None:
-            bucket = buckets[key] = _Bucket()
-        bucket.items += 1
-        sums = bucket.sums
-        add = EXACT.add
-        for read, path, keys in self._values:
-            values = read(payload)
-            if not isinstance(values, dict):
-                number = as_number(values)
-                if number is not None:
-                    sums[path] = add(sums.get(path, _ZERO), number)
-                continue
-            for name in keys if keys is not None else values:
-                number = as_number(values.get(name))
-                if number is not None:
-                    total_key = f"{path}.{name}"
-                    sums[total_key] = add(sums.get(total_key, _ZERO), number)
-        sample = bucket.sample
-        if len(sample) < SAMPLE_SIZE:
-            sample.append((item_id, digest(body)))
-        else:  # reservoir sampling: every item of the bucket equally likely to be kept
-            slot = self._random.randrange(bucket.items)
-            if slot < SAMPLE_SIZE:
-                sample[slot] = (item_id, digest(body))
+        customers = self._customers
+        if len(customers) == 1:
+            customer_of = customers[0]
+            customer_list = [
+                c if type(c) is str else ("" if c is None else str(c)) for c in map(customer_of, items)
+            ]
+        else:
+            customer_list = [
+                next((str(c) for c in (read(item) for read in customers) if c is not None), "")
+                for item in items
+            ]
+        meters = [m if type(m) is str else str(m or "") for m in map(self._meter, items)]
+        days = [d[:10] if type(d) is str and d[10:11] == "T" else day_of(d) for d in map(self._time, items)]
+        keys = [(stream, c, m, d) for c, m, d in zip(customer_list, meters, days)]
+        epoch.counts.update(keys)  # C: one pass
+        sums = epoch.sums
+        field_names = self._field_names
+        with decimal.localcontext(EXACT):  # exact sums, whatever the digits
+            for read, path, names in self._values:
+                for key, values in zip(keys, map(read, items)):
+                    if type(values) is not dict:
+                        number = values if type(values) is int else as_number(values)
+                        if number is not None:
+                            sums[key, path] += number
+                        continue
+                    for name, value in (
+                        values.items() if names is None else ((n, values.get(n)) for n in names)
+                    ):
+                        # numbers map to int or Decimal; numbers as text are parsed
+                        number = value if type(value) is int or type(value) is _Decimal else as_number(value)
+                        if number is not None:
+                            total = field_names.get((path, name))
+                            if total is None:
+                                total = field_names[path, name] = f"{path}.{name}"
+                            sums[key, total] += number
+        samples = epoch.samples
+        draw = self._random
+        for n, key in enumerate(keys):
+            sample = samples.get(key)
+            if sample is None:
+                samples[key] = [(ids[n], digest(item_bodies[n]))]  # every bucket: its first id
+            elif len(sample) < SAMPLE_SIZE and draw() < SAMPLE_RATE:
+                sample.append((ids[n], digest(item_bodies[n])))
 
     def commit(self, before_epoch: int | None = None) -> None:
         """Write the epochs below ``before_epoch`` (None: all) in one transaction."""
@@ -221,25 +253,27 @@ class Journal:
             epochs = sorted(e for e in self._epochs if before_epoch is None or e < before_epoch)
             if not epochs and not self._resent:
                 return
-            merged: dict[BucketKey, _Bucket] = {}
-            for epoch in epochs:
-                for key, bucket in self._epochs.pop(epoch).items():
-                    into = merged.get(key)
-                    if into is None:
-                        merged[key] = bucket
-                        continue
-                    into.items += bucket.items
-                    for name, value in bucket.sums.items():
-                        into.sums[name] = EXACT.add(into.sums.get(name, _ZERO), value)
-                    into.sample.extend(bucket.sample[: SAMPLE_SIZE - len(into.sample)])
-                for stream, latest in self._epoch_tails.pop(epoch, {}).items():
-                    if stream not in self._committed_tails or self._committed_tails[stream][0] <= latest[0]:
-                        self._committed_tails[stream] = latest
+            merged = _Epoch()
+            with decimal.localcontext(EXACT):
+                for number in epochs:
+                    epoch = self._epochs.pop(number)
+                    merged.counts.update(epoch.counts)
+                    for total, value in epoch.sums.items():
+                        merged.sums[total] += value
+                    for key, sample in epoch.samples.items():
+                        into = merged.samples.setdefault(key, [])
+                        into.extend(sample[: SAMPLE_SIZE - len(into)])
+                    for stream, latest in epoch.tails.items():
+                        committed = self._committed_tails.get(stream)
+                        if committed is None or committed[0] <= latest[0]:
+                            self._committed_tails[stream] = latest
             resent = dict(self._resent)
             self._resent.clear()
             tails = {stream: ids for stream, (_first, ids) in self._committed_tails.items() if ids}
-            self.store.commit(self.scope, self.run_id, merged, resent, tails, _now())
-            self.committed_items += sum(bucket.items for bucket in merged.values())
+            self.store.commit(
+                self.scope, self.run_id, merged.counts, merged.sums, merged.samples, resent, tails, _now()
+            )
+            self.committed_items += sum(merged.counts.values())
 
     def finish(self, outcome: str) -> None:
         self.store.run_finished(self.run_id, outcome, _now(), self.committed_items)

@@ -17,7 +17,7 @@ import typing as t
 
 from target_usage_billing.errors import JournalError
 
-BucketKey = tuple[str, str, str, str]  # stream, customer, meter, hour ("YYYY-MM-DDTHH")
+BucketKey = tuple[str, str, str, str]  # stream, customer, meter, UTC day of usage ("YYYY-MM-DD")
 # Sums are added with enough digits that no realistic total is ever rounded.
 EXACT = decimal.Context(prec=200, Emax=999_999, Emin=-999_999)
 
@@ -29,18 +29,18 @@ CREATE TABLE IF NOT EXISTS journal_runs (
     finished_at TEXT, outcome TEXT, items BIGINT NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS journal_buckets (
     scope TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL, meter TEXT NOT NULL,
-    hour TEXT NOT NULL, items BIGINT NOT NULL, first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL,
-    PRIMARY KEY (scope, stream, customer, meter, hour));
+    day TEXT NOT NULL, items BIGINT NOT NULL, first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL,
+    PRIMARY KEY (scope, stream, customer, meter, day));
 CREATE TABLE IF NOT EXISTS journal_sums (
     scope TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL, meter TEXT NOT NULL,
-    hour TEXT NOT NULL, field TEXT NOT NULL, total {number} NOT NULL,
-    PRIMARY KEY (scope, stream, customer, meter, hour, field));
+    day TEXT NOT NULL, field TEXT NOT NULL, total {number} NOT NULL,
+    PRIMARY KEY (scope, stream, customer, meter, day, field));
 CREATE TABLE IF NOT EXISTS journal_samples (
     scope TEXT NOT NULL, item_id TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL,
-    meter TEXT NOT NULL, hour TEXT NOT NULL, body_digest TEXT NOT NULL, run_id TEXT NOT NULL,
+    meter TEXT NOT NULL, day TEXT NOT NULL, body_digest TEXT NOT NULL, run_id TEXT NOT NULL,
     sent_at TEXT NOT NULL, PRIMARY KEY (scope, item_id));
 CREATE INDEX IF NOT EXISTS journal_samples_bucket
-    ON journal_samples (scope, stream, customer, meter, hour);
+    ON journal_samples (scope, stream, customer, meter, day);
 CREATE TABLE IF NOT EXISTS journal_resent (
     scope TEXT NOT NULL, stream TEXT NOT NULL, items BIGINT NOT NULL, PRIMARY KEY (scope, stream));
 CREATE TABLE IF NOT EXISTS journal_tails (
@@ -49,9 +49,9 @@ CREATE TABLE IF NOT EXISTS journal_id_schemes (
     scope TEXT NOT NULL, stream TEXT NOT NULL, scheme TEXT NOT NULL, PRIMARY KEY (scope, stream));
 """
 
-# One bucket's figures as read back: (stream, customer, meter, hour, items, {field: total}).
+# One bucket's figures as read back: (stream, customer, meter, day, items, {field: total}).
 BucketRow = tuple[str, str, str, str, int, dict[str, decimal.Decimal]]
-SampleRow = tuple[str, str, str, str, str, str]  # item_id, stream, customer, meter, hour, digest
+SampleRow = tuple[str, str, str, str, str, str]  # item_id, stream, customer, meter, day, digest
 
 
 class JournalStore:
@@ -94,45 +94,43 @@ class JournalStore:
         self,
         scope: str,
         run_id: str,
-        buckets: t.Mapping[BucketKey, t.Any],
+        counts: t.Mapping[BucketKey, int],
+        sums: t.Mapping[tuple[BucketKey, str], t.Any],
+        samples: t.Mapping[BucketKey, list[tuple[str, str]]],
         resent: t.Mapping[str, int],
         tails: t.Mapping[str, t.Sequence[str]],
         at: str,
     ) -> None:
-        buckets = dict(sorted(buckets.items()))  # one order for all runs: no deadlocks
-        bucket_rows = [(scope, *key, b.items, at, at) for key, b in buckets.items()]
-        sum_rows = [
-            (scope, *key, name, self._number(value))
-            for key, b in buckets.items()
-            for name, value in b.sums.items()
-        ]
+        # one order for every run: concurrent upserts never wait on each other in a cycle
+        bucket_rows = [(scope, *key, items, at, at) for key, items in sorted(counts.items())]
+        sum_rows = [(scope, *key, name, self._number(value)) for (key, name), value in sorted(sums.items())]
         sample_rows = [
             (scope, item_id, *key, item_digest, run_id, at)
-            for key, b in buckets.items()
-            for item_id, item_digest in sorted(b.sample)
+            for key, sample in sorted(samples.items())
+            for item_id, item_digest in sorted(sample)
         ]
         statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]] = [
             (
                 self._sql(
-                    "INSERT INTO journal_buckets (scope, stream, customer, meter, hour, items, "
+                    "INSERT INTO journal_buckets (scope, stream, customer, meter, day, items, "
                     "first_sent_at, last_sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (scope, stream, customer, meter, hour) DO UPDATE SET "
+                    "ON CONFLICT (scope, stream, customer, meter, day) DO UPDATE SET "
                     "items = journal_buckets.items + excluded.items, last_sent_at = excluded.last_sent_at"
                 ),
                 bucket_rows,
             ),
             (
                 self._sql(
-                    "INSERT INTO journal_sums (scope, stream, customer, meter, hour, field, total) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, stream, customer, meter, hour, field) "
+                    "INSERT INTO journal_sums (scope, stream, customer, meter, day, field, total) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, stream, customer, meter, day, field) "
                     f"DO UPDATE SET total = {self.add_sums}"
                 ),
                 sum_rows,
             ),
             (
-                # a bounded sample: the first SAMPLE_SIZE a bucket met in each run, an id once
+                # an id once (a re-send in a later run is not sampled again)
                 self._sql(
-                    "INSERT INTO journal_samples (scope, item_id, stream, customer, meter, hour, "
+                    "INSERT INTO journal_samples (scope, item_id, stream, customer, meter, day, "
                     "body_digest, run_id, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (scope, item_id) DO NOTHING"
                 ),
@@ -143,14 +141,14 @@ class JournalStore:
                     "INSERT INTO journal_resent (scope, stream, items) VALUES (?, ?, ?) "
                     "ON CONFLICT (scope, stream) DO UPDATE SET items = journal_resent.items + excluded.items"
                 ),
-                [(scope, stream, count) for stream, count in resent.items()],
+                [(scope, stream, count) for stream, count in sorted(resent.items())],
             ),
             (
                 self._sql(
                     "INSERT INTO journal_tails (scope, stream, ids) VALUES (?, ?, ?) "
                     "ON CONFLICT (scope, stream) DO UPDATE SET ids = excluded.ids"
                 ),
-                [(scope, stream, "\n".join(ids)) for stream, ids in tails.items()],
+                [(scope, stream, "\n".join(ids)) for stream, ids in sorted(tails.items())],
             ),
         ]
         self._run([(sql, rows) for sql, rows in statements if rows])
@@ -178,23 +176,23 @@ class JournalStore:
         return rows[0][0] if rows else None
 
     def buckets(self, scope: str, since: str, until: str) -> list[BucketRow]:
-        """Buckets whose hour is in [since, until) (hours as "YYYY-MM-DDTHH")."""
+        """Buckets whose day is in [since, until] (days as "YYYY-MM-DD")."""
         rows = self._query(
             self._sql(
-                "SELECT stream, customer, meter, hour, items FROM journal_buckets "
-                "WHERE scope = ? AND hour >= ? AND hour < ? ORDER BY customer, meter, hour, stream"
+                "SELECT stream, customer, meter, day, items FROM journal_buckets "
+                "WHERE scope = ? AND day >= ? AND day <= ? ORDER BY customer, meter, day, stream"
             ),
             (scope, since, until),
         )
         sums: dict[BucketKey, dict[str, decimal.Decimal]] = {}
-        for stream, customer, meter, hour, name, total in self._query(
+        for stream, customer, meter, day, name, total in self._query(
             self._sql(
-                "SELECT stream, customer, meter, hour, field, total FROM journal_sums "
-                "WHERE scope = ? AND hour >= ? AND hour < ?"
+                "SELECT stream, customer, meter, day, field, total FROM journal_sums "
+                "WHERE scope = ? AND day >= ? AND day <= ?"
             ),
             (scope, since, until),
         ):
-            sums.setdefault((stream, customer, meter, hour), {})[name] = decimal.Decimal(str(total))
+            sums.setdefault((stream, customer, meter, day), {})[name] = decimal.Decimal(str(total))
         return [(s, c, m, h, int(n), sums.get((s, c, m, h), {})) for s, c, m, h, n in rows]
 
     def samples(self, scope: str, since: str, until: str) -> list[SampleRow]:
@@ -202,8 +200,8 @@ class JournalStore:
             tuple(row)
             for row in self._query(
                 self._sql(
-                    "SELECT item_id, stream, customer, meter, hour, body_digest FROM journal_samples "
-                    "WHERE scope = ? AND hour >= ? AND hour < ? ORDER BY hour, item_id"
+                    "SELECT item_id, stream, customer, meter, day, body_digest FROM journal_samples "
+                    "WHERE scope = ? AND day >= ? AND day <= ? ORDER BY day, item_id"
                 ),
                 (scope, since, until),
             )

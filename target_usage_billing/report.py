@@ -89,6 +89,11 @@ def summary_lines(run: BillingRun) -> list[str]:
         lines.append(f"  HTTP answers (authentication included): {answers}")
     if run.dead_letters.count:
         lines.append(f"  dead letters: {run.dead_letters.count} in {run.dead_letters.path}")
+    if run.journal is not None:
+        lines.append(
+            f"  journal: {run.journal.acknowledged_items} acknowledged items recorded in "
+            f"{run.journal.store.where} (run {run.journal.run_id}); read them back with --reconcile"
+        )
     if run.skipped_messages:
         skipped = ", ".join(f"{kind} x {n}" for kind, n in sorted(run.skipped_messages.items()))
         lines.append(f"  messages skipped: {skipped}")

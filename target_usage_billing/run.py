@@ -305,6 +305,11 @@ def open_journal(settings: Settings, destination: Destination) -> Journal:
     """The run journal the settings ask for; one that cannot be opened stops the run at start."""
     try:
         store = open_store(settings.journal_url, settings.journal_path, settings.dead_letter_path)
-        return Journal(store, destination.journal_scope(), destination.journal_layout())
+        return Journal(
+            store,
+            destination.journal_scope(),
+            destination.journal_layout(),
+            envelope_key=destination.envelope_key,
+        )
     except JournalError as exc:
         raise ConfigError(str(exc)) from None

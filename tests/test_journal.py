@@ -35,7 +35,7 @@ from tests.conftest import (
     wait_until,
 )
 
-EVERYTHING = ("0000", "9999")  # hours from the beginning to the end of time
+EVERYTHING = ("0000", "9999")  # days from the beginning to the end of time
 
 
 def journal(tmp_path, name: str = DEFAULT_JOURNAL_NAME) -> SqliteJournalStore:
@@ -50,14 +50,14 @@ def only_scope(store: SqliteJournalStore) -> str:
 def journal_counts(store: SqliteJournalStore) -> collections.Counter[str]:
     """Items per customer, over every bucket of the journal's one scope."""
     counts: collections.Counter[str] = collections.Counter()
-    for _stream, customer, _meter, _hour, items, _sums in store.buckets(only_scope(store), *EVERYTHING):
+    for _stream, customer, _meter, _day, items, _sums in store.buckets(only_scope(store), *EVERYTHING):
         counts[customer] += items
     return counts
 
 
 def journal_sums(store: SqliteJournalStore) -> dict[str, decimal.Decimal]:
     totals: dict[str, decimal.Decimal] = collections.defaultdict(decimal.Decimal)
-    for _stream, customer, _meter, _hour, _items, sums in store.buckets(only_scope(store), *EVERYTHING):
+    for _stream, customer, _meter, _day, _items, sums in store.buckets(only_scope(store), *EVERYTHING):
         for value in sums.values():
             totals[customer] += value
     return dict(totals)
@@ -158,8 +158,8 @@ def test_the_sample_is_bounded_and_the_file_does_not_grow_with_the_ids(sandbox, 
     scope = only_scope(store)
     assert sum(journal_counts(store).values()) == 3000
     samples = store.samples(scope, *EVERYTHING)
-    hours = collections.Counter(hour for _id, _stream, _customer, _meter, hour, _digest in samples)
-    assert hours and max(hours.values()) <= 100  # at most 100 ids a bucket
+    days = collections.Counter(day for _id, _stream, _customer, _meter, day, _digest in samples)
+    assert days and max(days.values()) <= 100  # at most 100 ids a bucket
     stored_ids = {item["uid"] for item in sandbox.items("m3ter")}
     assert {item_id for item_id, *_rest in samples} <= stored_ids
 
