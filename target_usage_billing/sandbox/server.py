@@ -40,7 +40,7 @@ import time
 import typing as t
 import urllib.parse
 
-from target_usage_billing.sandbox import lago, openmeter, orb, stripe
+from target_usage_billing.sandbox import lago, openmeter, orb, readback, stripe
 from target_usage_billing.sandbox.contracts import (
     M3TER_MAX_BODY,
     ItemError,
@@ -137,6 +137,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             elif method == "GET" and path == "/v1/customers":
                 self._metronome_auth()
                 raise json_reply(200, {"data": [], "next_page": None})
+            elif (read := readback.route(method, path, self.headers, sandbox)) is not None:
+                raise read(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query), self._body())
             elif (platform := _platform_for(path)) is not None:
                 subpath = path[len(platform.PREFIX) :]
                 if method == "POST" and subpath == platform.INGEST_PATH:
@@ -264,7 +266,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     index = sandbox.stores[destination].index
                     stats.duplicates += sum(1 for key, _raw in items if key in index)  # re-sent ids
                     platform.already_stored(items, index)  # refuses the request if any
-                new_ids, known_ids = sandbox.stores[destination].add(items, stats)
+                lost, invalid = sandbox.item_faults(destination, items)
+                new_ids, known_ids = sandbox.stores[destination].add(items, stats, lost, invalid)
             if fault is not None and fault.kind == "stored-500":
                 raise json_reply(500, {"message": "injected: stored, then failed to answer"})
             if fault is not None and fault.kind == "stored-drop":
