@@ -41,6 +41,8 @@ from tests.conftest import (
     config_for,
     run_target,
     singer,
+    start_sandbox,
+    stop_sandbox,
     usage,
 )
 
@@ -410,3 +412,56 @@ def test_lost_after_ack_hits_every_nth_item_across_the_targets_requests(sandbox,
     assert [item[ID_FIELD[destination]] for item in sandbox.items(destination)] == [
         key for key in sent if key not in sent[6::7]
     ]
+
+
+def metronome_events(*keys: str) -> list[dict]:
+    stamp = z(HOUR_A)
+    return [{"transaction_id": k, "customer_id": "c", "event_type": "e", "timestamp": stamp} for k in keys]
+
+
+def test_item_faults_from_the_command_line_and_for_every_destination(tmp_path):
+    sandbox = start_sandbox(
+        tmp_path,
+        "--fault",
+        "lost-after-ack:count=2:destination=metronome",
+        "--fault",
+        "invalid-after-ack:every=2",
+    )
+    try:
+        client = metronome.Metronome(bearer_token=METRONOME_TOKEN, base_url=sandbox.url)
+        client.v1.usage.ingest(usage=metronome_events("a", "b", "c", "d", "e"))
+        client.v1.usage.ingest(usage=metronome_events("a", "c", "f"))  # a re-sent "a" is lost again
+        stats = sandbox.stats("metronome")
+        assert stats["lost_ids"] == ["a", "b"]  # count=2: the first two new items, then it is spent
+        # every 2nd new item: b, d, then a (the 6th); b was lost, which takes precedence
+        assert stats["invalid_ids"] == ["d", "a"]
+        stored = [item["transaction_id"] for item in sandbox.items("metronome")]
+        assert stored == ["c", "d", "e", "a", "f"]
+        search = client.v1.usage.search(transaction_ids=["a", "b", "c", "d"])
+        assert [(i.transaction_id, i.matched_customer is None) for i in search] == [
+            ("a", True),
+            ("c", False),
+            ("d", True),
+        ]
+        # without a destination, invalid-after-ack leaves Orb alone (it validates in the request)
+        orb_client = orb.Orb(api_key=ORB_KEY, base_url=f"{sandbox.url}/orb/v1")
+        orb_client.events.ingest(
+            events=[
+                {
+                    "idempotency_key": f"o{i}",
+                    "event_name": "e",
+                    "timestamp": z(HOUR_A),
+                    "external_customer_id": "c",
+                    "properties": {},
+                }
+                for i in range(4)
+            ]
+        )
+        assert (sandbox.stats("orb")["invalid_ids"], sandbox.stats("orb")["stored"]) == ([], 4)
+    finally:
+        stop_sandbox(sandbox)
+
+
+def test_an_unknown_item_fault_spec_is_refused_by_the_command_line(tmp_path):
+    with pytest.raises(RuntimeError, match="invalid-after-ack does not apply"):
+        start_sandbox(tmp_path, "--fault", "invalid-after-ack:every=3:destination=lago")

@@ -36,6 +36,7 @@ _ORG_PATH = re.compile(r"/organizations/([^/]+)/(meters|accounts|usage/query|eve
 MAX_ROWS = 20_000  # m3ter: a query returns at most 20,000 data items
 MEASURES = ("measure", "cost", "income")
 DIMENSIONS = ("who", "what", "where", "other")
+FUNCTIONS = {"MEASURE": ("SUM", "MIN", "MAX", "COUNT", "LATEST", "MEAN"), "DIMENSION": ("COUNT", "UNIQUE")}
 FAILURE_EVENT = "ingest.validation.failure"
 INJECTED = "sandbox fault invalid-after-ack"
 FAILURE_TYPE = "UndefinedMeter"  # "the submitted usage data measurement IS NOT ingested"
@@ -115,6 +116,10 @@ def _usage_query(body: bytes, sandbox: t.Any) -> Reply:
         raise _bad(f"invalid query: {exc}") from None
     meter_ids, account_ids = set(request.get("meterIds") or ()), set(request.get("accountIds") or ())
     aggregations = request.get("aggregations") or []
+    for rule in aggregations:
+        allowed = FUNCTIONS.get(str(rule.get("fieldType"))) if isinstance(rule, dict) else None
+        if allowed is None or rule.get("function") not in allowed or not rule.get("meterId"):
+            raise _bad(f"invalid aggregation {rule!r}: functions by field type are {FUNCTIONS}")
     group_specs = [g for g in request.get("groups") or [] if isinstance(g, dict)]
     groups = [g.get("groupType") for g in group_specs]
     if groups and not aggregations:
@@ -124,7 +129,10 @@ def _usage_query(body: bytes, sandbox: t.Any) -> Reply:
     frequency = next((g.get("frequency", "DAY") for g in group_specs if g.get("groupType") == "TIME"), None)
     if frequency is not None and frequency not in _BUCKETS:
         raise _bad(f"frequency must be one of {', '.join(_BUCKETS)}")
-    limit = min(int(request.get("limit") or MAX_ROWS), MAX_ROWS)
+    try:
+        limit = min(int(request.get("limit") or MAX_ROWS), MAX_ROWS)
+    except (TypeError, ValueError):
+        raise _bad("limit must be a whole number") from None
     filters = request.get("dimensionFilters") or []
     selected = []
     for measurement, received_at, invalid in _measurements(sandbox):
