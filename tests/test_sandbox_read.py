@@ -415,8 +415,11 @@ def test_lost_after_ack_hits_every_nth_item_across_the_targets_requests(sandbox,
 
 
 def metronome_events(*keys: str) -> list[dict]:
+    """Events named after their keys (each read back must be its own line of the store)."""
     stamp = z(HOUR_A)
-    return [{"transaction_id": k, "customer_id": "c", "event_type": "e", "timestamp": stamp} for k in keys]
+    return [
+        {"transaction_id": k, "customer_id": "c", "event_type": f"type-{k}", "timestamp": stamp} for k in keys
+    ]
 
 
 def test_item_faults_from_the_command_line_and_for_every_destination(tmp_path):
@@ -465,3 +468,23 @@ def test_item_faults_from_the_command_line_and_for_every_destination(tmp_path):
 def test_an_unknown_item_fault_spec_is_refused_by_the_command_line(tmp_path):
     with pytest.raises(RuntimeError, match="invalid-after-ack does not apply"):
         start_sandbox(tmp_path, "--fault", "invalid-after-ack:every=3:destination=lago")
+
+
+def test_reads_find_items_stored_before_a_restart(tmp_path):
+    sandbox = start_sandbox(tmp_path)
+    client = metronome.Metronome(bearer_token=METRONOME_TOKEN, base_url=sandbox.url)
+    client.v1.usage.ingest(usage=metronome_events("r1", "r2"))
+    stop_sandbox(sandbox)
+    sandbox = start_sandbox(tmp_path)  # the same data directory
+    try:
+        client = metronome.Metronome(bearer_token=METRONOME_TOKEN, base_url=sandbox.url)
+        client.v1.usage.ingest(usage=metronome_events("r2", "r3"))  # r2: a duplicate, not stored again
+        found = client.v1.usage.search(transaction_ids=["r1", "r2", "r3"])
+        assert [(item.transaction_id, item.event_type) for item in found] == [
+            ("r1", "type-r1"),
+            ("r2", "type-r2"),
+            ("r3", "type-r3"),
+        ]
+        assert sandbox.stats("metronome")["duplicates"] == 1
+    finally:
+        stop_sandbox(sandbox)
