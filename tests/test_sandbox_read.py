@@ -375,7 +375,8 @@ def test_stripe_meters_event_summaries_and_error_reports_read_back_with_the_sdk(
     hourly = client.v1.billing.meters.event_summaries.list(
         meter.id, {"customer": "cus_B", "value_grouping_window": "hour", **window}
     )
-    assert [s.aggregated_value for s in hourly.data] == [7, 3]  # s1 | s3 (s5 is invalid)
+    assert [s.aggregated_value for s in hourly.data] == [3, 7]  # newest first: s3 | s1 (s5 is invalid)
+    assert [s.start_time for s in hourly.data] == [int(HOUR_B.timestamp()), int(HOUR_A.timestamp())]
     with pytest.raises(stripe.InvalidRequestError):  # minute-aligned times only
         client.v1.billing.meters.event_summaries.list(
             meter.id,

@@ -116,7 +116,7 @@ def _event_problem(event: t.Any) -> str | None:
 
 
 # --- the read side (openmeter 1.0.0b236: ``events.list``, ``IngestedEvent``) ----------------
-MAX_LISTED = 100  # OpenMeter: limit defaults to 100, at most 100
+MAX_LISTED = 100  # limit: default 100, at most 100 (OpenMeter's API spec as remembered; unconfirmed)
 VALIDATION_ERROR = "no meter matches event type {type!r} (sandbox fault invalid-after-ack)"
 
 

@@ -59,7 +59,7 @@ Stripe (under /stripe; Bearer secret key, else 401):
        seconds, minute-aligned, end exclusive) &value_grouping_window (hour|day) &limit
        &starting_after -> a v1 list of billing.meter_event_summary {"id",
        "aggregated_value" (exact decimal), "start_time", "end_time", "meter", "livemode"},
-       oldest window first, valid events only
+       newest window first, valid events only
   GET  /v2/core/events  ?object_id (a meter id) &types &limit (20) -> {"data": [v2.core.event
        of type v1.billing.meter.error_report_triggered: one per meter and ingest request
        with invalid events, newest first, data.reason.error_types[0] {"code":

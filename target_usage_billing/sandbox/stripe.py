@@ -263,7 +263,8 @@ def _list(url: str, data: list[dict[str, t.Any]], query: t.Mapping[str, list[str
 
 def _summaries(url: str, meter_id: str, query: t.Mapping[str, list[str]], sandbox: t.Any) -> Reply:
     """Sums of payload "value" of one customer's valid events in [start_time, end_time), in
-    one summary or per ``value_grouping_window`` (hour, day), oldest first."""
+    one summary or per ``value_grouping_window`` (hour, day), newest first (as in Stripe's
+    documented example answer)."""
     meter = _meter(meter_id, sandbox)
     customer = first(query, "customer")
     if not customer:
@@ -307,7 +308,7 @@ def _summaries(url: str, meter_id: str, query: t.Mapping[str, list[str]], sandbo
                 "start_time": low,
             }
         )
-    return _list(url, summaries, query)
+    return _list(url, summaries[::-1], query)
 
 
 def _error_events(query: t.Mapping[str, list[str]], sandbox: t.Any) -> Reply:
