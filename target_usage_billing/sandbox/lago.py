@@ -17,9 +17,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 import typing as t
+import urllib.parse
 
 import msgspec
 
+from target_usage_billing.sandbox.readside import Reader, answer, decode, iso, item_time, stable_id
 from target_usage_billing.sandbox.replies import Reply, json_reply
 
 NAME = "lago"
@@ -133,3 +135,40 @@ def _event_errors(event: t.Any) -> dict[str, list[str]]:
     for name in sorted(unknown):
         errors[name] = ["unknown_field"]
     return errors
+
+
+# --- the read side (lago-python-client 1.55.0: ``events.find``) -----------------------------
+# Lago validates in the request, so nothing is reported invalid after its 200: the fault
+# invalid-after-ack does not apply to Lago (lost-after-ack does).
+
+
+def read_route(method: str, path: str, headers: t.Mapping[str, str], sandbox: t.Any) -> Reader | None:
+    """``GET /api/v1/events/{transaction_id}``, else None."""
+    prefix = "/api/v1/events/"
+    if method != "GET" or not path.startswith(prefix) or "/" in path[len(prefix) :]:
+        return None
+    key = urllib.parse.unquote(path[len(prefix) :])
+
+    def find(query: t.Mapping[str, list[str]], body: bytes) -> Reply:
+        authenticate(headers, sandbox.settings)
+        with sandbox.lock:
+            item = sandbox.stores[NAME].get(key)
+        if item is None:
+            raise answer(404, {"status": 404, "error": "Not Found", "code": "event_not_found"})
+        event = decode(item.raw)
+        moment = item_time(event.get("timestamp"), item.received_at)
+        document = {
+            "lago_id": stable_id("lago-event", key),
+            "transaction_id": key,
+            "lago_customer_id": None,
+            "lago_subscription_id": None,
+            "external_subscription_id": event["external_subscription_id"],
+            "code": event["code"],
+            "timestamp": iso(moment),
+            "precise_total_amount_cents": event.get("precise_total_amount_cents"),
+            "properties": event.get("properties") or {},
+            "created_at": iso(item.received_at, millis=False),
+        }
+        return answer(200, {"event": document})
+
+    return find

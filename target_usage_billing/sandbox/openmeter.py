@@ -12,11 +12,22 @@ Cloud does) unless it is started with an empty ``--openmeter-api-token``.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import typing as t
 
 import msgspec
 
+from target_usage_billing.sandbox.readside import (
+    Reader,
+    answer,
+    decode,
+    first,
+    iso,
+    item_time,
+    many,
+    parse_time,
+)
 from target_usage_billing.sandbox.replies import Reply, json_reply
 
 NAME = "openmeter"
@@ -102,3 +113,63 @@ def _event_problem(event: t.Any) -> str | None:
     if invalid:
         return f"attribute name(s) {', '.join(invalid)} are not CloudEvents attribute names"
     return None
+
+
+# --- the read side (openmeter 1.0.0b236: ``events.list``, ``IngestedEvent``) ----------------
+MAX_LISTED = 100  # limit: default 100, at most 100 (OpenMeter's API spec as remembered; unconfirmed)
+VALIDATION_ERROR = "no meter matches event type {type!r} (sandbox fault invalid-after-ack)"
+
+
+def read_route(method: str, path: str, headers: t.Mapping[str, str], sandbox: t.Any) -> Reader | None:
+    """``GET /api/v1/events``: the ingested events, newest first, else None."""
+    if method != "GET" or path != INGEST_PATH:
+        return None
+
+    def listed(query: t.Mapping[str, list[str]], body: bytes) -> Reply:
+        authenticate(headers, sandbox.settings)
+        return _list(query, sandbox)
+
+    return listed
+
+
+def _list(query: t.Mapping[str, list[str]], sandbox: t.Any) -> Reply:
+    """Filters: ``from``/``to`` on the event's time (inclusive; ``from`` defaults to 72 hours
+    ago), ``ingestedAtFrom``/``ingestedAtTo``, ``id`` and ``subject`` (partial match),
+    ``customerId`` (the sandbox knows no customers: nothing matches), ``limit``."""
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        bounds = {
+            name: parse_time(value)
+            for name in ("from", "to", "ingestedAtFrom", "ingestedAtTo")
+            if (value := first(query, name))
+        }
+        limit = int(first(query, "limit") or MAX_LISTED)
+    except ValueError as exc:
+        raise _problem(400, "Bad Request", f"invalid query parameter: {exc}") from None
+    if not 1 <= limit <= MAX_LISTED:
+        raise _problem(400, "Bad Request", f"limit must be 1 to {MAX_LISTED}")
+    low, high = bounds.get("from", now - dt.timedelta(hours=72)), bounds.get("to")
+    wanted_id, subject = first(query, "id"), first(query, "subject")
+    if many(query, "customerId"):
+        return answer(200, [])
+    found = []
+    with sandbox.lock:
+        items = list(sandbox.stores[NAME].scan())
+    for item in items:
+        event = decode(item.raw)
+        moment = item_time(event.get("time"), item.received_at)
+        received = dt.datetime.fromtimestamp(item.received_at, dt.timezone.utc)
+        if moment < low or (high is not None and moment > high):
+            continue
+        if "ingestedAtFrom" in bounds and received < bounds["ingestedAtFrom"]:
+            continue
+        if "ingestedAtTo" in bounds and received > bounds["ingestedAtTo"]:
+            continue
+        if (wanted_id and wanted_id not in event["id"]) or (subject and subject not in event["subject"]):
+            continue
+        entry = {"event": event, "ingestedAt": iso(received), "storedAt": iso(received)}
+        if item.invalid:
+            entry["validationError"] = VALIDATION_ERROR.format(type=event["type"])
+        found.append((moment, entry))
+    found.sort(key=lambda pair: pair[0], reverse=True)
+    return answer(200, [entry for _moment, entry in found[:limit]])

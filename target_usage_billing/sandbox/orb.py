@@ -22,6 +22,7 @@ import typing as t
 import msgspec
 from msgspec import Meta, Struct
 
+from target_usage_billing.sandbox.readside import Reader, answer, decode, first, iso, parse_time
 from target_usage_billing.sandbox.replies import Reply, json_reply
 
 NAME = "orb"
@@ -160,3 +161,104 @@ def _key_of(raw: msgspec.Raw) -> str | None:
     except (msgspec.DecodeError, AttributeError):
         return None
     return key if isinstance(key, str) else None
+
+
+# --- the read side (orb-billing 4.90.0: ``events.search``, ``events.volume.list``) ---------
+# Orb validates in the request, so nothing is reported invalid after its 200: the fault
+# invalid-after-ack does not apply to Orb (lost-after-ack does).
+
+
+def read_route(method: str, path: str, headers: t.Mapping[str, str], sandbox: t.Any) -> Reader | None:
+    """``POST /v1/events/search`` and ``GET /v1/events/volume``, else None."""
+    readers: dict[tuple[str, str], Reader] = {
+        ("POST", "/v1/events/search"): lambda query, body: _search(body, sandbox),
+        ("GET", "/v1/events/volume"): lambda query, body: _volume(query, sandbox),
+    }
+    reader = readers.get((method, path))
+    if reader is None:
+        return None
+
+    def authenticated(query: t.Mapping[str, list[str]], body: bytes) -> Reply:
+        authenticate(headers, sandbox.settings)
+        return reader(query, body)
+
+    return authenticated
+
+
+def _timeframe(start: t.Any, end: t.Any, default_start: dt.timedelta) -> tuple[dt.datetime, dt.datetime]:
+    try:
+        now = dt.datetime.now(UTC)
+        return (
+            parse_time(start) if start else now - default_start,
+            parse_time(end) if end else now,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise _error(400, "Request validation error", f"invalid timeframe: {exc}") from None
+
+
+def _search(body: bytes, sandbox: t.Any) -> Reply:
+    """The events with these ids whose timestamp is in the timeframe (default: the last week)."""
+    try:
+        request = msgspec.json.decode(body or b"{}")
+        ids = request["event_ids"]
+        assert isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+    except (KeyError, AssertionError, msgspec.DecodeError, TypeError):
+        raise _error(400, "Request validation error", "event_ids must be a list of strings") from None
+    start, end = _timeframe(
+        request.get("timeframe_start"), request.get("timeframe_end"), dt.timedelta(days=7)
+    )
+    found = []
+    for key in dict.fromkeys(ids):
+        with sandbox.lock:
+            item = sandbox.stores[NAME].get(key)
+        if item is None:
+            continue
+        event = decode(item.raw)
+        if not start <= parse_time(event["timestamp"]) < end:
+            continue
+        found.append(
+            {
+                "id": key,
+                "customer_id": event.get("customer_id"),
+                "external_customer_id": event.get("external_customer_id"),
+                "deprecated": False,
+                "event_name": event["event_name"],
+                "properties": event["properties"],
+                "timestamp": event["timestamp"],
+            }
+        )
+    return answer(200, {"data": found})
+
+
+def _volume(query: t.Mapping[str, list[str]], sandbox: t.Any) -> Reply:
+    """Counts of stored events per UTC hour of their timestamp (hours without events are not
+    listed), oldest first; ``limit`` (default 20) and ``cursor`` page through them."""
+    if not first(query, "timeframe_start"):
+        raise _error(400, "Request validation error", "timeframe_start is required")
+    start, end = _timeframe(first(query, "timeframe_start"), first(query, "timeframe_end"), dt.timedelta(0))
+    start = start.replace(minute=0, second=0, microsecond=0)  # the hour the time falls in
+    if end.replace(minute=0, second=0, microsecond=0) != end:
+        end = end.replace(minute=0, second=0, microsecond=0) + dt.timedelta(hours=1)
+    hours: dict[dt.datetime, int] = {}
+    with sandbox.lock:
+        for item in sandbox.stores[NAME].scan():
+            moment = parse_time(decode(item.raw)["timestamp"])
+            if start <= moment < end:
+                hour = moment.replace(minute=0, second=0, microsecond=0)
+                hours[hour] = hours.get(hour, 0) + 1
+    try:
+        limit = max(1, min(int(first(query, "limit") or 20), 500))
+        offset = int(first(query, "cursor") or 0)
+    except ValueError:
+        raise _error(400, "Request validation error", "limit and cursor must be whole numbers") from None
+    rows = [
+        {
+            "count": hours[hour],
+            "timeframe_start": iso(hour, millis=False),
+            "timeframe_end": iso(hour + dt.timedelta(hours=1), millis=False),
+        }
+        for hour in sorted(hours)
+    ]
+    more = offset + limit < len(rows)
+    pagination = {"has_more": more, "next_cursor": str(offset + limit) if more else None}
+    return answer(200, {"data": rows[offset : offset + limit], "pagination_metadata": pagination})

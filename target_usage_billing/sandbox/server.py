@@ -1,4 +1,4 @@
-"""usage-billing-sandbox: a loopback emulator of the billing platforms' ingest APIs.
+"""usage-billing-sandbox: a loopback emulator of the billing platforms' ingest and read APIs.
 
 Orb, Lago, OpenMeter and Stripe (and each platform added after them) are served under
 a path prefix of their own (/orb, /lago, /openmeter, /stripe) by a module that knows the contract
@@ -25,7 +25,29 @@ A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": 
 K one of 401, 403, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
 expire-tokens (every m3ter token and Stripe session expires just before this request is
 checked), html-200 (a captive portal's page), errors-200 (a gateway's 200 {"errors": ...}),
-redirect (302 to a login page), trickle (the answer's body one byte every "delay_ms").
+redirect (302 to a login page), trickle (the answer's body one byte every "delay_ms"),
+and two that count items, not requests, and leave the answer as it is:
+lost-after-ack (the item is acknowledged and never stored) and invalid-after-ack (stored,
+then reported invalid through the platform's own channel and left out of its totals;
+not for Orb and Lago, which validate in the request). They hit every N-th item ("every")
+or the next N items ("count") among the items of each destination the store does not
+hold yet (a re-sent id is not counted again), in body order, from the moment the fault is
+set; an item both hit is lost. GET /stats lists, per destination, lost_ids and invalid_ids
+(the platform's item ids, in the order hit, the first 100,000) and counts lost_after_ack,
+invalid_after_ack.
+
+Read endpoints (sandbox/readback.py; authenticated as each platform's ingest; faults do
+not apply to them; read_requests in the stats counts them):
+  m3ter      GET  /organizations/{org}/meters, /accounts      ?codes=a,b&ids=..&pageSize&nextToken
+             POST /organizations/{org}/usage/query             startDate, endDate, meterIds, ...
+             GET  /organizations/{org}/events                  ?eventName=ingest.validation.failure
+  Metronome  POST /v1/events/search                            {"transactionIds": [...]} (1-100)
+  Orb        POST /orb/v1/events/search                        {"event_ids", "timeframe_start", ..}
+             GET  /orb/v1/events/volume                        ?timeframe_start&timeframe_end&limit
+  Lago       GET  /lago/api/v1/events/{transaction_id}
+  OpenMeter  GET  /openmeter/api/v1/events                     ?from&to&id&subject&limit&ingestedAt..
+  Stripe     GET  /stripe/v1/billing/meters[/{id}[/event_summaries]]  ?customer&start_time&end_time
+             GET  /stripe/v2/core/events                       ?object_id (meter error reports)
 """
 
 from __future__ import annotations
@@ -40,7 +62,7 @@ import time
 import typing as t
 import urllib.parse
 
-from target_usage_billing.sandbox import lago, openmeter, orb, stripe
+from target_usage_billing.sandbox import control, lago, openmeter, orb, readback, stripe
 from target_usage_billing.sandbox.contracts import (
     M3TER_MAX_BODY,
     ItemError,
@@ -50,7 +72,6 @@ from target_usage_billing.sandbox.contracts import (
 from target_usage_billing.sandbox.replies import Reply, json_reply
 from target_usage_billing.sandbox.state import (
     DestinationStats,
-    Fault,
     Sandbox,
 )
 
@@ -127,7 +148,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sandbox = self.server.sandbox
         try:
             if path.startswith("/_sandbox/"):
-                self._control(method, path[len("/_sandbox/") :])
+                control.handle(method, path[len("/_sandbox/") :], self._body, sandbox)
             elif method == "POST" and path == "/oauth/token":
                 self._token()
             elif method == "POST" and path.startswith("/organizations/") and path.endswith("/measurements"):
@@ -137,6 +158,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             elif method == "GET" and path == "/v1/customers":
                 self._metronome_auth()
                 raise json_reply(200, {"data": [], "next_page": None})
+            elif (read := readback.route(method, path, self.headers, sandbox)) is not None:
+                raise read(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query), self._body())
             elif (platform := _platform_for(path)) is not None:
                 subpath = path[len(platform.PREFIX) :]
                 if method == "POST" and subpath == platform.INGEST_PATH:
@@ -264,7 +287,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     index = sandbox.stores[destination].index
                     stats.duplicates += sum(1 for key, _raw in items if key in index)  # re-sent ids
                     platform.already_stored(items, index)  # refuses the request if any
-                new_ids, known_ids = sandbox.stores[destination].add(items, stats)
+                lost, invalid = sandbox.item_faults(destination, items)
+                new_ids, known_ids = sandbox.stores[destination].add(items, stats, lost, invalid)
             if fault is not None and fault.kind == "stored-500":
                 raise json_reply(500, {"message": "injected: stored, then failed to answer"})
             if fault is not None and fault.kind == "stored-drop":
@@ -330,63 +354,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return metronome_items(body)
         except ItemError as exc:
             raise json_reply(400, {"message": str(exc)}) from None
-
-    # --- control -----------------------------------------------------------------------
-
-    def _control(self, method: str, action: str) -> None:
-        sandbox = self.server.sandbox
-        if method == "GET" and action == "health":
-            raise json_reply(200, {"ok": True})
-        if method == "GET" and action == "stats":
-            with sandbox.lock:
-                raise json_reply(200, sandbox.stats_document())
-        if method == "GET" and action.startswith("items/"):
-            name = action[len("items/") :]
-            if name not in sandbox.stores:
-                raise json_reply(404, {"message": f"no destination {name!r}"})
-            with sandbox.lock:
-                data = sandbox.stores[name].dump()
-            raise Reply(200, data, {"Content-Type": "application/x-ndjson"})
-        if method == "POST" and action == "faults":
-            try:
-                document = json.loads(self._body() or b"{}")
-                faults = [Fault.parse(spec) for spec in document.get("faults", [])]
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise json_reply(400, {"message": f"bad fault document: {exc}"}) from None
-            with sandbox.lock:
-                sandbox.faults.extend(faults)
-                if "latency_ms" in document:
-                    sandbox.settings.latency_ms = float(document["latency_ms"])
-                if "token_lifetime" in document:
-                    sandbox.settings.token_lifetime = float(document["token_lifetime"])
-                if "refuse_items_containing" in document:
-                    sandbox.settings.refuse_items_containing = list(document["refuse_items_containing"])
-            raise json_reply(200, {"faults_pending": len(sandbox.faults)})
-        if method == "DELETE" and action == "faults":
-            self._body()
-            with sandbox.lock:
-                sandbox.faults.clear()
-                sandbox.settings.latency_ms = 0.0
-                sandbox.settings.refuse_items_containing = []
-            raise json_reply(200, {"faults_pending": 0})
-        if method == "GET" and action == "tokens":  # for tests that grep output for tokens
-            with sandbox.lock:
-                tokens = list(sandbox.tokens)
-            raise json_reply(200, {"tokens": tokens + stripe.session_tokens()})
-        if method == "POST" and action == "expire-tokens":
-            self._body()
-            with sandbox.lock:
-                expired = len(sandbox.tokens)
-                sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
-            expired += stripe.expire_sessions()
-            raise json_reply(200, {"expired": expired})
-        if method == "POST" and action == "reset":
-            self._body()
-            with sandbox.lock:
-                sandbox.reset()
-            stripe.forget_sessions()
-            raise json_reply(200, {"ok": True})
-        raise json_reply(404, {"message": f"no control action {method} {action}"})
 
 
 class _Dropped(Exception):

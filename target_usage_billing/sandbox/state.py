@@ -6,7 +6,6 @@ Shared by the request handlers of ``server.py`` under one lock.
 from __future__ import annotations
 
 import collections
-import hashlib
 import threading
 import time
 import typing as t
@@ -14,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+
+from target_usage_billing.sandbox.store import Store
 
 DESTINATIONS = ("m3ter", "metronome", "orb", "lago", "openmeter", "stripe")
 FAULT_KINDS = (
@@ -34,7 +35,24 @@ FAULT_KINDS = (
     "errors-200",
     "redirect",
     "trickle",  # the platform's answer, its body one byte every delay_ms
+    # item faults: they count items, not requests (every=N: every N-th new item of a
+    # destination; count=N: the next N), and the request is answered as usual
+    "lost-after-ack",  # acknowledged, never stored: the read side does not find it
+    "invalid-after-ack",  # stored, then reported invalid through the platform's channel
 )
+ITEM_FAULTS = ("lost-after-ack", "invalid-after-ack")
+# Orb and Lago validate in the request: nothing is reported invalid after their 2xx.
+VALIDATES_AFTER_ACK = ("m3ter", "metronome", "openmeter", "stripe")
+# the id each destination's stats name an item by (OpenMeter's key is source and id)
+ITEM_ID_FIELDS = {
+    "m3ter": "uid",
+    "metronome": "transaction_id",
+    "orb": "idempotency_key",
+    "lago": "transaction_id",
+    "openmeter": "id",
+    "stripe": "identifier",
+}
+MAX_LISTED_IDS = 100_000  # the stats list this many hit ids; the counters count them all
 
 
 @dataclass
@@ -68,6 +86,7 @@ class Fault:
     delay_ms: float = 0.0  # slow: extra delay
     headers: dict[str, str] = field(default_factory=dict)  # status kinds: extra answer headers
     seen: int = 0
+    items_seen: dict[str, int] = field(default_factory=dict)  # item faults: per destination
 
     @classmethod
     def parse(cls, spec: t.Mapping[str, t.Any]) -> Fault:
@@ -77,6 +96,8 @@ class Fault:
         destination = spec.get("destination")
         if destination is not None and destination not in DESTINATIONS:
             raise ValueError(f"unknown destination {destination!r}")
+        if kind == "invalid-after-ack" and destination is not None and destination not in VALIDATES_AFTER_ACK:
+            raise ValueError(f"{destination} validates in the request: invalid-after-ack does not apply")
         count = spec.get("count")
         every = spec.get("every")
         retry_after = spec.get("retry_after")
@@ -116,71 +137,20 @@ class DestinationStats:
     gzip_requests: int = 0
     max_requests_in_1s: int = 0
     token_requests: int = 0
+    read_requests: int = 0  # answered by the read endpoints
     last_error: str | None = None
+    lost_after_ack: int = 0  # items acknowledged and not stored (fault lost-after-ack)
+    invalid_after_ack: int = 0  # items stored and reported invalid (fault invalid-after-ack)
+    lost_ids: list[str | None] = field(default_factory=list)
+    invalid_ids: list[str | None] = field(default_factory=list)
 
 
-class Store:
-    """Accepted items of one destination: a JSONL file plus an index id -> body digest."""
-
-    def __init__(self, path: Path, id_field: str | tuple[str, ...]):
-        """``id_field``: the item's id, or the fields that together are its identity
-        (OpenMeter: source and id), joined with NUL as the platform module keys them."""
-        self.path = path
-        self.id_fields = (id_field,) if isinstance(id_field, str) else id_field
-        self.index: dict[str, bytes] = {}
-        self.count = 0
-        self._id_decoder = msgspec.json.Decoder(dict[str, t.Any])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            with open(path, "rb") as existing:
-                for line in existing:
-                    if line.strip():
-                        self.count += 1
-                        document = self._id_decoder.decode(line)
-                        parts = [document.get(name) for name in self.id_fields]
-                        item_id = "\x00".join(map(str, parts)) if None not in parts else None
-                        if item_id is not None:
-                            self.index[item_id] = _digest(line.rstrip(b"\n"))
-        self._file = open(path, "ab")  # noqa: SIM115 - held open while serving
-
-    def add(self, items: list[tuple[str | None, bytes]], stats: DestinationStats) -> tuple[list, list]:
-        """Store the items whose id is new; (new ids, ids already stored)."""
-        fresh = []
-        new_ids, known_ids = [], []
-        for item_id, raw in items:
-            if item_id is not None:
-                digest = _digest(raw)
-                known = self.index.get(item_id)
-                if known is not None:
-                    stats.duplicates += 1
-                    known_ids.append(item_id)
-                    if known != digest:
-                        stats.conflicts += 1
-                    continue
-                self.index[item_id] = digest
-                new_ids.append(item_id)
-            fresh.append(raw)
-        if fresh:
-            self._file.write(b"\n".join(fresh) + b"\n")
-            self._file.flush()
-            self.count += len(fresh)
-            stats.accepted += len(fresh)
-        return new_ids, known_ids
-
-    def dump(self) -> bytes:
-        self._file.flush()
-        return self.path.read_bytes()
-
-    def clear(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
-        self.index.clear()
-        self.count = 0
-        self._file = open(self.path, "ab")  # noqa: SIM115
-
-
-def _digest(raw: bytes) -> bytes:
-    return hashlib.blake2b(raw, digest_size=12).digest()
+def _item_id(destination: str, item: tuple[str | None, bytes]) -> str | None:
+    key, raw = item
+    if key is not None and destination != "openmeter":
+        return key
+    value = msgspec.json.decode(raw).get(ITEM_ID_FIELDS[destination])
+    return value if isinstance(value, str) else None
 
 
 class Sandbox:
@@ -212,7 +182,7 @@ class Sandbox:
 
     def take_fault(self, destination: str) -> Fault | None:
         for fault in list(self.faults):
-            if fault.destination not in (None, destination):
+            if fault.destination not in (None, destination) or fault.kind in ITEM_FAULTS:
                 continue
             fault.seen += 1
             if fault.every:
@@ -225,6 +195,50 @@ class Sandbox:
                     self.faults.remove(fault)
                 return fault
         return None
+
+    def item_faults(
+        self, destination: str, items: list[tuple[str | None, bytes]]
+    ) -> tuple[set[int], set[int]]:
+        """The positions of the items to lose and to report invalid. Only items the store
+        does not hold yet count (a re-sent id is not counted again), in body order."""
+        faults = [
+            f
+            for f in self.faults
+            if f.kind in ITEM_FAULTS
+            and f.destination in (None, destination)
+            and (f.kind == "lost-after-ack" or destination in VALIDATES_AFTER_ACK)
+        ]
+        hit: dict[str, set[int]] = {kind: set() for kind in ITEM_FAULTS}
+        if not faults:
+            return hit["lost-after-ack"], hit["invalid-after-ack"]
+        index, seen = self.stores[destination].index, set()
+        new_positions = []
+        for position, (key, _raw) in enumerate(items):
+            if key is None or (key not in index and key not in seen):
+                new_positions.append(position)
+            if key is not None:
+                seen.add(key)
+        for fault in faults:
+            for position in new_positions:
+                counted = fault.items_seen[destination] = fault.items_seen.get(destination, 0) + 1
+                if fault.every:
+                    if counted % fault.every == 0:
+                        hit[fault.kind].add(position)
+                elif fault.count:
+                    fault.count -= 1
+                    hit[fault.kind].add(position)
+                    if fault.count == 0:
+                        self.faults.remove(fault)
+                        break
+        lost, invalid = hit["lost-after-ack"], hit["invalid-after-ack"] - hit["lost-after-ack"]
+        stats = self.stats[destination]
+        stats.lost_after_ack += len(lost)
+        stats.invalid_after_ack += len(invalid)
+        for positions, ids in ((lost, stats.lost_ids), (invalid, stats.invalid_ids)):
+            for position in sorted(positions):
+                if len(ids) < MAX_LISTED_IDS:
+                    ids.append(_item_id(destination, items[position]))
+        return lost, invalid
 
     def note_arrival(self, destination: str) -> None:
         arrivals = self._arrivals[destination]

@@ -15,6 +15,8 @@ Stripe's error format; de-duplication by ``identifier``.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
+import hashlib
 import re
 import secrets
 import threading
@@ -23,6 +25,7 @@ import typing as t
 
 import msgspec
 
+from target_usage_billing.sandbox.readside import Reader, answer, decode, first, iso, item_time, many
 from target_usage_billing.sandbox.replies import Reply, json_reply
 
 NAME = "stripe"
@@ -166,3 +169,205 @@ def _event_problem(event: t.Any, now: dt.datetime) -> str | None:
         if moment > now + MAX_AHEAD:
             return "timestamp: must be at most 5 minutes in the future"
     return None
+
+
+# --- the read side (stripe 16.1.0: ``billing.meters``, ``meters.event_summaries``,
+# ``v2.core.events``) ----------------------------------------------------------------------
+# The sandbox has a meter for every event_name it has stored (sum of payload "value" per
+# payload "stripe_customer_id"). An event reported invalid after the acknowledgement
+# (fault invalid-after-ack) is not summed and is reported by a thin event
+# v1.billing.meter.error_report_triggered, which stripe 16.x lists with
+# ``client.v2.core.events.list`` (GET /v2/core/events) and parses as
+# V1BillingMeterErrorReportTriggeredEvent; its v1 Event type knows no meter error events.
+ERROR_CODE = "meter_event_customer_not_found"
+ERROR_MESSAGE = "Customer {customer!r} was not found (sandbox fault invalid-after-ack)."
+
+
+def read_route(method: str, path: str, headers: t.Mapping[str, str], sandbox: t.Any) -> Reader | None:
+    """The meters, their event summaries and the meter error events, else None."""
+    parts = path.strip("/").split("/")
+    reader: Reader | None = None
+    if method == "GET" and parts[:3] == ["v1", "billing", "meters"]:
+        if len(parts) == 3:
+            reader = lambda query, body: _list(path, _meters(sandbox), query)  # noqa: E731
+        elif len(parts) == 4:
+            reader = lambda query, body: answer(200, _meter(parts[3], sandbox))  # noqa: E731
+        elif len(parts) == 5 and parts[4] == "event_summaries":
+            reader = lambda query, body: _summaries(path, parts[3], query, sandbox)  # noqa: E731
+    elif method == "GET" and parts == ["v2", "core", "events"]:
+        reader = lambda query, body: _error_events(query, sandbox)  # noqa: E731
+    if reader is None:
+        return None
+    known_reader = reader
+
+    def authenticated(query: t.Mapping[str, list[str]], body: bytes) -> Reply:
+        if headers.get("Authorization") != f"Bearer {sandbox.settings.stripe_api_key}":
+            raise _error(401, "Invalid API Key provided")
+        return known_reader(query, body)
+
+    return authenticated
+
+
+def _meter_id(event_name: str) -> str:
+    return "mtr_test_" + hashlib.blake2b(event_name.encode(), digest_size=12).hexdigest()
+
+
+def _events(sandbox: t.Any) -> list[tuple[dict[str, t.Any], float, bool]]:
+    with sandbox.lock:
+        return [(decode(item.raw), item.received_at, item.invalid) for item in sandbox.stores[NAME].scan()]
+
+
+def _meters(sandbox: t.Any) -> list[dict[str, t.Any]]:
+    names = sorted({str(event["event_name"]) for event, _at, _invalid in _events(sandbox)})
+    return [
+        {
+            "id": _meter_id(name),
+            "object": "billing.meter",
+            "created": 1704824589,
+            "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+            "default_aggregation": {"formula": "sum"},
+            "display_name": name,
+            "event_name": name,
+            "event_time_window": None,
+            "livemode": False,
+            "status": "active",
+            "status_transitions": {"deactivated_at": None},
+            "updated": 1704824589,
+            "value_settings": {"event_payload_key": "value"},
+        }
+        for name in names
+    ]
+
+
+def _meter(meter_id: str, sandbox: t.Any) -> dict[str, t.Any]:
+    for meter in _meters(sandbox):
+        if meter["id"] == meter_id:
+            return meter
+    raise _error(404, f"No such billing meter: '{meter_id}'", "resource_missing")
+
+
+def _list(url: str, data: list[dict[str, t.Any]], query: t.Mapping[str, list[str]]) -> Reply:
+    """A v1 list page: ``limit`` (1 to 100, default 10) and ``starting_after`` an id."""
+    try:
+        limit = int(first(query, "limit") or 10)
+    except ValueError:
+        raise _error(400, "limit must be a whole number") from None
+    if not 1 <= limit <= 100:
+        raise _error(400, "limit must be between 1 and 100")
+    after = first(query, "starting_after")
+    if after:
+        ids = [item["id"] for item in data]
+        data = data[ids.index(after) + 1 :] if after in ids else []
+    return answer(200, {"object": "list", "url": url, "has_more": len(data) > limit, "data": data[:limit]})
+
+
+def _summaries(url: str, meter_id: str, query: t.Mapping[str, list[str]], sandbox: t.Any) -> Reply:
+    """Sums of payload "value" of one customer's valid events in [start_time, end_time), in
+    one summary or per ``value_grouping_window`` (hour, day), newest first (as in Stripe's
+    documented example answer)."""
+    meter = _meter(meter_id, sandbox)
+    customer = first(query, "customer")
+    if not customer:
+        raise _error(400, "Missing required param: customer.", "parameter_missing")
+    try:
+        start, end = int(first(query, "start_time") or ""), int(first(query, "end_time") or "")
+    except ValueError:
+        raise _error(400, "start_time and end_time are required timestamps", "parameter_missing") from None
+    window = first(query, "value_grouping_window")
+    step = {None: end - start, "hour": 3600, "day": 86400}.get(window)
+    if step is None:
+        raise _error(400, "value_grouping_window must be hour or day")
+    if start % 60 or end % 60 or start >= end or (window and (start % step or end % step)):
+        raise _error(
+            400, "start_time and end_time must be aligned (minutes, or the grouping window) and ordered"
+        )
+    sums = [decimal.Decimal(0) for _ in range(start, end, step)]
+    for event, received_at, invalid in _events(sandbox):
+        payload = event.get("payload") or {}
+        if (
+            invalid
+            or event["event_name"] != meter["event_name"]
+            or payload.get("stripe_customer_id") != customer
+        ):
+            continue
+        moment = item_time(event.get("timestamp"), received_at).timestamp()
+        if start <= moment < end:
+            sums[int((moment - start) // step)] += decimal.Decimal(payload["value"])
+    summaries = []
+    for number, total in enumerate(sums):
+        low = start + number * step
+        key = f"{meter_id}:{customer}:{low}:{low + step}"
+        summaries.append(
+            {
+                "id": "mtrusg_test_" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest(),
+                "object": "billing.meter_event_summary",
+                "aggregated_value": total,
+                "end_time": low + step,
+                "livemode": False,
+                "meter": meter_id,
+                "start_time": low,
+            }
+        )
+    return _list(url, summaries[::-1], query)
+
+
+def _error_events(query: t.Mapping[str, list[str]], sandbox: t.Any) -> Reply:
+    """One v1.billing.meter.error_report_triggered event per meter and ingest request that
+    had events reported invalid, every one of them among its sample errors, newest first.
+    Filters: ``object_id`` (a meter id), ``types``; ``limit`` (default 20)."""
+    reports: dict[tuple[float, str], list[dict[str, t.Any]]] = {}
+    for event, received_at, invalid in _events(sandbox):
+        if invalid:
+            reports.setdefault((received_at, str(event["event_name"])), []).append(event)
+    object_id, types = first(query, "object_id"), many(query, "types")
+    found = []
+    for (received_at, name), events in sorted(reports.items(), reverse=True):
+        meter_id = _meter_id(name)
+        kind = "v1.billing.meter.error_report_triggered"
+        if (object_id and object_id != meter_id) or (types and kind not in types):
+            continue
+        samples = [
+            {
+                "error_message": ERROR_MESSAGE.format(
+                    customer=(e.get("payload") or {}).get("stripe_customer_id")
+                ),
+                "request": {"identifier": e.get("identifier")},
+            }
+            for e in events
+        ]
+        count = len(events)
+        found.append(
+            {
+                "id": "evt_test_"
+                + hashlib.blake2b(f"{received_at}:{name}".encode(), digest_size=16).hexdigest(),
+                "object": "v2.core.event",
+                "type": kind,
+                "created": iso(received_at),
+                "livemode": False,
+                "context": None,
+                "reason": None,
+                "related_object": {
+                    "id": meter_id,
+                    "type": "billing.meter",
+                    "url": f"/v1/billing/meters/{meter_id}",
+                },
+                "data": {
+                    "developer_message_summary": _summary_message(count),
+                    "reason": {
+                        "error_count": count,
+                        "error_types": [{"code": ERROR_CODE, "error_count": count, "sample_errors": samples}],
+                    },
+                    "validation_start": iso(received_at),
+                    "validation_end": iso(received_at + 1),
+                },
+            }
+        )
+    try:
+        limit = max(1, min(int(first(query, "limit") or 20), 100))
+    except ValueError:
+        raise _error(400, "limit must be a whole number") from None
+    return answer(200, {"data": found[:limit], "next_page_url": None, "previous_page_url": None})
+
+
+def _summary_message(count: int) -> str:
+    return "There is 1 invalid event" if count == 1 else f"There are {count} invalid events"
