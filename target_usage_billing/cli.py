@@ -70,6 +70,17 @@ def extra_options() -> list[click.Option]:
             help="Write the request bodies to dry_run_path instead of sending them.",
         ),
         click.Option(
+            ["--reconcile"],
+            is_flag=True,
+            default=False,
+            help="Read back from the platform what the run journal says it acknowledged, and "
+            "compare (exit 8 when anything is missing or invalid). Reads no input.",
+        ),
+        click.Option(
+            ["--since"], help="With --reconcile: the first day (ISO 8601; default 7 days ago, UTC)."
+        ),
+        click.Option(["--until"], help="With --reconcile: the last day (ISO 8601; default today, UTC)."),
+        click.Option(
             ["--log-level"],
             type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
             expose_value=False,

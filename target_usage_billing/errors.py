@@ -57,3 +57,13 @@ class JournalError(UsageBillingError):
     """The run journal could not be written: no STATE goes past usage it does not hold."""
 
     exit_code = 9
+
+
+class ReconcileMismatch(UsageBillingError):
+    """--reconcile found usage the platform does not hold, or holds as invalid."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, report: list[str] | None = None):
+        super().__init__(message)
+        self.report = report or []

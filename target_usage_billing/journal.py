@@ -139,6 +139,7 @@ class Journal:
         fields: JournalFields,
         *,
         envelope_key: str | None,
+        sample_rate: float = SAMPLE_RATE,
         run_id: str | None = None,
     ):
         self.store = store
@@ -167,6 +168,7 @@ class Journal:
         self._known_tail: dict[str, set[str]] = {}  # per stream, loaded from the store once
         self._resent: collections.Counter[str] = collections.Counter()
         self._random = random.Random().random
+        self._sample_rate = sample_rate
         self.committed_items = 0
         self.acknowledged_items = 0  # counted in memory (committed or not yet)
         store.run_started(self.run_id, scope, _now())
@@ -240,11 +242,12 @@ class Journal:
                             sums[key, total] += number
         samples = epoch.samples
         draw = self._random
+        rate = self._sample_rate
         for n, key in enumerate(keys):
             sample = samples.get(key)
             if sample is None:
                 samples[key] = [(ids[n], digest(item_bodies[n]))]  # every bucket: its first id
-            elif len(sample) < SAMPLE_SIZE and draw() < SAMPLE_RATE:
+            elif len(sample) < SAMPLE_SIZE and draw() < rate:
                 sample.append((ids[n], digest(item_bodies[n])))
 
     def commit(self, before_epoch: int | None = None) -> None:

@@ -310,6 +310,7 @@ def open_journal(settings: Settings, destination: Destination) -> Journal:
             destination.journal_scope(),
             destination.journal_layout(),
             envelope_key=destination.envelope_key,
+            sample_rate=settings.journal_sample_rate,
         )
     except JournalError as exc:
         raise ConfigError(str(exc)) from None

@@ -113,6 +113,14 @@ COMMON_SETTINGS = th.PropertiesList(
         "target-usage-billing-journal.sqlite beside dead_letter_path). Runs may share it.",
     ),
     th.Property(
+        "journal_sample_rate",
+        th.NumberType,
+        default=0.01,
+        description="Share of acknowledged ids the journal keeps for --reconcile to look up, "
+        "beyond the first of each customer, meter and day (at most 100 of each): 1 keeps them "
+        "all (small volumes), 0 only the first.",
+    ),
+    th.Property(
         "journal_url",
         th.StringType,
         secret=True,
@@ -207,6 +215,7 @@ class Settings:
     journal: bool
     journal_path: str | None
     journal_url: str | None
+    journal_sample_rate: float
     unmatched_streams: str
     max_rejected_records: int | None
     max_rejected_ratio: float | None
@@ -275,6 +284,8 @@ class Settings:
                 "appended, and re-sent items are de-duplicated by their ids (use append-only)"
             )
             raise ConfigError(msg)
+        if not 0 <= self.journal_sample_rate <= 1:
+            raise ConfigError(f"journal_sample_rate: must be between 0 and 1, got {self.journal_sample_rate}")
         if self.max_rejected_ratio is not None and not 0 <= self.max_rejected_ratio <= 1:
             raise ConfigError(f"max_rejected_ratio: must be between 0 and 1, got {self.max_rejected_ratio}")
         if self.unmatched_streams not in UNMATCHED_STREAMS:
@@ -295,6 +306,7 @@ _NUMBER_SETTINGS: dict[str, type] = {
     "max_rejected_records": int,
     "max_rejected_ratio": float,
     "progress_interval_seconds": float,
+    "journal_sample_rate": float,
 }
 
 

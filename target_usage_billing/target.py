@@ -28,12 +28,14 @@ from target_usage_billing.errors import (
     ConfigError,
     InputError,
     InterruptedRun,
+    ReconcileMismatch,
     RejectionLimitError,
     StreamMappingError,
     UsageBillingError,
 )
 from target_usage_billing.mapping import MappingRejection
 from target_usage_billing.reader import LineReader, StopRequested, read_batch_files
+from target_usage_billing.reconcile import reconcile
 from target_usage_billing.report import log_metrics, start_progress, summary_lines
 from target_usage_billing.run import BillingRun
 from target_usage_billing.sdk_overrides import SettingsCheck
@@ -68,7 +70,10 @@ class TargetUsageBilling(SettingsCheck, Target):
     message_reader: LineReader  # what the SDK makes of message_reader_class
     capabilities: t.ClassVar[list] = [*Target.capabilities, PluginCapabilities.BATCH]
 
-    def __init__(self, **kwargs: t.Any):
+    def __init__(self, *, reconcile_only: bool = False, **kwargs: t.Any):
+        if reconcile_only:  # --reconcile: the SDK's settings handling, no run
+            super().__init__(**kwargs)
+            return
         self._stop_signal: int | None = None
         self._stop_signal_at = 0.0
         self._phase = "setup"  # then "checking" (credentials), "reading", "finishing"
@@ -337,6 +342,9 @@ class TargetUsageBilling(SettingsCheck, Target):
         config: t.Any = None,  # the SDK's --config input: .config (merged files), .parse_env
         file_input: t.IO[str] | None = None,
         dry_run: bool = False,
+        reconcile: bool = False,
+        since: str | None = None,
+        until: str | None = None,
     ) -> None:
         if about:
             cls.print_about(about_format)
@@ -346,9 +354,14 @@ class TargetUsageBilling(SettingsCheck, Target):
         parse_env = bool(config is not None and config.parse_env)
         if dry_run:
             settings["dry_run"] = True
+        if (since or until) and not reconcile:
+            exit_with(ConfigError("--since and --until go with --reconcile"))
         try:
             if parse_env:
                 check_environment(cls.config_jsonschema, cls._env_prefix())
+            if reconcile:
+                cls._reconcile(settings, parse_env, since, until)
+                return
             try:
                 target = cls(config=settings, validate_config=True, parse_env_config=parse_env)
             except (ValueError, TypeError) as exc:  # the SDK parsing TARGET_USAGE_BILLING_* variables
@@ -360,6 +373,19 @@ class TargetUsageBilling(SettingsCheck, Target):
             exit_with(exc)
         if target._stop_signal is not None:
             cls.logger.info("Stopped by signal; everything received was delivered")
+
+    @classmethod
+    def _reconcile(cls, settings: dict, parse_env: bool, since: str | None, until: str | None) -> None:
+        """--reconcile: settings as a run takes them (files, environment, checks), then the
+        read back; the report goes to stdout."""
+        target = cls(config=settings, validate_config=True, parse_env_config=parse_env, reconcile_only=True)
+        defaults = {name: prop.get("default") for name, prop in cls.config_jsonschema["properties"].items()}
+        try:
+            lines = reconcile(target.config, defaults, since, until)
+        except ReconcileMismatch as exc:
+            click.echo("\n".join(exc.report))
+            raise
+        click.echo("\n".join(lines))
 
     @classmethod
     def cb_config(cls, ctx: click.Context, param: click.Option, value: tuple[str, ...]) -> t.Any:

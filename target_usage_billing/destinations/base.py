@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import decimal
 import enum
 import re
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import msgspec
 from singer_sdk import typing as th
 
+from target_usage_billing.destinations.readback import ItemCheck, TotalKey, Window
 from target_usage_billing.errors import CredentialsError, DeliveryError
 from target_usage_billing.http import HttpTransport, Response, retryable_status, transient
 from target_usage_billing.journal import JournalFields
@@ -242,6 +244,27 @@ class Destination(abc.ABC):
     def journal_layout(self) -> JournalFields:
         """``journal_fields``, for platforms whose layout depends on settings (Stripe)."""
         return self.journal_fields
+
+    # --- read side (--reconcile, see readback.py) ------------------------------------
+
+    # "ids": sampled ids looked up (check_items); "totals": sums compared (platform_totals)
+    read_back: t.ClassVar[str] = "ids"
+    # ids a read may look up at once, and the days back the platform lets one search
+    read_batch: t.ClassVar[int] = 100
+    read_days: t.ClassVar[int | None] = None
+
+    def check_items(self, ids: list[str], window: Window) -> dict[str, ItemCheck]:
+        """What the platform holds of each id (absent: not found)."""
+        raise NotImplementedError
+
+    def platform_totals(self, wanted: set[TotalKey], window: Window) -> dict[TotalKey, decimal.Decimal]:
+        """The platform's totals for the journal's (customer, meter, day, field) keys."""
+        raise NotImplementedError
+
+    def invalid_items(self, window: Window) -> dict[str, str]:
+        """Ids the platform accepted, then reported invalid through its own channel, with
+        its reason (platforms that validate after acknowledging)."""
+        return {}
 
     # --- payloads --------------------------------------------------------------------
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import typing as t
+import urllib.parse
 
 from singer_sdk import typing as th
 
 from target_usage_billing.destinations.base import Acknowledgement, BearerKeyDestination, Ruling, Verdict
+from target_usage_billing.destinations.readback import ItemCheck, Window, read_json
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
@@ -80,6 +82,19 @@ class LagoDestination(BearerKeyDestination):
             FieldSpec("properties", FieldKind.OBJECT),
             FieldSpec("precise_total_amount_cents", FieldKind.STRING),
         ]
+
+    # --- read side: GET /api/v1/events/{transaction_id}, one id a request -------------
+
+    read_batch = 1
+
+    def check_items(self, ids: list[str], window: Window) -> dict[str, ItemCheck]:
+        checks = {}
+        for item_id in ids:
+            url = f"{self.api_url}/api/v1/events/{urllib.parse.quote(item_id, safe='')}"
+            found = read_json(self, "GET", url, self._headers(), setting=self.key_setting, missing_ok=True)
+            if found is not None:
+                checks[item_id] = ItemCheck(True)
+        return checks
 
     def judge_refusal(self, response: t.Any) -> Ruling | None:
         if response.status in (400, 422):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import decimal
 import json
 import re
 import typing as t
+import urllib.parse
 
 from singer_sdk import typing as th
 
@@ -25,7 +27,9 @@ from target_usage_billing.destinations.base import (
     Verdict,
     json_document,
 )
+from target_usage_billing.destinations.readback import TotalKey, Window, iso, read_json
 from target_usage_billing.destinations.tokens import ExpiringToken
+from target_usage_billing.errors import DeliveryError
 from target_usage_billing.http import RetryableFailure
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
@@ -205,6 +209,82 @@ class M3terDestination(Destination):
         if result != "accepted":
             return self.not_acknowledged(response, f"result is {result!r}, not 'accepted'")
         return None
+
+    # --- read side: usage query totals, ingest validation failure events -------------
+
+    read_back = "totals"
+
+    def _read(self, method: str, path: str, body: t.Any = None) -> t.Any:
+        url = f"{self.auth_url}/organizations/{self.org_id}{path}"
+        headers = {"Authorization": f"Bearer {self._bearer()}"}
+        return read_json(self, method, url, headers, body, setting="m3ter_access_key_id and m3ter_api_secret")
+
+    def _pages(self, path: str, query: dict[str, str]) -> t.Iterator[dict]:
+        token = None
+        while True:
+            params = {**query, "pageSize": "200", **({"nextToken": token} if token else {})}
+            page = self._read("GET", f"{path}?{urllib.parse.urlencode(params)}") or {}
+            yield from page.get("data") or []
+            token = page.get("nextToken")
+            if not token:
+                return
+
+    def _ids_by_code(self, kind: str, codes: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for start in range(0, len(codes), 100):
+            chunk = ",".join(codes[start : start + 100])
+            for entity in self._pages(f"/{kind}", {"codes": chunk}):
+                found[str(entity.get("code"))] = str(entity.get("id"))
+        return found
+
+    def platform_totals(self, wanted: set[TotalKey], window: Window) -> dict[TotalKey, decimal.Decimal]:
+        meters = self._ids_by_code("meters", sorted({meter for _c, meter, _d, _f in wanted}))
+        accounts = self._ids_by_code("accounts", sorted({customer for customer, _m, _d, _f in wanted}))
+        # journal fields are "measure.tokens", "cost.usd": m3ter names the data field by its code
+        fields = {(meter, name.split(".", 1)[1]): name for _c, meter, _d, name in wanted if "." in name}
+        aggregations = [
+            {"meterId": meters[meter], "fieldCode": code, "fieldType": "MEASURE", "function": "SUM"}
+            for meter, code in sorted(fields)
+            if meter in meters
+        ]
+        if not aggregations or not accounts:
+            return {}
+        body = {
+            "startDate": iso(window.start),
+            "endDate": iso(window.end),
+            "meterIds": sorted(set(meters.values())),
+            "accountIds": sorted(accounts.values()),
+            "aggregations": aggregations,
+            "groups": [{"groupType": "ACCOUNT"}, {"groupType": "TIME", "frequency": "DAY"}],
+            "limit": 20_000,
+        }
+        answer = self._read("POST", "/usage/query", body) or {}
+        if answer.get("hasMoreData"):
+            raise DeliveryError(
+                "m3ter's usage query has more than 20,000 rows: reconcile fewer days (--since)"
+            )
+        totals: dict[TotalKey, decimal.Decimal] = {}
+        for row in answer.get("data") or []:
+            name = fields.get((str(row.get("meterCode")), str(row.get("fieldCode"))))
+            if name is not None and row.get("value") is not None:
+                key = (
+                    str(row.get("accountCode")),
+                    str(row["meterCode"]),
+                    str(row.get("startDate"))[:10],
+                    name,
+                )
+                totals[key] = decimal.Decimal(str(row["value"]))
+        return totals
+
+    def invalid_items(self, window: Window) -> dict[str, str]:
+        invalid = {}
+        for event in self._pages("/events", {"eventName": "ingest.validation.failure"}):
+            data = (event.get("m3terEvent") or {}).get("eventData") or {}
+            if data.get("uid") is not None:
+                invalid[str(data["uid"])] = str(
+                    data.get("message") or data.get("type") or "ingest validation failure"
+                )
+        return invalid
 
     def reauth_failed_message(self, status: int) -> str:
         return (

@@ -19,6 +19,7 @@ from target_usage_billing.destinations.base import (
     OutgoingRequest,
     TimeWindow,
 )
+from target_usage_billing.destinations.readback import ItemCheck, Window, read_json
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
@@ -127,6 +128,31 @@ class MetronomeDestination(BearerKeyDestination):
                         f"metronome_max_property_bytes={limit}"
                     )
         return None
+
+    # --- read side: POST /v1/events/search, at most 100 transaction ids ----------------
+
+    read_days = 34  # the search covers Metronome's last 34 days
+
+    def check_items(self, ids: list[str], window: Window) -> dict[str, ItemCheck]:
+        found = read_json(
+            self,
+            "POST",
+            f"{self.api_url}/v1/events/search",
+            self._headers(),
+            {"transactionIds": ids},
+            setting=self.key_setting,
+        )
+        checks = {}
+        for event in found if isinstance(found, list) else []:
+            problem = None
+            if event.get("is_duplicate"):
+                problem = "Metronome marks it a duplicate"
+            elif not event.get("matched_customer"):
+                problem = f"no Metronome customer matches customer_id {event.get('customer_id')!r}"
+            elif not event.get("matched_billable_metrics"):
+                problem = f"no billable metric matches event_type {event.get('event_type')!r}"
+            checks[str(event.get("transaction_id"))] = ItemCheck(True, problem)
+        return checks
 
     def ingest_request(self, body: bytes) -> OutgoingRequest:
         headers = self._headers()

@@ -29,6 +29,7 @@ from target_usage_billing.destinations.base import (
     Verdict,
     json_document,
 )
+from target_usage_billing.destinations.readback import ItemCheck, Window, iso, read_json
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
@@ -132,6 +133,16 @@ class OrbDestination(BearerKeyDestination):
             if isinstance(value, dict | list):
                 return f"properties.{key}: Orb takes numbers, booleans and strings only, not nested values"
         return None
+
+    # --- read side: POST /v1/events/search by idempotency key -----------------------
+
+    def check_items(self, ids: list[str], window: Window) -> dict[str, ItemCheck]:
+        body = {"event_ids": ids, "timeframe_start": iso(window.start), "timeframe_end": iso(window.end)}
+        found = read_json(
+            self, "POST", f"{self.api_url}/v1/events/search", self._headers(), body, setting=self.key_setting
+        )
+        events = found.get("data", []) if isinstance(found, dict) else []
+        return {str(event.get("id")): ItemCheck(True) for event in events if not event.get("deprecated")}
 
     def refusal_detail(self, response: t.Any) -> str:
         return _validation_failures(response)

@@ -16,9 +16,11 @@ asynchronously; an expired session answers 401 and is renewed.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import re
 import typing as t
+import urllib.parse
 
 from singer_sdk import typing as th
 
@@ -30,6 +32,7 @@ from target_usage_billing.destinations.base import (
     TimeWindow,
     Verdict,
 )
+from target_usage_billing.destinations.readback import TotalKey, Window, read_json
 from target_usage_billing.destinations.tokens import ExpiringToken
 from target_usage_billing.http import RetryableFailure
 from target_usage_billing.journal import JournalFields
@@ -200,6 +203,66 @@ class StripeDestination(Destination):
         if status in (400, 422):
             return Ruling(Verdict.REJECTED, f"Stripe answered {status}: {response.text()}"[:1000])
         return None
+
+    # --- read side: meter event summaries, meter error reports ------------------------
+
+    read_back = "totals"
+
+    def _read(self, path: str, query: dict[str, t.Any]) -> t.Any:
+        url = f"{self.api_url}{path}?{urllib.parse.urlencode(query)}"
+        headers = {"Authorization": f"Bearer {self.config.get('stripe_api_key', '')}"}
+        return read_json(self, "GET", url, headers, setting="stripe_api_key")
+
+    def _list(self, path: str, query: dict[str, t.Any]) -> t.Iterator[dict]:
+        after = None
+        while True:
+            page = self._read(path, {**query, "limit": 100, **({"starting_after": after} if after else {})})
+            data = page.get("data") or []
+            yield from data
+            if not page.get("has_more") or not data:
+                return
+            after = data[-1].get("id")
+
+    def _meters(self) -> dict[str, str]:
+        """Meter id by event name."""
+        return {str(m.get("event_name")): str(m.get("id")) for m in self._list("/v1/billing/meters", {})}
+
+    def platform_totals(self, wanted: set[TotalKey], window: Window) -> dict[TotalKey, decimal.Decimal]:
+        meters = self._meters()
+        value_field = f"payload.{self.value_keys[0]}"
+        totals: dict[TotalKey, decimal.Decimal] = {}
+        for customer, meter in sorted({(c, m) for c, m, _d, name in wanted if name == value_field}):
+            meter_id = meters.get(meter)
+            if meter_id is None:
+                continue  # no meter with this event name: nothing is billed (reported)
+            query = {
+                "customer": customer,
+                "start_time": int(window.start.timestamp()),
+                "end_time": int(window.end.timestamp()),
+                "value_grouping_window": "day",
+            }
+            for summary in self._list(f"/v1/billing/meters/{meter_id}/event_summaries", query):
+                day = dt.datetime.fromtimestamp(int(summary["start_time"]), dt.timezone.utc).strftime(
+                    "%Y-%m-%d"
+                )
+                key = (customer, meter, day, value_field)
+                totals[key] = totals.get(key, decimal.Decimal(0)) + decimal.Decimal(
+                    str(summary["aggregated_value"])
+                )
+        return totals
+
+    def invalid_items(self, window: Window) -> dict[str, str]:
+        invalid = {}
+        for meter_id in self._meters().values():
+            query = {"object_id": meter_id, "types": "v1.billing.meter.error_report_triggered"}
+            for event in (self._read("/v2/core/events", query) or {}).get("data") or []:
+                for error in ((event.get("data") or {}).get("reason") or {}).get("error_types") or []:
+                    for sample in error.get("sample_errors") or []:
+                        identifier = (sample.get("request") or {}).get("identifier")
+                        if identifier:
+                            reason = f"{error.get('code')}: {sample.get('error_message')}"
+                            invalid[str(identifier)] = reason
+        return invalid
 
     def reauth_failed_message(self, status: int) -> str:
         return f"Stripe refused a new meter event session too ({status}): check stripe_api_key"
