@@ -26,9 +26,8 @@ import jmespath
 
 from target_usage_billing.errors import ConfigError
 from target_usage_billing.mapping.codegen import BOOL, ExpressionWriter
-from target_usage_billing.mapping.expressions import field_path, is_truthy
-from target_usage_billing.mapping.rules import CompiledRule
-from target_usage_billing.mapping.spec import MappingRejection
+from target_usage_billing.mapping.expressions import field_path
+from target_usage_billing.mapping.rules import CODEGEN_HELPERS, CompiledRule
 
 
 class StreamPlan:
@@ -56,7 +55,7 @@ def generate_fanout(
     rules: Sequence[CompiledRule], id_tags: Sequence[str | int | None]
 ) -> t.Callable[..., tuple[t.Any, ...]]:
     """One function over a stream's mappings; see StreamPlan.apply."""
-    namespace: dict[str, t.Any] = {"MappingRejection": MappingRejection, "is_truthy": is_truthy}
+    namespace: dict[str, t.Any] = dict(CODEGEN_HELPERS)
     writer = ExpressionWriter(namespace)
     terms: dict[str, int] = {}  # a term's canonical tree -> its local c<N>
     lines = ["def apply_all(record, stream, key_properties=()):"]

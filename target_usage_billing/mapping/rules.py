@@ -26,7 +26,7 @@ from target_usage_billing.mapping.fields import CompiledField, compile_field
 from target_usage_billing.mapping.ids import derive_id
 from target_usage_billing.mapping.spec import FieldKind, FieldSpec, MappingRejection, Preset
 
-_HELPERS = {
+CODEGEN_HELPERS = {
     "MappingRejection": MappingRejection,
     "derive_id": derive_id,
     "is_truthy": is_truthy,
@@ -92,7 +92,7 @@ class CompiledRule:
         return generate_apply(
             self._code,
             self.filter if filtered else None,
-            {**_HELPERS, "derive_id": derive},
+            {**CODEGEN_HELPERS, "derive_id": derive},
         )
 
     @property
