@@ -139,7 +139,7 @@ class BillingRun:
                 )
             elif plan.fans_out:
                 logger.info(
-                    "Stream '%s': %d mappings fire on each record: %s",
+                    "Stream '%s': %d mappings bill each record their filters keep: %s",
                     stream,
                     len(rules),
                     ", ".join(rule.label for rule in rules),

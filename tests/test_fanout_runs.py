@@ -226,3 +226,33 @@ def test_schema_checks_name_the_mapping_that_does_not_fit(sandbox, tmp_path):
     assert "mappings[1] 'tokens' (stream 'usage'): field 'account' reads 'acount'" in error
     assert "did you mean 'account'" in error
     assert sandbox.stats("m3ter")["requests"] == 0
+
+
+def test_the_readme_fan_out_example_bills_each_api_request_twice(tmp_path):
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("### Fan-out: several mappings on one stream", 1)[1]
+    block = section.split("```json\n", 1)[1].split("```", 1)[0]
+    mappings = json.loads("{" + block + "}")["mappings"]
+    config = json.loads((EXAMPLES / "m3ter-segment.config.json").read_text())
+    config.update(mappings=mappings, dry_run=True)
+    result = run_target(tmp_path, config, EXAMPLES / "segment-events.singer.jsonl")
+    assert result.returncode == 0, result.stderr
+    (body,) = [
+        json.loads(line)["body"] for line in (tmp_path / "dry-run-requests.jsonl").read_text().splitlines()
+    ]
+    items = body["measurements"]
+    requests_ = {item["uid"] for item in items if item["meter"] == "api_requests"}
+    tokens = {item["uid"] for item in items if item["meter"] == "tokens"}
+    assert requests_ and {uid + "-tokens" for uid in requests_} == tokens
+    assert "mappings[0] 'api_requests' (stream 'segment_events'): filtered" in result.stderr
+
+
+def test_a_later_mapping_without_a_name_is_warned_about(sandbox, tmp_path):
+    rules = two_meters("m3ter")
+    del rules[1]["name"]
+    config = config_for("m3ter", sandbox, mappings=rules)
+    result = run_target(tmp_path, config, singer("usage", usage(2), key_properties=["id"]))
+    assert result.returncode == 0, result.stderr
+    assert "mappings[1] (stream 'usage') has no name, so its derived ids include its index 1" in result.stderr
+    tokens = [item["uid"] for item in sandbox.items("m3ter") if item["meter"] == "tokens"]
+    assert sorted(tokens) == sorted(derive_id("usage", r, ["id"], mapping=1) for r in usage(2))
