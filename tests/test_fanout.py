@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -256,3 +257,19 @@ def test_mapping_names_are_checked(names, expected):
 def test_a_skip_rule_may_carry_a_name():
     (rule,) = m3ter_rules({"stream": "audit", "skip": True, "name": "audit"})
     assert rule.skip and rule.label == "audit"
+
+
+def test_derived_ids_are_text_of_rfc_4122_version_5_uuids():
+    import hashlib
+    import uuid
+
+    from target_usage_billing.mapping.ids import ID_NAMESPACE
+
+    rng = random.Random(5)
+    for _ in range(2000):
+        record = {"k": rng.random(), "s": "x" * rng.randrange(5)}
+        stream = f"s{rng.randrange(10)}"
+        hasher = hashlib.sha1(ID_NAMESPACE.bytes + stream.encode() + b"\x00")
+        hasher.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
+        expected = str(uuid.UUID(bytes=hasher.digest()[:16], version=5))
+        assert derive_id(stream, record, ()) == expected
