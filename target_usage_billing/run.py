@@ -211,6 +211,9 @@ class BillingRun:
             hint = f"; closest: {closest[0]!r}" if closest else ""
             problems.append(f"{rule.where} matched no stream (streams: {listed}{hint})")
         what = "; ".join(problems)
+        if not streams:  # no SCHEMA at all (a tap with nothing to send): nothing was misrouted
+            logger.warning("%s: the input had no stream", what)
+            return
         if self.settings.unmatched_streams == "skip":
             logger.warning("%s: it billed nothing (unmatched_streams is skip)", what)
             return

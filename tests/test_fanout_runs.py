@@ -256,3 +256,12 @@ def test_a_later_mapping_without_a_name_is_warned_about(sandbox, tmp_path):
     assert "mappings[1] (stream 'usage') has no name, so its derived ids include its index 1" in result.stderr
     tokens = [item["uid"] for item in sandbox.items("m3ter") if item["meter"] == "tokens"]
     assert sorted(tokens) == sorted(derive_id("usage", r, ["id"], mapping=1) for r in usage(2))
+
+
+def test_an_input_without_any_stream_is_no_error(sandbox, tmp_path):
+    config = config_for("m3ter", sandbox)
+    result = run_target(tmp_path, config, [json.dumps({"type": "STATE", "value": {"n": 0}})])
+    assert result.returncode == 0, result.stderr
+    assert result.states == [{"n": 0}]
+    assert "mappings[0] (stream 'usage') matched no stream (streams: none)" in result.stderr
+    assert "the input had no stream" in result.stderr
