@@ -25,8 +25,9 @@ from collections.abc import Sequence
 import jmespath
 
 from target_usage_billing.errors import ConfigError
-from target_usage_billing.mapping.codegen import BOOL, ExpressionWriter
+from target_usage_billing.mapping.codegen import BOOL, ExpressionWriter, FieldCode, generate_apply
 from target_usage_billing.mapping.expressions import field_path
+from target_usage_billing.mapping.ids import derive_id
 from target_usage_billing.mapping.rules import CODEGEN_HELPERS, CompiledRule
 
 
@@ -54,10 +55,22 @@ class StreamPlan:
 def generate_fanout(
     rules: Sequence[CompiledRule], id_tags: Sequence[str | int | None]
 ) -> t.Callable[..., tuple[t.Any, ...]]:
-    """One function over a stream's mappings; see StreamPlan.apply."""
+    """One function over a stream's mappings; see StreamPlan.apply.
+
+    Fields that several mappings compute alike (same field, same expression) are computed
+    once, by one generated function over the distinct fields, the first time a mapping
+    fires on the record; each firing mapping's payload is then assembled from those
+    values. When that function fails on a record (a rejection, also of a field only a
+    mapping that does not fire reads) each firing mapping computes its own payload, so
+    rejections are exactly the mapping's own.
+    """
     namespace: dict[str, t.Any] = dict(CODEGEN_HELPERS)
     writer = ExpressionWriter(namespace)
     terms: dict[str, int] = {}  # a term's canonical tree -> its local c<N>
+    shared = _shared_fields(rules)
+    if shared is not None:
+        keys, shared_code = shared
+        namespace["_shared"] = generate_apply(shared_code, None, dict(CODEGEN_HELPERS))
     lines = ["def apply_all(record, stream, key_properties=()):"]
     body: list[str] = []
     results = []
@@ -71,20 +84,33 @@ def generate_fanout(
             tests.append(f"((c{number} := {code}) if c{number} is None else c{number})")
         source = rule.filter.source if rule.filter is not None else None
         call = f"_apply{position}(record, stream, key_properties)"
+        if shared is None:
+            computed = [f"{result} = {call}"]
+        else:
+            namespace[f"_derive{position}"] = (
+                derive_id if tag is None else functools.partial(derive_id, mapping=tag)
+            )
+            computed = _assembled(rule, position, keys, call, namespace)
         if not tests:
-            body += ["    try:", f"        {result} = {call}", "    except MappingRejection as exc:"]
-            body += [f"        {result} = exc"]
-            continue
-        body += [
-            "    try:",
-            f"        {result} = {call} if {' and '.join(tests)} else None",
-            "    except MappingRejection as exc:",
-            f"        {result} = exc",
-            "    except Exception as exc:  # the filter failed on this record",
-            f"        {result} = MappingRejection(f'expression failed: {{exc}}', 'filter', {source!r})",
-        ]
+            body += ["    try:", *(f"        {line}" for line in computed)]
+        else:
+            body += [
+                "    try:",
+                f"        if {' and '.join(tests)}:",
+                *(f"            {line}" for line in computed),
+                "        else:",
+                f"            {result} = None",
+            ]
+        body += ["    except MappingRejection as exc:", f"        {result} = exc"]
+        if tests:
+            body += [
+                "    except Exception as exc:  # the filter failed on this record",
+                f"        {result} = MappingRejection(f'expression failed: {{exc}}', 'filter', {source!r})",
+            ]
     if terms:
         lines.append("    " + " = ".join(f"c{n}" for n in range(len(terms))) + " = None")
+    if shared is not None:
+        lines.append("    shared = None  # the distinct fields' values; False: they failed on this record")
     lines += body
     lines.append(f"    return ({', '.join(results)},)")
     source_text = "\n".join(lines)
@@ -92,6 +118,79 @@ def generate_fanout(
     apply_all = namespace["apply_all"]
     apply_all.source = source_text  # for debugging: print(plan.apply.source)
     return t.cast(t.Callable[..., tuple[t.Any, ...]], apply_all)
+
+
+def _shared_fields(
+    rules: Sequence[CompiledRule],
+) -> tuple[dict[tuple[str, str], str], list[FieldCode]] | None:
+    """(field and source -> the key its value has in the shared function, that function's
+    fields), or None when too few fields are alike for it to pay (a quarter at least)."""
+    keys: dict[tuple[str, str], str] = {}
+    code: list[FieldCode] = []
+    total = 0
+    for rule in rules:
+        if len(rule.field_sources) != len(rule.code):  # pragma: no cover - compile_rules sets them
+            return None
+        for field, source in zip(rule.code, rule.field_sources):
+            total += 1
+            if (field.name, source) in keys:
+                continue
+            key = f"v{len(code)}"
+            keys[field.name, source] = key
+            # the value alone: an id left empty stays empty (each mapping derives its own),
+            # defaults are each mapping's; a required field missing fails the function
+            code.append(field._replace(name=key, is_id=False, default=None))
+    if not total or len(code) > total * 3 // 4:
+        return None
+    return keys, code
+
+
+def _assembled(
+    rule: CompiledRule,
+    position: int,
+    keys: dict[tuple[str, str], str],
+    call: str,
+    namespace: dict[str, t.Any],
+) -> list[str]:
+    """Statements setting r<position> to the mapping's payload from the shared values, in
+    the order and with the defaults of its own function."""
+    result = f"r{position}"
+    lines = [
+        "if shared is None:",
+        "    try:",
+        "        shared = _shared(record, stream, key_properties)",
+        "    except Exception:",
+        "        shared = False",
+        "if shared is False:",
+        f"    {result} = {call}",
+        "else:",
+        "    try:",
+        "        payload = {}",
+    ]
+    defaults = []
+    for number, (field, source) in enumerate(zip(rule.code, rule.field_sources)):
+        key = keys[field.name, source]
+        lines.append(f"        value = shared.get({key!r})")
+        if field.is_id:
+            lines += [
+                f"        payload[{field.name!r}] = value if value is not None else "
+                f"_derive{position}(stream, record, key_properties)"
+            ]
+        else:
+            lines += ["        if value is not None:", f"            payload[{field.name!r}] = value"]
+        if field.default is not None:
+            namespace[f"_default{position}_{number}"] = field.default
+            defaults += [
+                f"        if {field.name!r} not in payload:",
+                f"            payload[{field.name!r}] = _default{position}_{number}",
+            ]
+    lines += defaults
+    lines += [
+        f"        {result} = payload",
+        "    except Exception:  # e.g. a derived id failing: the mapping's own words for it",
+        f"        {result} = {call}",
+    ]
+    return lines
 
 
 def _terms(

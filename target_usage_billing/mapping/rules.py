@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import re
 import typing as t
 from collections.abc import Mapping, Sequence
@@ -64,13 +65,14 @@ class CompiledRule:
         self.skip = skip
         self.id_source = id_source  # the id expression the rule gives (None: derived)
         self.reads: list[FieldRead] = []  # set by compile_rules
+        self.field_sources: list[str] = []  # set by compile_rules: each field's source as JSON
         # the payload field that carries the idempotency key (None: the platform has none)
         self.id_field = next((f.spec.name for f in fields if f.spec.kind is FieldKind.ID), None)
         self._plan = [
             (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
         ]
         self._defaults = [(f.spec.name, f.spec.default) for f in fields if f.spec.default is not None]
-        self._code = [
+        self.code = [
             FieldCode(
                 f.spec.name,
                 f.source,
@@ -90,7 +92,7 @@ class CompiledRule:
         function (mapping.fanout tests the triggers), ``id_tag`` in its derived ids."""
         derive = derive_id if id_tag is None else functools.partial(derive_id, mapping=id_tag)
         return generate_apply(
-            self._code,
+            self.code,
             self.filter if filtered else None,
             {**CODEGEN_HELPERS, "derive_id": derive},
         )
@@ -244,6 +246,11 @@ def compile_rules(
             name=name,
             id_source=id_source if isinstance(id_source, str) else None,
         )
+        # what each field computes, as given: fields alike in several rules of one stream
+        # are computed once (mapping.fanout)
+        rule.field_sources = [
+            json.dumps(fields_raw.get(f.spec.name), sort_keys=True) for f in compiled_fields
+        ]
         rule.reads = [
             FieldRead(label, text, path, spec.required)
             for spec in specs
