@@ -265,3 +265,19 @@ def test_an_input_without_any_stream_is_no_error(sandbox, tmp_path):
     assert result.states == [{"n": 0}]
     assert "mappings[0] (stream 'usage') matched no stream (streams: none)" in result.stderr
     assert "the input had no stream" in result.stderr
+
+
+def test_the_first_records_are_watched_for_each_mapping(tmp_path):
+    config = json.loads((EXAMPLES / "m3ter-segment.config.json").read_text())
+    second = copy.deepcopy(config["mappings"][0])
+    second.update(name="tokens")
+    second["fields"].update(meter="'tokens'", uid=None, account="context.group_id")
+    config["mappings"].append(second)
+    result = run_target(tmp_path, {**config, "dry_run": True}, EXAMPLES / "segment-events.singer.jsonl")
+    assert result.returncode == 2, result.stderr
+    (error,) = result.error_lines
+    assert (
+        "mappings[1] 'tokens' (stream 'segment_events'): field 'account' ('context.group_id') was empty"
+        in error
+    )
+    assert "did you mean 'context.groupId'?" in error

@@ -3,8 +3,9 @@
 One API call can be usage for two meters (requests and tokens), or go to two platforms'
 shapes during a migration. The mappings that fire on one stream (``find_rules``) become
 a ``StreamPlan``: one generated function that tests each trigger once per record (the
-``&&`` terms of the filters, shared between mappings, are computed at most once) and
-calls each matching mapping's own generated function without its filter.
+``&&`` terms of the filters, shared between mappings, are computed at most once),
+computes the fields several mappings compute alike once, and assembles each matching
+mapping's payload (or calls its own generated function without its filter).
 
 Ids: the first mapping that fires on a stream keeps the derived ids it would have
 alone; every later one adds its name (or index) to the basis (``derive_id(...,
