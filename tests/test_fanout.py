@@ -277,3 +277,32 @@ def test_derived_ids_are_text_of_rfc_4122_version_5_uuids():
         hasher.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
         expected = str(uuid.UUID(bytes=hasher.digest()[:16], version=5))
         assert derive_id(stream, record, ()) == expected
+
+
+def test_null_drops_a_presets_id_so_the_second_mapping_derives_its_own():
+    rules = compile_rules(
+        [
+            {"stream": "segment_events", "preset": "segment"},
+            {
+                "stream": "segment_events",
+                "name": "copy",
+                "preset": "segment",
+                "fields": {"transaction_id": None},
+            },
+        ],
+        MetronomeDestination.field_specs({}),
+        MetronomeDestination.presets,
+        "metronome",
+    )
+    check_id_collisions(rules)  # the second gives no id expression: no collision
+    event = {
+        "type": "track",
+        "messageId": "m-1",
+        "event": "API Request",
+        "timestamp": "2026-11-20T10:00:00Z",
+        "context": {"groupId": "acct"},
+        "properties": {"requests": 1},
+    }
+    first, second = plan(rules, "segment_events").apply(event, "segment_events", ())
+    assert first["transaction_id"] == "m-1"
+    assert second["transaction_id"] == derive_id("segment_events", event, (), mapping="copy")
