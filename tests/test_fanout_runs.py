@@ -281,3 +281,18 @@ def test_the_first_records_are_watched_for_each_mapping(tmp_path):
         in error
     )
     assert "did you mean 'context.groupId'?" in error
+
+
+def test_the_in_run_conflict_check_stays_the_last_line_of_defence(sandbox, tmp_path):
+    rules = two_meters("m3ter")
+    rules[0]["fields"]["uid"] = "to_string(id)"
+    rules[1]["fields"]["uid"] = "to_string(@.id)"  # the same id, written differently: not caught at start
+    config = config_for("m3ter", sandbox, mappings=rules, max_rejected_ratio=1)
+    result = run_target(tmp_path, config, singer("usage", usage(3), key_properties=["id"], state={"n": 3}))
+    assert result.returncode == 0, result.stderr
+    assert [item["meter"] for item in sandbox.items("m3ter")] == ["requests"] * 3
+    letters = dead_letters(tmp_path)
+    assert [(letter["stage"], letter["mapping"], letter["id"]) for letter in letters] == [
+        ("conflict", "tokens", str(n)) for n in range(3)
+    ]
+    assert result.states == [{"n": 3}]
