@@ -1,6 +1,7 @@
 """Benchmark: the real CLI against the sandbox, beside a no-op singer-sdk target.
 
     python benchmarks/run.py --events 1000000 --destination m3ter --latency-ms 0
+    python benchmarks/run.py --events 200000 --mappings 1 2 10 --repeat 3   # fan-out, dry runs
 
 Generates N Segment-shaped events (cached in benchmarks/results/), starts the sandbox,
 runs `target-usage-billing` on them and prints records/s, requests, requests/s, the
@@ -126,11 +127,32 @@ def destination_settings(destination: str, url: str) -> dict:
     return sandbox[destination]
 
 
-def target_config(destination: str, url: str, rate_limited: bool, in_flight: int | None) -> dict:
+ID_FIELDS = {"m3ter": "uid", "openmeter": "id", "stripe": "identifier", "orb": "idempotency_key"}
+
+
+def fanout_rules(destination: str, count: int) -> list[dict]:
+    """``count`` mappings on segment_events: the destination's rule, each named; every
+    mapping after the first derives its ids (``null`` drops the preset's messageId), which
+    then include its name; m3ter meters differ."""
+    rules = []
+    for n in range(count):
+        rule = json.loads(json.dumps(RULES[destination]))
+        rule["name"] = f"meter_{n}"
+        if n:
+            rule.setdefault("fields", {})[ID_FIELDS.get(destination, "transaction_id")] = None
+            if destination == "m3ter":
+                rule["fields"]["meter"] = f"'meter_{n}'"
+        rules.append(rule)
+    return rules
+
+
+def target_config(
+    destination: str, url: str, rate_limited: bool, in_flight: int | None, mappings: int = 1
+) -> dict:
     config = {
         "destination": destination,
         **destination_settings(destination, url),
-        "mappings": [RULES[destination]],
+        "mappings": fanout_rules(destination, mappings) if mappings > 1 else [RULES[destination]],
     }
     if not rate_limited:
         config["max_requests_per_second"] = 0
@@ -148,6 +170,7 @@ def bench(
     in_flight: int | None,
     dry_run: bool = False,
     journal: bool = True,
+    mappings: int = 1,
 ) -> dict:
     input_path = events_file(count)
     rate_limited = (
@@ -161,7 +184,7 @@ def bench(
         url = sandbox.url
         try:
             config_path = work / "config.json"
-            config = target_config(destination, url, rate_limited, in_flight)
+            config = target_config(destination, url, rate_limited, in_flight, mappings)
             if dry_run:  # everything but sending: request bodies go to /dev/null
                 config.update(dry_run=True, dry_run_path=os.devnull)
             if not journal:
@@ -176,6 +199,9 @@ def bench(
             if code != 0:
                 sys.exit(f"benchmark: target exited {code}:\n{(work / 'target.log').read_text()[-3000:]}")
             stats = fetch(f"{url}/_sandbox/stats")[destination]
+            if dry_run:  # nothing reached the sandbox: the items are the summary's
+                summary = (work / "target.log").read_text().rsplit("total: would send ", 1)[1]
+                stats["accepted"] = int(summary.split(" ", 1)[0])
         finally:
             sandbox.stop()
     result = {
@@ -257,6 +283,57 @@ def stage_costs(destination: str, count: int) -> dict:
     }
 
 
+def fanout_map_cost(destination: str, count: int, mappings: int) -> dict:
+    """CPU microseconds per record of mapping alone with ``mappings`` mappings on the
+    stream: the stream's one generated function, and (for comparison) each mapping's own
+    function called in turn, as without shared trigger terms."""
+    from target_usage_billing.destinations import DESTINATIONS
+    from target_usage_billing.mapping import MappingRejection, StreamPlan, compile_rules, find_rules
+    from target_usage_billing.reader import _decoder
+
+    config = target_config(destination, "http://unused", False, None, mappings)
+    cls = DESTINATIONS[destination]
+    rules = compile_rules(config["mappings"], cls.field_specs(config), cls.presets, destination)
+    plan = StreamPlan(find_rules(rules, "segment_events"))
+    records = []
+    for line in events_file(count).read_bytes().split(b"\n"):
+        if line:
+            message = _decoder.decode(line)
+            if message.get("type") == "RECORD":
+                records.append(message["record"])
+    keys = ("messageId",)
+    alone = [rule.generate(id_tag=tag) for rule, tag in zip(plan.rules, plan.id_tags)]
+    gc.disable()
+    try:
+        started = time.process_time()
+        if plan.apply is None:
+            for record in records:
+                try:
+                    alone[0](record, "segment_events", keys)
+                except MappingRejection:
+                    pass
+        else:
+            apply_all = plan.apply
+            for record in records:
+                apply_all(record, "segment_events", keys)
+        combined = time.process_time() - started
+        started = time.process_time()
+        for record in records:
+            for one in alone:
+                try:
+                    one(record, "segment_events", keys)
+                except MappingRejection:
+                    pass
+        separate = time.process_time() - started
+    finally:
+        gc.enable()
+    per = 1e6 / count
+    return {
+        "cpu_us_per_record_map": round(combined * per, 2),
+        "cpu_us_per_record_map_each_alone": round(separate * per, 2),
+    }
+
+
 def stage_costs_in_child(destination: str, count: int) -> dict:
     # A child of its own: the decoded input must not inflate this process, whose size a
     # forked target would inherit in its peak-RSS figure.
@@ -301,10 +378,25 @@ def main() -> None:
         action="store_true",
         help="only measure the run journal: CPU with and without it, interleaved --repeat times",
     )
+    parser.add_argument(
+        "--mappings",
+        type=int,
+        nargs="+",
+        help="fan-out: dry runs with this many mappings on the one stream (e.g. 1 2 10), CPU "
+        "per record of the whole run and of mapping alone; --destination m3ter by default",
+    )
     parser.add_argument("--stage-costs", choices=DESTINATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--fanout-map-cost", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage_costs:
-        print(json.dumps(stage_costs(args.stage_costs, args.events)))
+        if args.fanout_map_cost:
+            print(json.dumps(fanout_map_cost(args.stage_costs, args.events, args.fanout_map_cost)))
+        else:
+            print(json.dumps(stage_costs(args.stage_costs, args.events)))
+        return
+    if args.mappings:
+        compile_package()
+        bench_fanout("m3ter" if args.destination == "all" else args.destination, args)
         return
     destinations = DESTINATIONS if args.destination == "all" else [args.destination]
     compile_package()
@@ -385,6 +477,37 @@ def main() -> None:
                     result["cpu_us_per_record"] - sum(stages.values()), 1
                 )
             print(json.dumps(result), flush=True)
+
+
+def bench_fanout(destination: str, args: argparse.Namespace) -> None:
+    """Dry runs (bodies to /dev/null) with 1, 2, 10 ... mappings on one stream, interleaved
+    ``--repeat`` times; the least CPU time of each, and mapping alone in a child."""
+    runs: dict[int, list[dict]] = {n: [] for n in args.mappings}
+    for _attempt in range(max(1, args.repeat)):
+        for n in args.mappings:
+            runs[n].append(bench(destination, args.events, 0.0, None, None, dry_run=True, mappings=n))
+    for n in args.mappings:
+        best = min(runs[n], key=lambda run: run["cpu_seconds"])
+        done = subprocess.run(
+            [
+                *(sys.executable, __file__, "--stage-costs", destination),
+                *("--events", str(args.events), "--fanout-map-cost", str(n)),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result = {
+            "destination": destination,
+            "mappings": n,
+            "events": args.events,
+            "items_written": best["items_sent"],
+            "cpu_seconds_all_runs": [run["cpu_seconds"] for run in runs[n]],
+            "cpu_us_per_record": best["cpu_us_per_record"],
+            "peak_rss_mb": best["peak_rss_mb"],
+            **json.loads(done.stdout),
+        }
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,12 +51,15 @@ _line_decoder = msgspec.json.Decoder(float_hook=decimal.Decimal)
 
 # One mapped payload, with what a dead-letter line needs if the API refuses it:
 # (body: the payload JSON-encoded once, input line it came from (holds the original
-# record), line number). A plain tuple: one is made per record, and a NamedTuple's
-# constructor costs fifteen times as much.
-Item = tuple[bytes, bytes | bytearray | str, int | None]
+# record), line number, label of the mapping that made it). A plain tuple: one is made
+# per payload, and a NamedTuple's constructor costs fifteen times as much. One record
+# billed by several mappings is several items with one line number (and one record
+# index for STATE: a buffer or batch starting with any of them holds that STATE back).
+Item = tuple[bytes, bytes | bytearray | str, int | None, str]
 BODY: t.Final = 0
 LINE_TEXT: t.Final = 1
 LINE_NUMBER: t.Final = 2
+MAPPING: t.Final = 3
 
 
 def original_record(item: Item) -> tuple[t.Any, dict[str, t.Any]]:
@@ -261,16 +264,16 @@ class Delivery:
         self.stats.add_request(stream)
         if self.dry_run is not None:
             self.dry_run.write(self.destination.name, self.destination.ingest_path, len(items), body)
-            self.stats.add_sent(stream, len(items))
+            self.stats.add_sent(stream, len(items), items)
             return
         ruling = self._post(stream, body)
         if ruling.verdict is Verdict.ACCEPTED:
             self._journal(batch, items, body)
-            self.stats.add_sent(stream, len(items))
+            self.stats.add_sent(stream, len(items), items)
             return
         if ruling.verdict is Verdict.ALREADY_STORED and len(items) == 1:
             self._journal(batch, items, body)  # the platform holds it (sent by a run that crashed)
-            self.stats.add_already_stored(stream)  # billed by an earlier request: done
+            self.stats.add_already_stored(stream, items[0][MAPPING])  # billed by an earlier request: done
             return
         # REJECTED (or ALREADY_STORED with others in the request, which the platform then
         # did not take either): halve until single items are refused: about 2*log2(n)
@@ -288,9 +291,10 @@ class Delivery:
                 reason=ruling.message,
                 line=item[LINE_NUMBER],
                 payload=msgspec.Raw(item[BODY]),
+                mapping=item[MAPPING],
                 **location,
             )
-            self.stats.add_rejected(stream, "api", ruling.message)
+            self.stats.add_rejected(stream, "api", ruling.message, item[MAPPING])
             self._on_api_rejection()
             return
         middle = len(items) // 2

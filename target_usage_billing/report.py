@@ -62,16 +62,31 @@ def summary_lines(run: BillingRun) -> list[str]:
             f"{sent} {s.sent} {noun}, rejected {s.rejected}{duplicates}, requests {s.requests}, "
             f"retries {s.retries}"
         )
+        plan = run.plan_by_stream.get(name)
+        if s.mappings and plan is not None:  # several mappings bill this stream: each one's share
+            for rule in plan.rules:
+                share = s.mappings[rule.label]
+                more = f", duplicates {share.duplicates}" if share.duplicates else ""
+                if share.already_stored:
+                    more += f", already stored {share.already_stored}"
+                lines.append(
+                    f"    {rule.where}: filtered {share.filtered}, "
+                    f"{sent} {share.sent} {noun}, rejected {share.rejected}{more}"
+                )
+                for reason, count in share.reasons.most_common(3):
+                    lines.append(f"      rejected {count} x {reason}")
+                if dry:
+                    lines += _first_payload(run, name, rule.label, "      ")
+            continue
         for reason, count in s.reasons.most_common(3):
             lines.append(f"    rejected {count} x {reason}")
-        if dry and name in run.rule_by_stream:
-            rule = run.rule_by_stream[name]
+        if dry and name in run.plan_by_stream:
+            first = plan.rules[0] if plan is not None else None
             lines.append(
-                f"    rule: {rule.where if rule is not None else 'none (unmatched_streams is skip)'}"
+                f"    rule: {first.where if first is not None else 'none (unmatched_streams is skip)'}"
             )
-            if name in run.first_payloads:
-                shown = state_encoder.encode(run.first_payloads[name]).decode()
-                lines.append(f"    first payload: {shown[:1000]}{'...' if len(shown) > 1000 else ''}")
+            if first is not None:
+                lines += _first_payload(run, name, first.label, "    ")
     states = (
         f"STATE messages withheld {run.states_withheld}"
         if dry
@@ -104,8 +119,17 @@ def summary_lines(run: BillingRun) -> list[str]:
     return lines
 
 
+def _first_payload(run: BillingRun, stream: str, label: str, indent: str) -> list[str]:
+    payload = run.first_payloads.get((stream, label))
+    if payload is None:
+        return []
+    shown = state_encoder.encode(payload).decode()
+    return [f"{indent}first payload: {shown[:1000]}{'...' if len(shown) > 1000 else ''}"]
+
+
 def metric_points(run: BillingRun) -> list[dict]:
-    """The summary as singer-sdk METRIC points, one set per stream."""
+    """The summary as singer-sdk METRIC points: one set per stream, and per mapping
+    (tagged ``mapping``: its name or ``mappings[INDEX]``) what each mapping did."""
     points = []
     elapsed = round(run.stats.elapsed, 3)
     for name, s in sorted(run.stats.streams.items()):
@@ -125,6 +149,20 @@ def metric_points(run: BillingRun) -> list[dict]:
         points.append(
             {"type": "timer", "metric": "usage_billing.run_duration", "value": elapsed, "tags": tags}
         )
+        plan = run.plan_by_stream.get(name)
+        if plan is None or plan.skip:
+            continue
+        for rule in plan.rules:  # each mapping's share (a lone mapping's is the stream's)
+            share = s.mappings.get(rule.label, s)
+            mapping_tags = {**tags, "mapping": rule.label}
+            for metric, value in (
+                ("usage_billing.mapping.filtered", share.filtered),
+                ("usage_billing.mapping.sent", share.sent),
+                ("usage_billing.mapping.duplicates", share.duplicates),
+                ("usage_billing.mapping.already_stored", share.already_stored),
+                ("usage_billing.mapping.rejected", share.rejected),
+            ):
+                points.append({"type": "counter", "metric": metric, "value": value, "tags": mapping_tags})
     return points
 
 

@@ -25,7 +25,14 @@ from target_usage_billing.http import HttpTransport, RateLimiter
 from target_usage_billing.journal import Journal
 from target_usage_billing.journal_store import open_store
 from target_usage_billing.ledger import IdLedger
-from target_usage_billing.mapping import CompiledRule, MappingRejection, compile_rules, find_rule
+from target_usage_billing.mapping import (
+    CompiledRule,
+    MappingRejection,
+    StreamPlan,
+    check_id_collisions,
+    compile_rules,
+    find_rules,
+)
 from target_usage_billing.settings import MIN_CHECKPOINT_SECONDS, Settings
 from target_usage_billing.stats import RunStats
 
@@ -51,6 +58,7 @@ class BillingRun:
         self.rules: list[CompiledRule] = compile_rules(
             config.get("mappings"), specs, destination_class.presets, destination_class.name
         )
+        check_id_collisions(self.rules)
         self.secrets = destination_class.secrets(config)
         self.transport = HttpTransport(
             timeout_seconds=settings.request_timeout_seconds,
@@ -77,7 +85,8 @@ class BillingRun:
         self.limiter = RateLimiter(windows)
         self.stats = RunStats()
         self.key_properties: dict[str, tuple[str, ...]] = {}  # per stream, set by its sink
-        self.first_payloads: dict[str, t.Any] = {}  # dry run: the first payload of each stream
+        # dry run: the first payload of each (stream, mapping label)
+        self.first_payloads: dict[tuple[str, str], t.Any] = {}
         self.dead_letters = _open_output(
             "dead_letter_path", DeadLetters, settings.dead_letter_path, self.secrets
         )
@@ -101,7 +110,7 @@ class BillingRun:
             dry_run=self.dry_run,
             journal=self.journal,
         )
-        self.rule_by_stream: dict[str, CompiledRule | None] = {}
+        self.plan_by_stream: dict[str, StreamPlan | None] = {}
         self._rules_used: set[int] = set()
         self.records_seen = 0  # records read so far; a record's index is its position
         self.checkpoint_seconds = max(settings.state_checkpoint_seconds, MIN_CHECKPOINT_SECONDS)
@@ -116,23 +125,41 @@ class BillingRun:
 
     # --- rules -------------------------------------------------------------------------
 
-    def rule_for(self, stream: str) -> CompiledRule | None:
-        """The rule for ``stream``; a stream no rule matches stops the run unless allowed.
+    def plan_for(self, stream: str) -> StreamPlan | None:
+        """The mappings that fire on ``stream``; a stream no rule matches stops the run
+        unless allowed (None: skipped as unmatched).
 
         Called when the stream's SCHEMA arrives, before any of its records is read, so
         no STATE can ever cover records of a stream that was silently left out.
         """
-        if stream in self.rule_by_stream:
-            return self.rule_by_stream[stream]
-        rule = find_rule(self.rules, stream)
-        self.rule_by_stream[stream] = rule
-        if rule is not None:
-            self._rules_used.add(rule.index)
-            if rule.skip:
+        if stream in self.plan_by_stream:
+            return self.plan_by_stream[stream]
+        rules = find_rules(self.rules, stream)
+        plan = StreamPlan(rules) if rules else None
+        self.plan_by_stream[stream] = plan
+        if plan is not None:
+            self._rules_used.update(rule.index for rule in rules)
+            if plan.skip:
                 logger.info(
-                    "Stream '%s': %s says skip: its records are counted, not sent", stream, rule.where
+                    "Stream '%s': %s says skip: its records are counted, not sent", stream, rules[0].where
                 )
-            return rule
+            elif plan.fans_out:
+                logger.info(
+                    "Stream '%s': %d mappings bill each record their filters keep: %s",
+                    stream,
+                    len(rules),
+                    ", ".join(rule.label for rule in rules),
+                )
+                for rule in rules[1:]:
+                    if rule.name is None:
+                        logger.warning(
+                            "Stream '%s': %s has no name, so its derived ids include its index %d, "
+                            'which changes when the rules are reordered; give it a "name"',
+                            stream,
+                            rule.where,
+                            rule.index,
+                        )
+            return plan
         patterns = [r.stream_pattern for r in self.rules]
         closest = difflib.get_close_matches(stream, patterns, n=1, cutoff=0.5)
         hint = f"; closest: {closest[0]!r}" if closest else ""
@@ -164,6 +191,44 @@ class BillingRun:
     def unused_rules(self) -> list[CompiledRule]:
         return [rule for rule in self.rules if rule.index not in self._rules_used]
 
+    def check_unused_rules(self) -> None:
+        """At the end of a complete run: a mapping that fired on no stream billed nothing,
+        which is said as an unmatched stream is (an error unless unmatched_streams is
+        skip). An unused skip rule is only named in the summary."""
+        never = [rule for rule in self.unused_rules() if not rule.skip]
+        if not never:
+            return
+        streams = sorted(self.plan_by_stream)
+        listed = ", ".join(repr(s) for s in streams) or "none"
+        problems = []
+        for rule in never:
+            shadowed = next(
+                (
+                    plan.rules[0]
+                    for s, plan in self.plan_by_stream.items()
+                    if plan and plan.skip and rule.matches(s)
+                ),
+                None,
+            )
+            if shadowed is not None:
+                problems.append(f"{rule.where} fired on no stream ({shadowed.where} skips its streams first)")
+                continue
+            closest = difflib.get_close_matches(rule.stream_pattern, streams, n=1, cutoff=0.5)
+            hint = f"; closest: {closest[0]!r}" if closest else ""
+            problems.append(f"{rule.where} matched no stream (streams: {listed}{hint})")
+        what = "; ".join(problems)
+        if not streams:  # no SCHEMA at all (a tap with nothing to send): nothing was misrouted
+            logger.warning("%s: the input had no stream", what)
+            return
+        if self.settings.unmatched_streams == "skip":
+            logger.warning("%s: it billed nothing (unmatched_streams is skip)", what)
+            return
+        msg = (
+            f"{what}, so it billed nothing; fix its stream pattern, remove it, or set "
+            "unmatched_streams to skip"
+        )
+        raise UnmatchedStreamError(msg)
+
     # --- rejections --------------------------------------------------------------------
 
     def reject(
@@ -175,8 +240,11 @@ class BillingRun:
         *,
         line: int | None,
         payload: t.Any = None,
+        mapping: str | None = None,
         **details: t.Any,
     ) -> None:
+        if mapping is not None:  # the mapping that rejected it (none: the record as a whole)
+            details["mapping"] = mapping
         self.dead_letters.write(
             stream=stream,
             record=record,
@@ -188,7 +256,7 @@ class BillingRun:
             payload=payload,
             **details,
         )
-        self.stats.add_rejected(stream, stage, str(rejection))
+        self.stats.add_rejected(stream, stage, str(rejection), mapping)
         self.check_rejection_limits(final=False)
 
     def check_rejection_limits(self, *, final: bool) -> None:

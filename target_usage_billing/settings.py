@@ -41,8 +41,12 @@ COMMON_SETTINGS = th.PropertiesList(
         th.ArrayType(th.ObjectType(additional_properties=True)),
         required=True,
         description="Rules turning records into payloads: a list of "
-        '{"stream": NAME_OR_GLOB, "preset": NAME?, "filter": JMESPATH?, "fields": {FIELD: JMESPATH}}. '
-        "The first rule whose stream pattern matches applies.",
+        '{"name": NAME?, "stream": NAME_OR_GLOB, "preset": NAME?, "filter": JMESPATH?, '
+        '"fields": {FIELD: JMESPATH}}. Every rule whose stream pattern and filter match a record '
+        "bills it (one record, several meters), up to the first matching "
+        '{"stream": GLOB, "skip": true} rule. With several rules on one stream, give each a name: '
+        "it labels the summary, METRIC points and dead letters, and every rule after the "
+        "stream's first adds it to its derived ids (see Fan-out in the README).",
     ),
     th.Property(
         "batch_max_bytes",
@@ -103,7 +107,7 @@ COMMON_SETTINGS = th.PropertiesList(
         th.BooleanType,
         default=True,
         description="Keep the run journal: what each platform acknowledged (counts, exact sums "
-        "and a sample of ids per customer, meter and hour), written before the STATE that "
+        "and a sample of ids per customer, meter and day), written before the STATE that "
         "covers it; --reconcile reads it back. Dry runs keep none.",
     ),
     th.Property(
@@ -134,7 +138,9 @@ COMMON_SETTINGS = th.PropertiesList(
         allowed_values=["fail", "skip"],
         description="A stream no mapping rule matches: fail (stop before any of its records "
         "is checkpointed, naming the closest rule) or skip (count its records, send "
-        'nothing). A rule {"stream": NAME, "skip": true} skips one stream on purpose.',
+        'nothing). A rule {"stream": NAME, "skip": true} skips one stream on purpose. A '
+        "mapping that fired on no stream of the run is said at the end the same way (fail: "
+        "exit 2; skip: a warning).",
     ),
     th.Property(
         "max_rejected_records",

@@ -18,6 +18,7 @@ from target_usage_billing.diagnostics import SampleWatch, check_schema
 from target_usage_billing.ledger import DUPLICATE
 from target_usage_billing.mapping import MappingRejection, payload_encoder
 from target_usage_billing.sdk_overrides import RecordCheck
+from target_usage_billing.stats import MappingStats
 
 if t.TYPE_CHECKING:
     from target_usage_billing.target import TargetUsageBilling
@@ -35,16 +36,24 @@ class UsageSink(RecordCheck, BatchSink):
         self.record_validator = self.get_validator()
         self.schema_error: str | None = None  # set by RecordCheck when validation is on
         # before any record of the stream: a stream no rule matches stops the run here
-        self.rule = self.billing_run.rule_for(self.stream_name)
+        self.plan = self.billing_run.plan_for(self.stream_name)
+        # the first mapping that fires (the only one unless the stream fans out)
+        self.rule = self.plan.rules[0] if self.plan is not None else None
         self._id_field = self.rule.id_field if self.rule is not None else None
-        self._watch: SampleWatch | None = None
-        if self.rule is not None and not self.rule.skip:
-            undecided = check_schema(self.stream_name, self.rule, self.schema)
-            if undecided:
-                self._watch = SampleWatch(self.stream_name, self.rule, undecided)
+        self._label = self.rule.label if self.rule is not None else ""
+        self.counts = self.billing_run.stats.stream(self.stream_name)
+        self._fanout = None  # the plan's function over every mapping, when there are several
+        self._watches: list[SampleWatch] = []
+        if self.plan is not None and not self.plan.skip:
+            for rule in self.plan.rules:
+                undecided = check_schema(self.stream_name, rule, self.schema)
+                if undecided:
+                    self._watches.append(SampleWatch(self.stream_name, rule, undecided))
+            if self.plan.fans_out:
+                self._fanout = self.plan.apply
+                self.counts.mappings = {rule.label: MappingStats() for rule in self.plan.rules}
         self._ledger = self.billing_run.ledger
         self._ledger_check = self._ledger.check
-        self.counts = self.billing_run.stats.stream(self.stream_name)
         self._items: list[Item] = []
         self._item_bytes = 0
         self._first_index = 0  # index of the buffer's first record (for STATE release)
@@ -60,7 +69,12 @@ class UsageSink(RecordCheck, BatchSink):
         )
         self._keys = tuple(self.key_properties or ())
         self.billing_run.key_properties[self.stream_name] = self._keys
-        self._show_first = self.billing_run.dry_run is not None  # the dry-run summary shows one payload
+        # mappings whose first payload the dry-run summary still lacks
+        self._show_first = (
+            {rule.label for rule in self.plan.rules}
+            if self.billing_run.dry_run is not None and self.plan is not None
+            else set()
+        )
         self._reader = target.message_reader
 
     @property
@@ -102,19 +116,42 @@ class UsageSink(RecordCheck, BatchSink):
         if rule is None or rule.skip:
             counts.unmapped += 1
             return
-        if self._watch is not None and not self._watch.observe(record):
-            self._watch = None
+        if self._watches:
+            self._watches = [watch for watch in self._watches if watch.observe(record)]
         if self.schema_error is not None:
             self._reject(record, "schema", MappingRejection(self.schema_error))
+            return
+        if self._fanout is not None:
+            self._fan_out(record)
             return
         try:
             payload = rule.apply(record, self.stream_name, self._keys)
         except MappingRejection as rejection:
-            self._reject(record, "mapping", rejection)
+            self._reject(record, "mapping", rejection, mapping=rule.label)
             return
         if payload is None:
             counts.filtered += 1
             return
+        self._add(record, payload, self._label, None)
+
+    def _fan_out(self, record: dict) -> None:
+        """Every mapping of the stream on one record: each payload, filtering or rejection
+        is that mapping's alone (one record read, one record index for STATE)."""
+        counts = self.counts
+        outcomes = self._fanout(record, self.stream_name, self._keys)  # type: ignore[misc]
+        for rule, outcome in zip(self.plan.rules, outcomes):  # type: ignore[union-attr]
+            label = rule.label
+            if outcome is None:
+                counts.filtered += 1
+                counts.mappings[label].filtered += 1
+            elif type(outcome) is dict:
+                self._add(record, outcome, label, counts.mappings[label])
+            else:
+                self._reject(record, "mapping", outcome, mapping=label)
+
+    def _add(self, record: dict, payload: t.Any, label: str, share: MappingStats | None) -> None:
+        """Check, de-duplicate and buffer one payload (``share``: its mapping's counts)."""
+        counts = self.counts
         reason = self._validate(payload) if self._validate is not None else None
         body = _encode(payload)
         size = len(body)
@@ -126,7 +163,7 @@ class UsageSink(RecordCheck, BatchSink):
         if reason is not None:
             # the record is kept whole; a payload too large to send is not copied beside it
             kept = payload if size <= self._max_body else None
-            self._reject(record, "validation", MappingRejection(reason), payload=kept)
+            self._reject(record, "validation", MappingRejection(reason), payload=kept, mapping=label)
             return
         if self._id_field is not None:
             item_id = payload.get(self._id_field)
@@ -134,12 +171,14 @@ class UsageSink(RecordCheck, BatchSink):
             if seen:
                 if seen == DUPLICATE:  # the same event again: sent once is enough
                     counts.duplicates += 1
+                    if share is not None:
+                        share.duplicates += 1
                     return
-                self._reject_conflict(record, payload, item_id, self._ledger.first_body_hash, body)
+                self._reject_conflict(record, payload, item_id, self._ledger.first_body_hash, body, label)
                 return
-        if self._show_first:
-            self._show_first = False
-            self.billing_run.first_payloads.setdefault(self.stream_name, payload)
+        if self._show_first and label in self._show_first:
+            self._show_first.discard(label)
+            self.billing_run.first_payloads.setdefault((self.stream_name, label), payload)
         items = self._items
         if items and (
             len(items) >= self._max_items
@@ -153,9 +192,11 @@ class UsageSink(RecordCheck, BatchSink):
             # the SDK drains (end of input, checkpoints) only sinks that tallied a record
             self.tally_record_read()
         reader = self._reader
-        items.append((body, reader.current_line, reader.line_number))  # an Item
+        items.append((body, reader.current_line, reader.line_number, label))  # an Item
         self._item_bytes += size
         counts.mapped += 1
+        if share is not None:
+            share.mapped += 1
         if len(items) >= self._max_items:
             self._hand_over()
 
@@ -173,7 +214,9 @@ class UsageSink(RecordCheck, BatchSink):
             **reader.batch_location,
         )
 
-    def _reject_conflict(self, record: dict, payload: dict, item_id: str, first: int, body: bytes) -> None:
+    def _reject_conflict(
+        self, record: dict, payload: dict, item_id: str, first: int, body: bytes, label: str
+    ) -> None:
         platform = self.billing_run.destination.label
         reason = (
             f"id {item_id!r} was already sent in this run with a different body: {platform} keeps "
@@ -188,6 +231,7 @@ class UsageSink(RecordCheck, BatchSink):
             id=item_id,
             sent_body_digest=f"{first & (2**64 - 1):016x}",
             body_digest=f"{hash(body) & (2**64 - 1):016x}",
+            mapping=label,
         )
 
     def _hand_over(self) -> None:

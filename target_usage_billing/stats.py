@@ -5,7 +5,23 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import typing as t
 from dataclasses import dataclass, field
+
+MAPPING = 3  # delivery.Item's mapping label (not imported: delivery imports this module)
+
+
+@dataclass
+class MappingStats:
+    """One mapping's share of a stream that several mappings bill (fan-out)."""
+
+    filtered: int = 0
+    mapped: int = 0
+    duplicates: int = 0
+    sent: int = 0
+    already_stored: int = 0
+    rejected: int = 0
+    reasons: collections.Counter = field(default_factory=collections.Counter)
 
 
 @dataclass
@@ -22,6 +38,9 @@ class StreamStats:
     requests: int = 0  # ingest requests for this stream (bisecting included)
     retries: int = 0  # requests sent again after a transient failure
     reasons: collections.Counter = field(default_factory=collections.Counter)
+    # by mapping label, in order, when several mappings fire on the stream (else empty):
+    # the stream's filtered .. rejected are then the sums over its mappings' payloads
+    mappings: dict[str, MappingStats] = field(default_factory=dict)
 
 
 class RunStats:
@@ -39,13 +58,21 @@ class RunStats:
                 found = self.streams.setdefault(name, StreamStats())
         return found
 
-    def add_sent(self, stream: str, count: int) -> None:
+    def add_sent(self, stream: str, count: int, items: t.Sequence[tuple] = ()) -> None:
+        """``count`` items acknowledged; ``items`` (delivery.Item) say by which mapping."""
         with self.lock:
-            self.streams[stream].sent += count
+            entry = self.streams[stream]
+            entry.sent += count
+            if entry.mappings:
+                for item in items:
+                    entry.mappings[item[MAPPING]].sent += 1
 
-    def add_already_stored(self, stream: str) -> None:
+    def add_already_stored(self, stream: str, mapping: str | None = None) -> None:
         with self.lock:
-            self.streams[stream].already_stored += 1
+            entry = self.streams[stream]
+            entry.already_stored += 1
+            if mapping in entry.mappings:
+                entry.mappings[mapping].already_stored += 1
 
     def add_request(self, stream: str) -> None:
         with self.lock:
@@ -55,13 +82,18 @@ class RunStats:
         with self.lock:
             self.streams[stream].retries += 1
 
-    def add_rejected(self, stream: str, stage: str, reason: str) -> None:
+    def add_rejected(self, stream: str, stage: str, reason: str, mapping: str | None = None) -> None:
         with self.lock:
             entry = self.streams[stream]
             entry.rejected += 1
             if stage == "api":
                 entry.rejected_by_api += 1
-            entry.reasons[f"{stage}: {_generic(reason)}"] += 1
+            why = f"{stage}: {_generic(reason)}"
+            entry.reasons[why] += 1
+            if mapping in entry.mappings:
+                share = entry.mappings[mapping]
+                share.rejected += 1
+                share.reasons[why] += 1
 
     def total(self, attribute: str) -> int:
         with self.lock:

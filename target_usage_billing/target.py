@@ -249,6 +249,7 @@ class TargetUsageBilling(SettingsCheck, Target):
             raise InterruptedRun(msg)
         if check_limits:
             run.check_rejection_limits(final=True)
+            run.check_unused_rules()  # a mapping that fired on no stream billed nothing
 
     # --- running and stopping ------------------------------------------------------------
 

@@ -39,6 +39,7 @@ def test_meltano_yml_loader_matches_about():
         "lago_api_key",
         "openmeter_api_token",
         "stripe_api_key",
+        "journal_url",  # may hold the database password
     }
 
 

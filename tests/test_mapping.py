@@ -252,7 +252,8 @@ def test_jmespath_truthiness(value, truthy):
     assert is_truthy(value) is truthy
 
 
-def test_first_matching_rule_applies_and_globs_work():
+def test_find_rule_gives_the_first_matching_rule_and_globs_work():
+    # (the target bills with every matching rule: find_rules, tests/test_fanout.py)
     rules = compile_rules(
         [
             {"stream": "usage_*", "fields": {**BASE_FIELDS, "meter": "'first'"}},

@@ -124,11 +124,18 @@ def test_unmatched_stream_is_skipped_only_when_the_user_says_so(sandbox, tmp_pat
         "audit_log", [{"x": i} for i in range(5)], state={"position": 15}
     )
     result = run_target(tmp_path, config, lines)
-    assert result.returncode == 0, result.stderr
-    assert result.states == [{"position": 15}]
+    assert result.states == [{"position": 15}]  # what was billed is checkpointed either way
     assert sandbox.stats("m3ter")["stored"] == 10
     assert "stream audit_log: read 5, filtered 0, unmapped 5" in result.stderr
     assert "mappings[1] (stream 'never_*') matched no stream" in result.stderr
+    if how == "setting":  # the user allows what matches nothing: a warning
+        assert result.returncode == 0, result.stderr
+        assert "it billed nothing (unmatched_streams is skip)" in result.stderr
+    else:  # a mapping that fired on no stream is said as an unmatched stream is: exit 2
+        assert result.returncode == 2, result.stderr
+        (error,) = result.error_lines
+        assert "mappings[1] (stream 'never_*') matched no stream (streams: 'audit_log', 'usage')" in error
+        assert "so it billed nothing" in error and "Traceback" not in result.stderr
 
 
 # --- 4. BATCH messages ---------------------------------------------------------------------

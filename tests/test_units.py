@@ -66,7 +66,7 @@ class Harness:
                 "properties": {"n": str(n), "note": marker},
             }
             line = json.dumps({"type": "RECORD", "stream": "usage", "record": {"n": n}}).encode()
-            out.append((json.dumps(event).encode(), line, n + 1))
+            out.append((json.dumps(event).encode(), line, n + 1, "mappings[0]"))
         return out
 
     def close(self) -> None:

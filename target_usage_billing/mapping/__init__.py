@@ -1,6 +1,7 @@
-"""Pure mapping: per-stream rules that turn a Singer record into one billing payload.
+"""Pure mapping: per-stream rules that turn a Singer record into billing payloads.
 
-A rule is ``{"stream": GLOB, "preset": NAME?, "filter": EXPR?, "fields": {...}}``. Every
+A rule is ``{"name": NAME?, "stream": GLOB, "preset": NAME?, "filter": EXPR?, "fields":
+{...}}``; every rule whose pattern and filter match a record bills it (``fanout``). Every
 field value is a JMESPath expression compiled once at start-up. The destination says
 which fields exist and what kind each is (``FieldSpec``); this package knows nothing of
 HTTP or of any particular billing platform.
@@ -12,6 +13,7 @@ HTTP or of any particular billing platform.
 - ``fields``: one payload field compiled
 - ``rules``: the ``mappings`` setting compiled, matched to streams
 - ``codegen``: each rule as one generated Python function (the hot path)
+- ``fanout``: the rules that fire on one stream, as one function; id collision checks
 """
 
 from target_usage_billing.mapping.coerce import (
@@ -27,8 +29,15 @@ from target_usage_billing.mapping.expressions import (
     jmespath_not,
     jmespath_order,
 )
+from target_usage_billing.mapping.fanout import StreamPlan, check_id_collisions, patterns_overlap
 from target_usage_billing.mapping.ids import derive_id
-from target_usage_billing.mapping.rules import CompiledRule, FieldRead, compile_rules, find_rule
+from target_usage_billing.mapping.rules import (
+    CompiledRule,
+    FieldRead,
+    compile_rules,
+    find_rule,
+    find_rules,
+)
 from target_usage_billing.mapping.spec import FieldKind, FieldSpec, MappingRejection, Preset
 
 __all__ = [
@@ -38,14 +47,18 @@ __all__ = [
     "FieldSpec",
     "MappingRejection",
     "Preset",
+    "StreamPlan",
+    "check_id_collisions",
     "compile_expression",
     "compile_rules",
     "derive_id",
     "encode_payload",
     "find_rule",
+    "find_rules",
     "is_truthy",
     "jmespath_not",
     "jmespath_order",
+    "patterns_overlap",
     "payload_encoder",
     "to_number",
     "to_string",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
+import json
 import re
 import typing as t
 from collections.abc import Mapping, Sequence
@@ -25,6 +27,17 @@ from target_usage_billing.mapping.fields import CompiledField, compile_field
 from target_usage_billing.mapping.ids import derive_id
 from target_usage_billing.mapping.spec import FieldKind, FieldSpec, MappingRejection, Preset
 
+CODEGEN_HELPERS = {
+    "MappingRejection": MappingRejection,
+    "derive_id": derive_id,
+    "is_truthy": is_truthy,
+    "jmespath_equals": _jp.TreeInterpreter.COMPARATOR_FUNC["eq"],
+    "jmespath_order": jmespath_order,
+    "jmespath_not": jmespath_not,
+}
+# A mapping's name: shown in summaries, METRIC tags and dead letters, part of its ids.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+
 
 class CompiledRule:
     """One mapping rule, compiled: apply() turns a record into a payload dict.
@@ -41,48 +54,64 @@ class CompiledRule:
         fields: list[CompiledField],
         *,
         skip: bool = False,
+        name: str | None = None,
+        id_source: str | None = None,
     ):
         self.index = index
+        self.name = name
         self.stream_pattern = stream_pattern
         self._stream_regex = re.compile(fnmatch.translate(stream_pattern))
         self.filter = filter_expression
         self.skip = skip
+        self.id_source = id_source  # the id expression the rule gives (None: derived)
         self.reads: list[FieldRead] = []  # set by compile_rules
+        self.field_sources: list[str] = []  # set by compile_rules: each field's source as JSON
         # the payload field that carries the idempotency key (None: the platform has none)
         self.id_field = next((f.spec.name for f in fields if f.spec.kind is FieldKind.ID), None)
         self._plan = [
             (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
         ]
         self._defaults = [(f.spec.name, f.spec.default) for f in fields if f.spec.default is not None]
+        self.code = [
+            FieldCode(
+                f.spec.name,
+                f.source,
+                f.spec.required,
+                f.spec.kind is FieldKind.ID,
+                f.compute,
+                f.inline,
+                f.spec.default,
+            )
+            for f in fields
+        ]
         # The hot path: the same rule as one generated function (see mapping.codegen).
-        self.apply = generate_apply(
-            [
-                FieldCode(
-                    f.spec.name,
-                    f.source,
-                    f.spec.required,
-                    f.spec.kind is FieldKind.ID,
-                    f.compute,
-                    f.inline,
-                    f.spec.default,
-                )
-                for f in fields
-            ],
-            filter_expression,
-            {
-                "MappingRejection": MappingRejection,
-                "derive_id": derive_id,
-                "is_truthy": is_truthy,
-                "jmespath_equals": _jp.TreeInterpreter.COMPARATOR_FUNC["eq"],
-                "jmespath_order": jmespath_order,
-                "jmespath_not": jmespath_not,
-            },
+        self.apply = self.generate()
+
+    def generate(self, *, filtered: bool = True, id_tag: str | int | None = None) -> t.Callable[..., t.Any]:
+        """The rule as one generated function; without its filter for a stream's combined
+        function (mapping.fanout tests the triggers), ``id_tag`` in its derived ids."""
+        derive = derive_id if id_tag is None else functools.partial(derive_id, mapping=id_tag)
+        return generate_apply(
+            self.code,
+            self.filter if filtered else None,
+            {**CODEGEN_HELPERS, "derive_id": derive},
         )
+
+    @property
+    def label(self) -> str:
+        """The mapping's name, else ``mappings[INDEX]``: what summaries and dead letters say."""
+        return self.name if self.name is not None else f"mappings[{self.index}]"
+
+    @property
+    def id_tag(self) -> str | int:
+        """What tells this mapping's derived ids apart from another's on one stream."""
+        return self.name if self.name is not None else self.index
 
     @property
     def where(self) -> str:
         """How the user wrote the rule, for messages: ``mappings[1] (stream 'api_*')``."""
-        return f"mappings[{self.index}] (stream {self.stream_pattern!r})"
+        named = f" {self.name!r}" if self.name is not None else ""
+        return f"mappings[{self.index}]{named} (stream {self.stream_pattern!r})"
 
     def matches(self, stream: str) -> bool:
         return self._stream_regex.match(stream) is not None
@@ -134,18 +163,32 @@ def compile_rules(
         msg = 'mappings: give at least one rule, e.g. [{"stream": "*", "fields": {...}}]'
         raise ConfigError(msg)
     by_name = {spec.name: spec for spec in specs}
-    rules = []
+    id_spec = next((spec.name for spec in specs if spec.kind is FieldKind.ID), None)
+    rules: list[CompiledRule] = []
+    names: dict[str, int] = {}
     for index, raw in enumerate(raw_rules):
         where = f"mappings[{index}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: a rule must be an object, got {raw!r}")
-        unknown = sorted(set(raw) - {"stream", "filter", "fields", "preset", "skip"})
+        unknown = sorted(set(raw) - {"name", "stream", "filter", "fields", "preset", "skip"})
         if unknown:
             msg = (
                 f"{where}: unknown key(s) {', '.join(unknown)} "
-                "(allowed: stream, preset, filter, fields, skip)"
+                "(allowed: name, stream, preset, filter, fields, skip)"
             )
             raise ConfigError(msg)
+        name = raw.get("name")
+        if name is not None:
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                msg = (
+                    f"{where}.name: give a short name of letters, digits, '_', '-', '.' or ':' "
+                    f"(e.g. 'api_requests'), got {name!r}"
+                )
+                raise ConfigError(msg)
+            if name in names:
+                msg = f"{where}.name: {name!r} already names mappings[{names[name]}]; names must differ"
+                raise ConfigError(msg)
+            names[name] = index
         stream = raw.get("stream")
         if not isinstance(stream, str) or not stream:
             raise ConfigError(f"{where}.stream: give a stream name or glob pattern")
@@ -153,10 +196,10 @@ def compile_rules(
         if not isinstance(skip, bool):
             raise ConfigError(f"{where}.skip: must be true or false, got {skip!r}")
         if skip:
-            if set(raw) - {"stream", "skip"}:
+            if set(raw) - {"stream", "skip", "name"}:
                 msg = f"{where}: a rule with skip: true maps nothing; give it only stream and skip"
                 raise ConfigError(msg)
-            rules.append(CompiledRule(index, stream, None, [], skip=True))
+            rules.append(CompiledRule(index, stream, None, [], skip=True, name=name))
             continue
         fields_raw = raw.get("fields", {})
         if not isinstance(fields_raw, dict):
@@ -194,7 +237,20 @@ def compile_rules(
         filter_expression = (
             compile_expression(filter_source, f"{where}.filter") if filter_source is not None else None
         )
-        rule = CompiledRule(index, stream, filter_expression, compiled_fields)
+        id_source = fields_raw.get(id_spec) if id_spec is not None else None
+        rule = CompiledRule(
+            index,
+            stream,
+            filter_expression,
+            compiled_fields,
+            name=name,
+            id_source=id_source if isinstance(id_source, str) else None,
+        )
+        # what each field computes, as given: fields alike in several rules of one stream
+        # are computed once (mapping.fanout)
+        rule.field_sources = [
+            json.dumps(fields_raw.get(f.spec.name), sort_keys=True) for f in compiled_fields
+        ]
         rule.reads = [
             FieldRead(label, text, path, spec.required)
             for spec in specs
@@ -233,3 +289,16 @@ def find_rule(rules: Sequence[CompiledRule], stream: str) -> CompiledRule | None
         if rule.matches(stream):
             return rule
     return None
+
+
+def find_rules(rules: Sequence[CompiledRule], stream: str) -> list[CompiledRule]:
+    """The rules that fire on ``stream``, in order: every mapping whose pattern matches,
+    up to the first matching skip rule. A skip rule matching first removes the stream
+    (``[skip_rule]``); one after mappings only ends the list. Empty: no rule matches."""
+    found: list[CompiledRule] = []
+    for rule in rules:
+        if rule.matches(stream):
+            if rule.skip:
+                return found or [rule]
+            found.append(rule)
+    return found
