@@ -67,4 +67,5 @@ def test_shipped_meltano_plugin_definition_matches_about():
         "lago_api_key",
         "openmeter_api_token",
         "stripe_api_key",
+        "journal_url",
     }
