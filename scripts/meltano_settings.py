@@ -60,6 +60,15 @@ def expected_settings(info: dict | None = None) -> list[dict]:
 
 
 PIP_URL = "target-usage-billing"
+# `meltano invoke target-usage-billing:reconcile`: Meltano hands the plugin its settings as
+# TARGET_USAGE_BILLING_* variables, which --config ENV reads.
+COMMANDS = {
+    "reconcile": {
+        "args": "--config ENV --reconcile",
+        "description": "Read back from the platform what the run journal says it acknowledged; "
+        "exit 8 when anything is missing or invalid (add --since/--until for other days).",
+    }
+}
 DEFINITION_PATH = Path(__file__).resolve().parent.parent / "meltano" / "target-usage-billing.yml"
 
 
@@ -74,7 +83,7 @@ def plugin_definition(info: dict | None = None, pip_url: str = PIP_URL) -> dict:
         "name": info["name"],
         "namespace": "target_usage_billing",
         "variant": "usage-billing",
-        "label": "Usage billing (m3ter, Metronome)",
+        "label": "Usage billing (m3ter, Metronome, Orb, Lago, OpenMeter, Stripe)",
         "description": info.get("description") or "",
         "pip_url": pip_url,
         "executable": info["name"],
@@ -83,6 +92,7 @@ def plugin_definition(info: dict | None = None, pip_url: str = PIP_URL) -> dict:
             [*required, *destination.required_settings] for destination in DESTINATIONS.values()
         ],
         "settings": expected_settings(info),
+        "commands": COMMANDS,
     }
 
 

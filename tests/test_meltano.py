@@ -147,6 +147,27 @@ def test_meltano_run_delivers_once_and_resumes_without_billing_twice(meltano, pr
     assert stats["conflicts"] == 0  # anything sent again was identical
 
 
+def test_meltano_invoke_reconcile_reads_back_what_the_run_sent(meltano, project, sandbox):
+    env = {
+        "TARGET_USAGE_BILLING_M3TER_INGEST_URL": sandbox.url,
+        "TARGET_USAGE_BILLING_M3TER_AUTH_URL": sandbox.url,
+        # a journal of this run alone: tap-jsonl sends every row again on each run, which
+        # the journal would count again (see "Delivery guarantees" in the README)
+        "TARGET_USAGE_BILLING_JOURNAL_PATH": str(project / "reconcile-journal.sqlite"),
+    }
+    loaded = run_meltano(meltano, project, "run", "--force", "tap-jsonl", "target-usage-billing", env=env)
+    assert loaded.returncode == 0, loaded.stderr[-4000:]
+
+    # the bundled events are of 18 to 20 November 2026
+    days = ["--since", "2026-11-18", "--until", "2026-11-20"]
+    done = run_meltano(meltano, project, "invoke", "target-usage-billing:reconcile", *days, env=env)
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "every item checked is confirmed" in done.stdout
+    assert "api_requests" in done.stdout  # the meter the example loads, per customer and day
+    assert sandbox.stats("m3ter")["read_requests"] > 0
+
+
 def test_meltano_invoke_about_lists_the_settings(meltano, project):
     done = run_meltano(meltano, project, "invoke", "target-usage-billing", "--about", "--format=json")
     assert done.returncode == 0, done.stderr[-2000:]
