@@ -5,7 +5,8 @@
 3. generates recent Segment events and loads them into the Metronome, Orb, Lago,
    OpenMeter and Stripe sandboxes (Metronome and Stripe refuse events older than 34 and
    35 days, so a fixed file would age out),
-4. prints what the sandbox received for each, then stops it.
+4. prints what the sandbox received for each and reads it back with ``--reconcile``
+   (the run journal against each platform's read API), then stops it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def fetch(url: str) -> bytes:
         return answer.read()
 
 
-def run(title: str, config_name: str, input_path: Path, url: str, destination: str) -> None:
+def run(
+    title: str, config_name: str, input_path: Path, url: str, destination: str, days: list[str] | None = None
+) -> None:
     config = json.loads((EXAMPLES / config_name).read_text())
     for key in URL_SETTINGS:
         if key in config:  # the example's port -> this sandbox's, path kept (/orb, ...)
@@ -88,6 +91,24 @@ def run(title: str, config_name: str, input_path: Path, url: str, destination: s
     )
     if items:
         print("First item as stored:", items[0].decode())
+    # what the platform kept, read back and compared with the run journal
+    reconcile = [
+        str(BIN / "target-usage-billing"),
+        "--config",
+        str(config_path),
+        "--reconcile",
+        *(days or []),
+    ]
+    print("$ target-usage-billing --config", config_path.relative_to(ROOT), "--reconcile", *(days or []))
+    checked = subprocess.run(reconcile, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    report = checked.stdout.splitlines()
+    for line in report[:1] + [line for line in report if line.startswith(("  checked", "  result"))]:
+        print(line)
+    print(f"  ({len(report) - 2} table rows; exit {checked.returncode})")
+    if checked.returncode != 0:
+        sys.exit(
+            f"demo: --reconcile exited with {checked.returncode}:\n{checked.stdout}{checked.stderr[-2000:]}"
+        )
 
 
 def main() -> None:
@@ -105,6 +126,7 @@ def main() -> None:
             EXAMPLES / "segment-events.singer.jsonl",
             url,
             "m3ter",
+            ["--since", "2026-11-18", "--until", "2026-11-20"],  # the bundled events' days
         )
         recent = WORK / "segment-events-recent.singer.jsonl"
         with open(recent, "w") as out:

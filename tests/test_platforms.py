@@ -90,3 +90,5 @@ def test_make_demo_loads_the_examples_into_all_six_sandboxes():
     assert done.stdout.count("rejected requests 0") == len(EXAMPLES_DRY_RUN)
     totals = re.findall(r"total: sent (\d+) .*, rejected (\d+),", done.stdout)
     assert len(totals) == len(EXAMPLES_DRY_RUN) and all(rejected == "0" for _, rejected in totals)
+    # and each load read back from its platform and confirmed
+    assert done.stdout.count("result: every item checked is confirmed") == len(EXAMPLES_DRY_RUN)
