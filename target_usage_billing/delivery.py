@@ -40,7 +40,7 @@ from target_usage_billing.http import (
     RetryBudgetExhausted,
     retryable_status,
 )
-from target_usage_billing.journal import Journal
+from target_usage_billing.journal import Journal, Recount, Tally
 from target_usage_billing.stats import RunStats
 
 logger = logging.getLogger("target-usage-billing.delivery")
@@ -89,6 +89,7 @@ class Batch:
     # STATEs received when its first record arrived: STATE number epoch+1 covers part or
     # all of it, and the journal holds it before that STATE is written
     epoch: int
+    tally: Tally | None = None  # the journal's count of it, made by the sink
 
 
 class DryRunWriter:
@@ -171,7 +172,9 @@ class Delivery:
             self._buffered_first[buffer] = first_index
             self._buffer_epoch[buffer] = self._states_received
 
-    def submit(self, stream: str, items: list[Item], buffer: int, first_index: int) -> None:
+    def submit(
+        self, stream: str, items: list[Item], buffer: int, first_index: int, tally: Tally | None = None
+    ) -> None:
         """Queue a batch; blocks while ``max_in_flight`` batches are outstanding."""
         self.raise_if_failed()
         while not self._slots.acquire(timeout=0.2):
@@ -180,7 +183,7 @@ class Delivery:
                 raise InterruptedRun("the shutdown grace period ended while requests were still failing")
         with self._lock:
             epoch = self._buffer_epoch.pop(buffer, self._states_received)
-            batch = Batch(self._next_seq, stream, items, first_index, epoch)
+            batch = Batch(self._next_seq, stream, items, first_index, epoch, tally)
             self._next_seq += 1
             self.in_flight += 1
             self._in_flight_first[batch.seq] = first_index
@@ -309,9 +312,17 @@ class Delivery:
         self._deliver(batch, items[middle:])
 
     def _journal(self, batch: Batch, items: list[Item], body: bytes) -> None:
-        if self.journal is not None:
-            bodies = [item[BODY] for item in items]
-            self.journal.acknowledged(batch.stream, body, bodies, batch.epoch, batch.first_index)
+        journal = self.journal
+        if journal is None:
+            return
+        if items is batch.items and batch.tally is not None:  # delivered whole: as the sink counted it
+            try:
+                journal.acknowledged_tally(batch.stream, batch.tally, batch.epoch, batch.first_index)
+                return
+            except Recount:
+                pass
+        bodies = [item[BODY] for item in items]  # a part of a split batch: counted from its bodies
+        journal.acknowledged(batch.stream, body, bodies, batch.epoch, batch.first_index)
 
     def _post(self, stream: str, body: bytes) -> Ruling:
         destination = self.destination

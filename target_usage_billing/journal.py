@@ -116,6 +116,85 @@ def _getter(path: str) -> t.Callable[[t.Any], t.Any]:
     return read
 
 
+def _dict_getter(path: str) -> t.Callable[[dict], t.Any]:
+    """Read a dotted path from a payload dict."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return operator.methodcaller("get", head)
+    parts = rest.split(".")
+
+    def read(payload: dict) -> t.Any:
+        value = payload.get(head)
+        for part in parts:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(part)
+        return value
+
+    return read
+
+
+def _add(total: t.Any, number: int | decimal.Decimal) -> t.Any:
+    """``total + number``, exactly (whole numbers stay ints; decimals get every digit)."""
+    if total is None:
+        return number
+    if type(total) is int and type(number) is int:
+        return total + number
+    return EXACT.add(total, number)
+
+
+class Tally:
+    """What one batch would add to the journal, counted by the sink from the payloads it
+    already holds (no decoding); the journal takes it when the whole batch is delivered."""
+
+    __slots__ = ("_journal", "counts", "ids", "samples", "sums")
+
+    def __init__(self, journal: Journal):
+        self._journal = journal
+        self.counts: collections.Counter[BucketKey] = collections.Counter()
+        self.sums: dict[BucketKey, dict[str, t.Any]] = {}
+        self.samples: dict[BucketKey, list[tuple[str, str]]] = {}
+        self.ids: list[str] = []
+
+    def add(self, stream: str, payload: dict, body: bytes) -> None:
+        journal = self._journal
+        item_id = journal._dict_id(payload)
+        item_id = item_id if type(item_id) is str else ("" if item_id is None else str(item_id))
+        self.ids.append(item_id)
+        customer = journal._dict_customer(payload)
+        meter = journal._dict_meter(payload)
+        day = journal._dict_time(payload)
+        key = (
+            stream,
+            customer if type(customer) is str else ("" if customer is None else str(customer)),
+            meter if type(meter) is str else str(meter or ""),
+            day[:10] if type(day) is str and day[10:11] == "T" else day_of(day),
+        )
+        self.counts[key] += 1
+        sums = self.sums.get(key)
+        if sums is None:
+            sums = self.sums[key] = {}
+        for read, path, names in journal._dict_values:
+            values = read(payload)
+            if type(values) is not dict:
+                number = values if type(values) is int else as_number(values)
+                if number is not None:
+                    sums[path] = _add(sums.get(path), number)
+                continue
+            for name, value in values.items() if names is None else ((n, values.get(n)) for n in names):
+                number = value if type(value) is int or type(value) is _Decimal else as_number(value)
+                if number is not None:
+                    total = journal._field_names.get((path, name))
+                    if total is None:
+                        total = journal._field_names[path, name] = f"{path}.{name}"
+                    sums[total] = _add(sums.get(total), number)
+        sample = self.samples.get(key)
+        if sample is None:
+            self.samples[key] = [(item_id, digest(body))]
+        elif len(sample) < SAMPLE_SIZE and journal._random() < journal._sample_rate:
+            sample.append((item_id, digest(body)))
+
+
 @dataclass
 class _Epoch:
     """What was acknowledged of the batches of one epoch, not yet committed."""
@@ -161,6 +240,17 @@ class Journal:
         self._meter = _getter(fields.meter)
         self._time = _getter(fields.time)
         self._values = [(_getter(path), path, keys) for path, keys in fields.values]
+        # the same paths read from payload dicts (the sink's Tally)
+        self._dict_id = _dict_getter(fields.id)
+        customers = [_dict_getter(path) for path in fields.customer]
+
+        def first_customer(payload: dict) -> t.Any:
+            return next((c for c in (read(payload) for read in customers) if c is not None), None)
+
+        self._dict_customer = customers[0] if len(customers) == 1 else first_customer
+        self._dict_meter = _dict_getter(fields.meter)
+        self._dict_time = _dict_getter(fields.time)
+        self._dict_values = [(_dict_getter(path), path, keys) for path, keys in fields.values]
         self._field_names: dict[tuple[str, str], str] = {}  # (object, key) -> "object.key"
         self._lock = threading.Lock()
         self._epochs: dict[int, _Epoch] = collections.defaultdict(_Epoch)
@@ -201,6 +291,39 @@ class Journal:
                 latest[1].extend(ids)
             self._count(stream, items, ids, item_bodies, bucket)
             self.acknowledged_items += len(ids)
+
+    def tally(self) -> Tally:
+        """A new batch's tally (see Tally)."""
+        return Tally(self)
+
+    def acknowledged_tally(self, stream: str, tally: Tally, epoch: int, first_index: int) -> None:
+        """Take the tally of a batch delivered whole (called by delivery workers)."""
+        with self._lock:
+            known = self._known_tail.get(stream)
+            if known is None:
+                known = self._known_tail[stream] = self.store.tail(self.scope, stream)
+            if known and not known.isdisjoint(tally.ids):
+                raise Recount  # re-sent ids of the last run among them: counted item by item
+            bucket = self._epochs[epoch]
+            latest = bucket.tails.get(stream)
+            if latest is None or latest[0] < first_index:
+                bucket.tails[stream] = (first_index, list(tally.ids))
+            elif latest[0] == first_index:
+                latest[1].extend(tally.ids)
+            bucket.counts.update(tally.counts)
+            sums = bucket.sums
+            with decimal.localcontext(EXACT):
+                for key, fields in tally.sums.items():
+                    for name, value in fields.items():
+                        sums[key, name] += value
+            samples = bucket.samples
+            for key, sample in tally.samples.items():
+                into = samples.get(key)
+                if into is None:
+                    samples[key] = sample
+                else:
+                    into.extend(sample[: SAMPLE_SIZE - len(into)])
+            self.acknowledged_items += len(tally.ids)
 
     def _count(
         self, stream: str, items: list, ids: list[str], item_bodies: t.Sequence[bytes], epoch: _Epoch
@@ -280,6 +403,10 @@ class Journal:
 
     def finish(self, outcome: str) -> None:
         self.store.run_finished(self.run_id, outcome, _now(), self.committed_items)
+
+
+class Recount(Exception):
+    """A tally that cannot be taken as it is: its items are counted one by one."""
 
 
 def _now() -> str:

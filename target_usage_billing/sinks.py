@@ -55,6 +55,9 @@ class UsageSink(RecordCheck, BatchSink):
         self._ledger = self.billing_run.ledger
         self._ledger_check = self._ledger.check
         self._items: list[Item] = []
+        # the run journal's count of the buffer, made from the payloads at hand
+        self._journal = self.billing_run.journal
+        self._tally = self._journal.tally() if self._journal is not None else None
         self._item_bytes = 0
         self._first_index = 0  # index of the buffer's first record (for STATE release)
         self._direct_uncounted = 0  # direct-path records not yet in the SDK's record counter
@@ -193,6 +196,8 @@ class UsageSink(RecordCheck, BatchSink):
             self.tally_record_read()
         reader = self._reader
         items.append((body, reader.current_line, reader.line_number, label))  # an Item
+        if self._tally is not None:
+            self._tally.add(self.stream_name, payload, body)
         self._item_bytes += size
         counts.mapped += 1
         if share is not None:
@@ -241,8 +246,11 @@ class UsageSink(RecordCheck, BatchSink):
         items = self._items
         self._items = []
         self._item_bytes = 0
+        tally = self._tally
+        if self._journal is not None:
+            self._tally = self._journal.tally()
         if items:
-            self.billing_run.delivery.submit(self.stream_name, items, id(self), self._first_index)
+            self.billing_run.delivery.submit(self.stream_name, items, id(self), self._first_index, tally)
 
     def process_batch(self, context: dict) -> None:
         # The SDK drains at end of input, at checkpoints and on schema changes.
