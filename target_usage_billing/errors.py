@@ -51,3 +51,9 @@ class InterruptedRun(UsageBillingError):
     """SIGTERM/SIGINT arrived and some received usage was not delivered."""
 
     exit_code = 7
+
+
+class OutputError(UsageBillingError):
+    """An output file (dead_letter_path, dry_run_path) could not be written during the run."""
+
+    exit_code = 8

@@ -20,8 +20,14 @@ import msgspec
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.delivery import Delivery, DryRunWriter
 from target_usage_billing.destinations import DESTINATIONS, Destination
-from target_usage_billing.errors import ConfigError, RejectionLimitError, UnmatchedStreamError
+from target_usage_billing.errors import (
+    ConfigError,
+    RejectionLimitError,
+    StreamMappingError,
+    UnmatchedStreamError,
+)
 from target_usage_billing.http import HttpTransport, RateLimiter
+from target_usage_billing.idscheme import accepted, key_change_error
 from target_usage_billing.ledger import IdLedger
 from target_usage_billing.mapping import CompiledRule, MappingRejection, compile_rules, find_rule
 from target_usage_billing.settings import MIN_CHECKPOINT_SECONDS, Settings
@@ -148,6 +154,23 @@ class BillingRun:
         )
         raise UnmatchedStreamError(msg)
 
+    def check_key_properties(self, stream: str, keys: t.Sequence[str]) -> None:
+        """A SCHEMA giving ``stream`` other key properties than its earlier one: stop the
+        run (exit 2) when that would change the ids derived for its records."""
+        previous = self.key_properties.get(stream)
+        rule = self.rule_by_stream.get(stream)
+        if previous is None or rule is None or rule.skip or rule.id_field is None:
+            return
+        error = key_change_error(
+            stream,
+            previous,
+            keys,
+            explicit_id=rule.id_source is not None,
+            acknowledged=accepted(stream, self.settings.accept_key_property_changes),
+        )
+        if error is not None:
+            raise StreamMappingError(error)
+
     def skip_message(self, kind: str, line: int, why: str, *, warn: bool = True) -> None:
         """A message that carries no usage, skipped: counted in the summary."""
         self.skipped_messages[kind] += 1
@@ -267,9 +290,9 @@ class BillingRun:
         self.finished.set()
         self.delivery.close()
         self.transport.close_connections()  # the reading thread's (credential check)
-        self.dead_letters.close()
         if self.dry_run is not None:
             self.dry_run.close()
+        self.dead_letters.close()  # raises OutputError if a rejection could not be written
 
 
 _Output = t.TypeVar("_Output")

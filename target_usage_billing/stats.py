@@ -43,9 +43,9 @@ class RunStats:
         with self.lock:
             self.streams[stream].sent += count
 
-    def add_already_stored(self, stream: str) -> None:
+    def add_already_stored(self, stream: str, count: int = 1) -> None:
         with self.lock:
-            self.streams[stream].already_stored += 1
+            self.streams[stream].already_stored += count
 
     def add_request(self, stream: str) -> None:
         with self.lock:

@@ -26,6 +26,7 @@ from tests.conftest import (
     TARGET,
     USAGE_RULE_M3TER,
     Pipeline,
+    Result,
     api_url_settings,
     config_for,
     dead_letters,
@@ -249,8 +250,16 @@ SECRET = "s3cr3t-value-never-shown"
         ({"m3ter_auth_url": "http://"}, "m3ter_auth_url: 'http://' is not an http"),
         ({"m3ter_org_id": "my org"}, "m3ter_org_id: 'my org' is not an Organization id"),
         ({"m3ter_org_id": "org\r\nX-Injected: 1"}, "m3ter_org_id:"),
-        ({"max_rejected_records": -1}, "max_rejected_records: must be 0 or more"),
-        ({"max_requests_per_second": -2}, "max_requests_per_second: must be 0"),
+        ({"max_rejected_records": -1}, "max_rejected_records: must be a finite number from 0 to"),
+        ({"max_requests_per_second": -2}, "max_requests_per_second: must be a finite number from 0 to"),
+        # every numeric setting finite and in its documented range (issue 20)
+        (
+            {"state_checkpoint_seconds": 1e12},
+            "state_checkpoint_seconds: must be a finite number from 0 to 86,400",
+        ),
+        ({"request_timeout_seconds": 0}, "request_timeout_seconds: must be a finite number from more than 0"),
+        ({"progress_interval_seconds": -1}, "progress_interval_seconds: must be a finite number from 0"),
+        ({"max_retry_seconds": 1e9}, "max_retry_seconds: must be a finite number from 0 to 604,800"),
         ({"m3ter_api_secret": 987654321123}, "(secret value not shown)"),
         ({"m3ter_api_secret": SECRET[:10] + "\n" + SECRET[10:]}, "m3ter_api_secret: must not contain spaces"),
     ],
@@ -266,8 +275,49 @@ def test_bad_settings_stop_before_input_with_exit_2(sandbox, tmp_path, overrides
 
 
 @pytest.mark.parametrize(
+    ("setting", "written", "expected"),
+    [
+        ("request_timeout_seconds", "1e400", "request_timeout_seconds: must be a finite number, got"),
+        ("max_retry_seconds", "-1e400", "max_retry_seconds: must be a finite number, got"),
+        ("orb_grace_period_hours", "1e300", "orb_grace_period_hours: must be more than 0 and at most 87,600"),
+        ("max_rejected_records", "1e400", "max_rejected_records"),
+        ("shutdown_grace_seconds", "NaN", "NaN is not valid JSON; settings take finite numbers"),
+        ("request_timeout_seconds", "Infinity", "Infinity is not valid JSON; settings take finite numbers"),
+    ],
+)
+def test_non_finite_numbers_in_a_config_file_are_one_line_and_exit_2(
+    sandbox, tmp_path, setting, written, expected
+):
+    destination = "orb" if setting.startswith("orb_") else "m3ter"
+    text = json.dumps(config_for(destination, sandbox, **{setting: "PLACEHOLDER"}))
+    path = tmp_path / "config.json"
+    path.write_text(text.replace('"PLACEHOLDER"', written))
+    done = subprocess.run([TARGET, "--config", str(path)], input=b"", capture_output=True, cwd=tmp_path)
+    result = Result(done.returncode, done.stdout.decode(), done.stderr.decode())
+    assert result.returncode == 2, result.stderr
+    clean(result)
+    assert expected in result.error_lines[0]
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
+        (
+            "TARGET_USAGE_BILLING_SHUTDOWN_GRACE_SECONDS",
+            "nan",
+            "shutdown_grace_seconds: must be a finite number",
+        ),
+        (
+            "TARGET_USAGE_BILLING_REQUEST_TIMEOUT_SECONDS",
+            "inf",
+            "request_timeout_seconds: must be a finite number",
+        ),
+        ("TARGET_USAGE_BILLING_MAX_RETRY_SECONDS", "inf", "max_retry_seconds: must be a finite number"),
+        (
+            "TARGET_USAGE_BILLING_STATE_CHECKPOINT_SECONDS",
+            "1e12",
+            "state_checkpoint_seconds: must be a finite",
+        ),
         (
             "TARGET_USAGE_BILLING_MAX_REQUESTS_IN_FLIGHT",
             "abc",

@@ -78,6 +78,9 @@ class Ruling:
 
     verdict: Verdict
     message: str = ""
+    # positions in the request of items the platform says it already has (Lago names
+    # them by index): dropped as already stored, the rest sent again once
+    stored: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,11 @@ class Destination(abc.ABC):
 
     def refresh_credentials(self, stale: OutgoingRequest) -> None:  # noqa: B027 - optional hook
         """Drop cached credentials after a REAUTH answer to ``stale`` (e.g. an OAuth token)."""
+
+    # Whether renewing the credentials checks them: a Stripe meter event session is made
+    # with the secret key itself, which is refused then if it is wrong; a REAUTH answer on
+    # ingest only ever means that the session expired, however soon after the last.
+    renewal_checks_credentials: t.ClassVar[bool] = False
 
     def reauth_failed_message(self, status: int) -> str:
         return f"{self.label} refused the credentials again ({status}) after renewing them"

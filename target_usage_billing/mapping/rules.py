@@ -50,6 +50,8 @@ class CompiledRule:
         self.reads: list[FieldRead] = []  # set by compile_rules
         # the payload field that carries the idempotency key (None: the platform has none)
         self.id_field = next((f.spec.name for f in fields if f.spec.kind is FieldKind.ID), None)
+        # the user's expression for it (None: derived from the stream's key properties)
+        self.id_source = next((f.source for f in fields if f.spec.kind is FieldKind.ID), None)
         self._plan = [
             (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
         ]
