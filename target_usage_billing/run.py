@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import difflib
 import logging
+import os
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from target_usage_billing.delivery import Delivery, DryRunWriter
 from target_usage_billing.destinations import DESTINATIONS, Destination
 from target_usage_billing.errors import (
     ConfigError,
+    OutputError,
     RejectionLimitError,
     StreamMappingError,
     UnmatchedStreamError,
@@ -281,8 +283,11 @@ class BillingRun:
             return
         with self._stdout_lock:
             out = sys.stdout.buffer
-            out.write(b"".join(line + b"\n" for line in lines))
-            out.flush()
+            try:
+                out.write(b"".join(line + b"\n" for line in lines))
+                out.flush()
+            except OSError as exc:  # BrokenPipeError above all: the reader went away
+                raise _stdout_error(exc) from None
             self.states_emitted += len(lines)
         logger.debug("Emitted STATE %s", lines[-1].decode())
 
@@ -293,6 +298,23 @@ class BillingRun:
         if self.dry_run is not None:
             self.dry_run.close()
         self.dead_letters.close()  # raises OutputError if a rejection could not be written
+
+
+def _stdout_error(exc: OSError) -> OutputError:
+    # What is left in Python's buffer would fail again at exit, with a traceback-like
+    # "Exception ignored" message: the STATE goes nowhere from now on.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+    if isinstance(exc, BrokenPipeError):
+        why = "stdout was closed early (broken pipe): whatever reads this target's output stopped reading"
+    else:
+        why = f"stdout: cannot write a STATE ({exc.strerror or type(exc).__name__})"
+    return OutputError(
+        f"{why}; usage sent since the last STATE written is re-sent from it next time (ids "
+        "make that harmless)"
+    )
 
 
 _Output = t.TypeVar("_Output")

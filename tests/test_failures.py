@@ -551,3 +551,42 @@ def test_the_fatal_line_is_also_logged_at_error_level(sandbox, tmp_path):
     )
     assert result.returncode == 2
     assert any("| ERROR" in line and "m3ter_org_id" in line for line in result.stderr.splitlines())
+
+
+# --- outputs and answers that are named, not "unexpected" (issue 20) ----------------------
+
+
+def test_stdout_closed_early_is_named_exit_8_without_a_traceback(sandbox, tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config_for("m3ter", sandbox)))
+    lines = "\n".join(singer("usage", usage(20), state={"p": 1})) + "\n"
+    (tmp_path / "input.jsonl").write_text(lines)
+    with open(tmp_path / "input.jsonl", "rb") as stdin:
+        process = subprocess.Popen(
+            [TARGET, "--config", str(config_path)],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # the reader goes away before the first STATE
+        stderr = process.stderr.read().decode()
+        code = process.wait(60)
+    assert code == 8, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "stdout was closed early (broken pipe)" in errors[0]
+    assert "unexpected error" not in stderr
+    assert sandbox.stats("m3ter")["stored"] == 20  # delivered; only the STATE had nowhere to go
+
+
+@both
+def test_a_413_names_the_batch_size_settings(sandbox, tmp_path, destination):
+    sandbox.faults({"kind": "413", "count": 1, "destination": destination})
+    result = run_target(tmp_path, config_for(destination, sandbox), singer("usage", usage(5), state={"p": 1}))
+    assert result.returncode == 4, result.stderr
+    clean(result)
+    assert "answered 413 (request body too large)" in result.error_lines[0]
+    assert "lower batch_max_bytes" in result.error_lines[0]
+    assert result.states == []

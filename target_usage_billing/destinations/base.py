@@ -226,6 +226,12 @@ class Destination(abc.ABC):
             return ruling
         if transient(response):
             return Ruling(Verdict.RETRY, f"{self.label} answered {status}")
+        if status == 413:  # often a proxy's cap in front of a self-hosted platform
+            msg = (
+                f"{self.label} answered 413 (request body too large): the platform, or a proxy "
+                "in front of it, takes smaller requests; lower batch_max_bytes (or batch_size_rows)"
+            )
+            return Ruling(Verdict.FATAL, msg)
         return Ruling(Verdict.FATAL, f"{self.label} answered {status}: {response.text()}")
 
     @abc.abstractmethod
