@@ -176,8 +176,14 @@ class Delivery:
         self._queue.put(batch)
 
     def add_state(self, state: dict, bound: int) -> None:
-        """Release ``state`` once every record with an index below ``bound`` is done."""
+        """Release ``state`` once every record with an index below ``bound`` is done.
+
+        At most two STATEs wait, whatever the tap writes: the next to go out and the
+        latest, which replaces the one before it (a STATE stands for all earlier ones).
+        """
         with self._lock:
+            if len(self._states) > 1:
+                self._states.pop()
             self._states.append((bound, state))
             self._release_states()
 

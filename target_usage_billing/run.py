@@ -90,7 +90,7 @@ class BillingRun:
         self.dry_run = (
             _open_output("dry_run_path", DryRunWriter, settings.dry_run_path) if settings.dry_run else None
         )
-        self.ledger = IdLedger()
+        self.ledger = IdLedger(max_bytes=settings.id_ledger_megabytes * 2**20)
         self.delivery = Delivery(
             self.destination,
             self.transport,
@@ -103,6 +103,11 @@ class BillingRun:
             key_properties=self.key_properties,
             dry_run=self.dry_run,
         )
+        # Partial batches of all streams share one budget: past it, the buffers that
+        # started longest ago are handed over first (which also releases STATE soonest).
+        self.buffer_budget = settings.buffer_megabytes * 2**20
+        self.buffered_bytes = 0
+        self.open_buffers: dict[int, t.Callable[[], None]] = {}  # sink buffers, oldest first
         self.rule_by_stream: dict[str, CompiledRule | None] = {}
         self._rules_used: set[int] = set()
         self.records_seen = 0  # records read so far; a record's index is its position
@@ -241,6 +246,11 @@ class BillingRun:
         """A STATE after ``records_seen`` records: released once they are all done."""
         if state:  # an empty STATE is never emitted
             self.delivery.add_state(state, self.records_seen)
+
+    def send_oldest_buffers(self) -> None:
+        """Hand over the oldest partial batches until the buffers fit their budget."""
+        while self.buffered_bytes > self.buffer_budget and self.open_buffers:
+            next(iter(self.open_buffers.values()))()  # removes itself from open_buffers
 
     def flush_due(self) -> bool:
         """Whether buffered records should be handed over so that pending STATEs can go.

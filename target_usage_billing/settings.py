@@ -92,6 +92,22 @@ COMMON_SETTINGS = th.PropertiesList(
         description="On SIGTERM/SIGINT, how long to keep delivering what was already received.",
     ),
     th.Property(
+        "id_ledger_megabytes",
+        th.IntegerType,
+        default=64,
+        description="Memory for the ids sent in this run (two 64-bit hashes an id), which "
+        "tell a re-sent event (skipped) from a second event with the same id (dead-lettered "
+        "as a conflict). Never exceeded: 64 MB checks the last 1.4 to 2.8 million ids; older "
+        "ids leave it.",
+    ),
+    th.Property(
+        "buffer_megabytes",
+        th.IntegerType,
+        default=64,
+        description="Memory for payloads waiting in partial batches, shared by all streams: "
+        "past it, the stream whose batch waited longest is sent first.",
+    ),
+    th.Property(
         "dead_letter_path",
         th.StringType,
         default="target-usage-billing-dead-letters.jsonl",
@@ -195,6 +211,8 @@ class Settings:
     state_checkpoint_seconds: float
     shutdown_grace_seconds: float
     dead_letter_path: str
+    id_ledger_megabytes: int
+    buffer_megabytes: int
     unmatched_streams: str
     accept_key_property_changes: list[str] | None
     max_rejected_records: int | None
@@ -269,6 +287,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "max_rejected_records": (0, 1 << 62, True),
     "max_rejected_ratio": (0, 1, True),
     "progress_interval_seconds": (0, DAY, True),
+    "id_ledger_megabytes": (1, 65_536, True),
+    "buffer_megabytes": (1, 65_536, True),
 }
 
 
@@ -313,6 +333,8 @@ _NUMBER_SETTINGS: dict[str, type] = {
     "max_rejected_records": int,
     "max_rejected_ratio": float,
     "progress_interval_seconds": float,
+    "id_ledger_megabytes": int,
+    "buffer_megabytes": int,
 }
 
 

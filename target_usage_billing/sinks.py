@@ -47,6 +47,7 @@ class UsageSink(RecordCheck, BatchSink):
         self.counts = self.billing_run.stats.stream(self.stream_name)
         self._items: list[Item] = []
         self._item_bytes = 0
+        self._held_bytes = 0  # what the buffer holds: bodies and input lines
         self._first_index = 0  # index of the buffer's first record (for STATE release)
         self._direct_uncounted = 0  # direct-path records not yet in the SDK's record counter
         destination = self.billing_run.destination
@@ -147,17 +148,25 @@ class UsageSink(RecordCheck, BatchSink):
         ):
             self._hand_over()
             items = self._items
+        run = self.billing_run
         if not items:
-            self._first_index = self.billing_run.records_seen - 1
-            self.billing_run.delivery.buffer_started(id(self), self._first_index)
+            self._first_index = run.records_seen - 1
+            run.delivery.buffer_started(id(self), self._first_index)
+            run.open_buffers[id(self)] = self._hand_over
             # the SDK drains (end of input, checkpoints) only sinks that tallied a record
             self.tally_record_read()
         reader = self._reader
-        items.append((body, reader.current_line, reader.line_number))  # an Item
+        line = reader.current_line
+        items.append((body, line, reader.line_number))  # an Item
         self._item_bytes += size
+        held = size + len(line)  # an item keeps its input line too
+        self._held_bytes += held
+        run.buffered_bytes += held
         counts.mapped += 1
         if len(items) >= self._max_items:
             self._hand_over()
+        elif run.buffered_bytes > run.buffer_budget:  # one budget for all streams' buffers
+            run.send_oldest_buffers()
 
     def _reject(self, record: dict, stage: str, rejection: MappingRejection, **details: t.Any) -> None:
         reader = self._reader
@@ -197,7 +206,10 @@ class UsageSink(RecordCheck, BatchSink):
         items = self._items
         self._items = []
         self._item_bytes = 0
+        self.billing_run.buffered_bytes -= self._held_bytes
+        self._held_bytes = 0
         if items:
+            del self.billing_run.open_buffers[id(self)]
             self.billing_run.delivery.submit(self.stream_name, items, id(self), self._first_index)
 
     def process_batch(self, context: dict) -> None:
