@@ -35,6 +35,7 @@ CONFLICT = 2  # same id, different body: the platform would drop it
 SLOT_BYTES = 16
 QUADRUPLE_BELOW = 1 << 21  # slots (32 MB)
 DEFAULT_MAX_BYTES = 64 * 2**20
+_ZERO = array("q", [0])
 
 
 class IdLedger:
@@ -58,7 +59,8 @@ class IdLedger:
         self._size = size
         self._limit = size * 2 // 3
         self._span = 2 * size - 1  # slot i is (_slots[2i], _slots[2i+1]): (id hash, body hash)
-        self._slots = array("q", bytes(SLOT_BYTES * size))
+        # one allocation, filled in C: array("q", bytes(n)) would hold a zeroed copy too
+        self._slots = _ZERO * (2 * size)
 
     def check(self, item_id: str, body: bytes) -> int:
         """Record ``item_id`` with ``body``: NEW, DUPLICATE or CONFLICT."""
@@ -89,6 +91,7 @@ class IdLedger:
         self.count += 1
         self._in_table += 1
         if self._in_table > self._limit:
+            old = None  # this frame must not keep the generation _grow() drops
             self._grow()
         return NEW
 

@@ -50,3 +50,22 @@ def test_ids_of_the_previous_generation_are_still_checked():
         ledger.check(f"id-{n}", b"x")
     assert ledger.check("id-0", b"x") == DUPLICATE
     assert ledger.check("id-1", b"changed") == CONFLICT
+
+
+def test_what_python_allocates_for_the_ledger_stays_within_its_budget():
+    # memory_bytes counts the tables the ledger means to hold; tracemalloc counts what is
+    # really allocated (a zeroed copy made while allocating, a generation still referenced)
+    import tracemalloc
+
+    budget = 2**20
+    tracemalloc.start()
+    try:
+        ledger = IdLedger(max_bytes=budget)
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        for n in range(ledger.remembered * 5):
+            ledger.check(f"id-{n}", b"body")
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert peak <= budget + 64 * 1024  # the tables, and a few small objects
