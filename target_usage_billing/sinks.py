@@ -24,6 +24,9 @@ if t.TYPE_CHECKING:
 
 
 _encode = payload_encoder.encode  # mapping.encode_payload without its call frame
+# What a buffered item costs beside its two byte strings: the tuple, its list slot, the
+# strings' headers and the line number (counted against buffer_megabytes).
+ITEM_OVERHEAD = 170
 
 
 class UsageSink(RecordCheck, BatchSink):
@@ -159,7 +162,7 @@ class UsageSink(RecordCheck, BatchSink):
         line = reader.current_line
         items.append((body, line, reader.line_number))  # an Item
         self._item_bytes += size
-        held = size + len(line)  # an item keeps its input line too
+        held = size + len(line) + ITEM_OVERHEAD  # an item keeps its input line too
         self._held_bytes += held
         run.buffered_bytes += held
         counts.mapped += 1
