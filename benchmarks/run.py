@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing as t
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +29,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE.parent))
 
 from target_usage_billing.sandbox.launch import launch  # noqa: E402
-from target_usage_billing.sandbox.samples import singer_lines  # noqa: E402
+from target_usage_billing.sandbox.samples import STREAM, singer_lines  # noqa: E402
 
 M3TER_RULE = {
     "stream": "segment_events",
@@ -65,17 +66,37 @@ RULES = {
 DESTINATIONS = ["m3ter", "metronome", "orb", "lago", "openmeter", "stripe"]
 
 
-def events_file(count: int) -> Path:
+def events_file(count: int, streams: int = 1) -> Path:
+    """The generated events; with ``streams`` > 1, spread round-robin over that many
+    streams (segment_events_0, ...), each with its own SCHEMA first."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"segment-{count}.singer.jsonl"
+    suffix = f"-{streams}-streams" if streams > 1 else ""
+    path = RESULTS / f"segment-{count}{suffix}.singer.jsonl"
     # regenerate daily: Metronome refuses events older than 34 days
     if not path.exists() or time.time() - path.stat().st_mtime > 86400:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as out:
-            for line in singer_lines(count, seed=1, hours=72, state_every=10_000):
+            lines = singer_lines(count, seed=1, hours=72, state_every=10_000)
+            if streams > 1:
+                lines = _spread(lines, streams)
+            for line in lines:
                 out.write(line + "\n")
         tmp.replace(path)
     return path
+
+
+def _spread(lines: t.Iterable[str], streams: int) -> t.Iterator[str]:
+    records = 0
+    for line in lines:
+        message = json.loads(line)
+        if message["type"] == "SCHEMA":
+            for n in range(streams):
+                yield json.dumps({**message, "stream": f"{STREAM}_{n}"})
+            continue
+        if message["type"] == "RECORD":
+            message["stream"] = f"{STREAM}_{records % streams}"
+            records += 1
+        yield json.dumps(message)
 
 
 def run_child(command: list[str], input_path: Path, log_path: Path) -> tuple[float, int, int, float]:
@@ -147,12 +168,20 @@ def fanout_rules(destination: str, count: int) -> list[dict]:
 
 
 def target_config(
-    destination: str, url: str, rate_limited: bool, in_flight: int | None, mappings: int = 1
+    destination: str,
+    url: str,
+    rate_limited: bool,
+    in_flight: int | None,
+    mappings: int = 1,
+    streams: int = 1,
 ) -> dict:
+    rule = RULES[destination]
+    if streams > 1:
+        rule = {**rule, "stream": f"{STREAM}_*"}
     config = {
         "destination": destination,
         **destination_settings(destination, url),
-        "mappings": fanout_rules(destination, mappings) if mappings > 1 else [RULES[destination]],
+        "mappings": fanout_rules(destination, mappings) if mappings > 1 else [rule],
     }
     if not rate_limited:
         config["max_requests_per_second"] = 0
@@ -171,8 +200,9 @@ def bench(
     dry_run: bool = False,
     journal: bool = True,
     mappings: int = 1,
+    streams: int = 1,
 ) -> dict:
-    input_path = events_file(count)
+    input_path = events_file(count, streams)
     rate_limited = (
         latency_ms > 0
     )  # zero latency measures the target itself; with latency, the API's limits apply
@@ -184,7 +214,7 @@ def bench(
         url = sandbox.url
         try:
             config_path = work / "config.json"
-            config = target_config(destination, url, rate_limited, in_flight, mappings)
+            config = target_config(destination, url, rate_limited, in_flight, mappings, streams)
             if dry_run:  # everything but sending: request bodies go to /dev/null
                 config.update(dry_run=True, dry_run_path=os.devnull)
             if not journal:
@@ -207,6 +237,8 @@ def bench(
     result = {
         "destination": destination,
         "events": count,
+        "streams": streams,
+        "dry_run": dry_run,
         "latency_ms": latency_ms,
         "seconds": round(seconds, 2),
         "records_per_s": round(count / seconds),
@@ -387,6 +419,13 @@ def main() -> None:
     )
     parser.add_argument("--stage-costs", choices=DESTINATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--fanout-map-cost", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--streams", type=int, default=1, help="spread the events over this many streams")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="dry runs only (request bodies to /dev/null), no baseline: peak RSS and CPU of "
+        "the target alone, e.g. --events 10000000 --destination m3ter --memory",
+    )
     args = parser.parse_args()
     if args.stage_costs:
         if args.fanout_map_cost:
@@ -397,6 +436,13 @@ def main() -> None:
     if args.mappings:
         compile_package()
         bench_fanout("m3ter" if args.destination == "all" else args.destination, args)
+        return
+    if args.memory:
+        compile_package()
+        for destination in DESTINATIONS if args.destination == "all" else [args.destination]:
+            for _ in range(max(1, args.repeat)):
+                result = bench(destination, args.events, 0.0, None, args.in_flight, True, args.streams)
+                print(json.dumps(result), flush=True)
         return
     destinations = DESTINATIONS if args.destination == "all" else [args.destination]
     compile_package()

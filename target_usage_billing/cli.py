@@ -49,15 +49,25 @@ def check_config_files(paths: tuple[str, ...]) -> None:
         if path == "ENV":
             continue
         try:
-            content = json.loads(Path(path).read_bytes())
+            content = json.loads(Path(path).read_bytes(), parse_constant=_refuse_constant)
         except FileNotFoundError:
             exit_with(ConfigError(f"--config {path}: no such file"))
         except OSError as exc:
             exit_with(ConfigError(f"--config {path}: cannot read it ({exc.strerror})"))
+        except _NonFinite as exc:
+            exit_with(ConfigError(f"--config {path}: {exc} is not valid JSON; settings take finite numbers"))
         except ValueError as exc:
             exit_with(ConfigError(f"--config {path}: not valid JSON ({exc})"))
         if not isinstance(content, dict):
             exit_with(ConfigError(f"--config {path}: must hold a JSON object of settings"))
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _refuse_constant(name: str) -> t.NoReturn:
+    raise _NonFinite(name)  # NaN, Infinity, -Infinity: Python's json reads them, JSON has none
 
 
 def extra_options() -> list[click.Option]:

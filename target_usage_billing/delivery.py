@@ -16,14 +16,17 @@ from __future__ import annotations
 import collections
 import decimal
 import logging
+import os
 import queue
 import threading
 import time
 import typing as t
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 
+from target_usage_billing import outputs
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.destinations.base import Destination, Ruling, Verdict
 from target_usage_billing.errors import (
@@ -93,10 +96,12 @@ class Batch:
 
 
 class DryRunWriter:
-    """Writes the exact request bodies to a JSONL file instead of sending them."""
+    """Writes the exact request bodies to a JSONL file instead of sending them (whole
+    lines only: a full disk stops the run naming dry_run_path, see outputs.py)."""
 
     def __init__(self, path: str):
-        self._file = open(path, "ab")  # noqa: SIM115 - held open for the run
+        self.path = Path(path)
+        self._fd = outputs.open_append(self.path)
         self._lock = threading.Lock()
 
     def write(self, destination: str, path: str, count: int, body: bytes) -> None:
@@ -105,12 +110,11 @@ class DryRunWriter:
         )
         line = head[:-1] + b',"body":' + body + b"}\n"
         with self._lock:
-            self._file.write(line)
-            self._file.flush()
+            outputs.append_line(self._fd, line, "dry_run_path", self.path)
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            os.close(self._fd)
 
 
 class Delivery:
@@ -191,9 +195,15 @@ class Delivery:
         self._queue.put(batch)
 
     def add_state(self, state: dict, bound: int) -> None:
-        """Release ``state`` once every record with an index below ``bound`` is done."""
+        """Release ``state`` once every record with an index below ``bound`` is done.
+
+        At most two STATEs wait, whatever the tap writes: the next to go out and the
+        latest, which replaces the one before it (a STATE stands for all earlier ones).
+        """
         with self._lock:
             self._states_received += 1
+            if len(self._states) > 1:  # the latest replaces the one between: bounded memory
+                self._states.pop()
             self._states.append((bound, state, self._states_received))
             self._release_states()
 
@@ -274,6 +284,17 @@ class Delivery:
             self._journal(batch, items, body)
             self.stats.add_sent(stream, len(items), items)
             return
+        if ruling.stored and all(0 <= i < len(items) for i in ruling.stored):
+            # the platform named the items it already has: done; the others go once more
+            stored = set(ruling.stored)
+            held = [item for i, item in enumerate(items) if i in stored]
+            self._journal(batch, held, self.destination.envelope([item[BODY] for item in held]))
+            for mapping, count in collections.Counter(item[MAPPING] for item in held).items():
+                self.stats.add_already_stored(stream, mapping, count)
+            rest = [item for i, item in enumerate(items) if i not in stored]
+            if rest:
+                self._deliver(batch, rest)
+            return
         if ruling.verdict is Verdict.ALREADY_STORED and len(items) == 1:
             self._journal(batch, items, body)  # the platform holds it (sent by a run that crashed)
             self.stats.add_already_stored(stream, items[0][MAPPING])  # billed by an earlier request: done
@@ -344,11 +365,13 @@ class Delivery:
             if ruling.verdict is Verdict.DENIED:
                 raise CredentialsError(ruling.message)
             if ruling.verdict is Verdict.REAUTH:
-                if renewed:
+                if renewed and not destination.renewal_checks_credentials:
                     raise CredentialsError(destination.reauth_failed_message(response.status))
-                renewed = True
                 destination.refresh_credentials(request)
-                raise RetryableFailure(f"{ruling.message}; renewing credentials", retry_after=0)
+                # the first renewal resends at once; later ones back off, within the budget
+                retry_after = None if renewed else 0
+                renewed = True
+                raise RetryableFailure(f"{ruling.message}; renewing credentials", retry_after=retry_after)
             if ruling.verdict is Verdict.FATAL:
                 raise DeliveryError(ruling.message)
             return ruling

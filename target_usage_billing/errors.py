@@ -53,10 +53,15 @@ class InterruptedRun(UsageBillingError):
     exit_code = 7
 
 
-class JournalError(UsageBillingError):
-    """The run journal could not be written: no STATE goes past usage it does not hold."""
+class OutputError(UsageBillingError):
+    """An output (dead_letter_path, dry_run_path, stdout, the run journal) could not be
+    written during the run: no STATE goes past what it holds."""
 
     exit_code = 9
+
+
+class JournalError(OutputError):
+    """The run journal could not be written (locked past its busy timeout, disk full)."""
 
 
 class ReconcileMismatch(UsageBillingError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import difflib
 import logging
+import os
 import sys
 import threading
 import time
@@ -20,8 +21,16 @@ import msgspec
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.delivery import Delivery, DryRunWriter
 from target_usage_billing.destinations import DESTINATIONS, Destination
-from target_usage_billing.errors import ConfigError, JournalError, RejectionLimitError, UnmatchedStreamError
+from target_usage_billing.errors import (
+    ConfigError,
+    JournalError,
+    OutputError,
+    RejectionLimitError,
+    StreamMappingError,
+    UnmatchedStreamError,
+)
 from target_usage_billing.http import HttpTransport, RateLimiter
+from target_usage_billing.idscheme import accepted, key_change_error
 from target_usage_billing.journal import Journal
 from target_usage_billing.journal_store import open_store
 from target_usage_billing.ledger import IdLedger
@@ -93,10 +102,11 @@ class BillingRun:
         self.dry_run = (
             _open_output("dry_run_path", DryRunWriter, settings.dry_run_path) if settings.dry_run else None
         )
-        self.ledger = IdLedger()
-        self.journal = (
-            open_journal(settings, self.destination) if settings.journal and not settings.dry_run else None
-        )
+        self.ledger = IdLedger(max_bytes=settings.id_ledger_megabytes * 2**20)
+        keep_journal = settings.journal and not settings.dry_run
+        # one run id for the journal and the dead letters
+        run_id = self.dead_letters.run_id
+        self.journal = open_journal(settings, self.destination, run_id) if keep_journal else None
         self.delivery = Delivery(
             self.destination,
             self.transport,
@@ -111,6 +121,11 @@ class BillingRun:
             journal=self.journal,
         )
         self.plan_by_stream: dict[str, StreamPlan | None] = {}
+        # Partial batches of all streams share one budget: past it, the buffers that
+        # started longest ago are handed over first (which also releases STATE soonest).
+        self.buffer_budget = settings.buffer_megabytes * 2**20
+        self.buffered_bytes = 0
+        self.open_buffers: dict[int, t.Callable[[], None]] = {}  # sink buffers, oldest first
         self._rules_used: set[int] = set()
         self.records_seen = 0  # records read so far; a record's index is its position
         self.checkpoint_seconds = max(settings.state_checkpoint_seconds, MIN_CHECKPOINT_SECONDS)
@@ -180,6 +195,26 @@ class BillingRun:
             "unmatched_streams to skip"
         )
         raise UnmatchedStreamError(msg)
+
+    def check_key_properties(self, stream: str, keys: t.Sequence[str]) -> None:
+        """A SCHEMA giving ``stream`` other key properties than its earlier one: stop the
+        run (exit 2) when that would change the ids derived for its records."""
+        previous = self.key_properties.get(stream)
+        plan = self.plan_by_stream.get(stream)
+        if previous is None or plan is None or plan.skip:
+            return
+        derived = [rule for rule in plan.rules if rule.id_field is not None and not rule.skip]
+        if not derived:
+            return
+        error = key_change_error(
+            stream,
+            previous,
+            keys,
+            explicit_id=all(rule.id_source is not None for rule in derived),
+            acknowledged=accepted(stream, self.settings.accept_key_property_changes),
+        )
+        if error is not None:
+            raise StreamMappingError(error)
 
     def skip_message(self, kind: str, line: int, why: str, *, warn: bool = True) -> None:
         """A message that carries no usage, skipped: counted in the summary."""
@@ -291,6 +326,11 @@ class BillingRun:
         if state:  # an empty STATE is never emitted
             self.delivery.add_state(state, self.records_seen)
 
+    def send_oldest_buffers(self) -> None:
+        """Hand over the oldest partial batches until the buffers fit their budget."""
+        while self.buffered_bytes > self.buffer_budget and self.open_buffers:
+            next(iter(self.open_buffers.values()))()  # removes itself from open_buffers
+
     def flush_due(self) -> bool:
         """Whether buffered records should be handed over so that pending STATEs can go.
 
@@ -332,8 +372,11 @@ class BillingRun:
             return
         with self._stdout_lock:
             out = sys.stdout.buffer
-            out.write(b"".join(line + b"\n" for line in lines))
-            out.flush()
+            try:
+                out.write(b"".join(line + b"\n" for line in lines))
+                out.flush()
+            except OSError as exc:  # BrokenPipeError above all: the reader went away
+                raise _stdout_error(exc) from None
             self.states_emitted += len(lines)
         logger.debug("Emitted STATE %s", lines[-1].decode())
 
@@ -352,9 +395,26 @@ class BillingRun:
             self.journal.store.close()
         self.delivery.close()
         self.transport.close_connections()  # the reading thread's (credential check)
-        self.dead_letters.close()
         if self.dry_run is not None:
             self.dry_run.close()
+        self.dead_letters.close()  # raises OutputError if a rejection could not be written
+
+
+def _stdout_error(exc: OSError) -> OutputError:
+    # What is left in Python's buffer would fail again at exit, with a traceback-like
+    # "Exception ignored" message: the STATE goes nowhere from now on.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+    if isinstance(exc, BrokenPipeError):
+        why = "stdout was closed early (broken pipe): whatever reads this target's output stopped reading"
+    else:
+        why = f"stdout: cannot write a STATE ({exc.strerror or type(exc).__name__})"
+    return OutputError(
+        f"{why}; usage sent since the last STATE written is re-sent from it next time (ids "
+        "make that harmless)"
+    )
 
 
 _Output = t.TypeVar("_Output")
@@ -369,7 +429,7 @@ def _open_output(setting: str, kind: t.Callable[..., _Output], path: str, *args:
         raise ConfigError(f"{setting}: cannot write {path!r}: {reason}") from None
 
 
-def open_journal(settings: Settings, destination: Destination) -> Journal:
+def open_journal(settings: Settings, destination: Destination, run_id: str) -> Journal:
     """The run journal the settings ask for; one that cannot be opened stops the run at start."""
     try:
         store = open_store(settings.journal_url, settings.journal_path, settings.dead_letter_path)
@@ -379,6 +439,7 @@ def open_journal(settings: Settings, destination: Destination) -> Journal:
             destination.journal_layout(),
             envelope_key=destination.envelope_key,
             sample_rate=settings.journal_sample_rate,
+            run_id=run_id,
         )
     except JournalError as exc:
         raise ConfigError(str(exc)) from None

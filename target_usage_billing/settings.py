@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import typing as t
 from dataclasses import dataclass
@@ -95,12 +96,29 @@ COMMON_SETTINGS = th.PropertiesList(
         description="On SIGTERM/SIGINT, how long to keep delivering what was already received.",
     ),
     th.Property(
+        "id_ledger_megabytes",
+        th.IntegerType,
+        default=64,
+        description="Memory for the ids sent in this run (two 64-bit hashes an id), which "
+        "tell a re-sent event (skipped) from a second event with the same id (dead-lettered "
+        "as a conflict). Never exceeded: 64 MB checks the last 1.4 to 2.8 million ids; older "
+        "ids leave it.",
+    ),
+    th.Property(
+        "buffer_megabytes",
+        th.IntegerType,
+        default=64,
+        description="Memory for payloads waiting in partial batches, shared by all streams: "
+        "past it, the stream whose batch waited longest is sent first.",
+    ),
+    th.Property(
         "dead_letter_path",
         th.StringType,
         default="target-usage-billing-dead-letters.jsonl",
         description="JSONL file receiving every rejected record with the reason (relative "
-        "paths: from the working directory, the project root under Meltano). Created when "
-        "the run starts, removed at the end if nothing was rejected.",
+        "paths: from the working directory, the project root under Meltano). Append-only and "
+        "safe for concurrent runs to share: created by the first rejection, never removed or "
+        "truncated; each line names its run_id.",
     ),
     th.Property(
         "journal",
@@ -141,6 +159,14 @@ COMMON_SETTINGS = th.PropertiesList(
         'nothing). A rule {"stream": NAME, "skip": true} skips one stream on purpose. A '
         "mapping that fired on no stream of the run is said at the end the same way (fail: "
         "exit 2; skip: a warning).",
+    ),
+    th.Property(
+        "accept_key_property_changes",
+        th.ArrayType(th.StringType),
+        description="Streams (names or glob patterns) whose key properties may change: "
+        "otherwise a SCHEMA giving a stream with derived ids other key properties stops the "
+        "run (exit 2), because its records would get new ids and be billed again. Streams "
+        "whose rule maps an explicit id need no entry.",
     ),
     th.Property(
         "max_rejected_records",
@@ -188,6 +214,8 @@ DESTINATION_SETTINGS = {prop.name for d in DESTINATIONS.values() for prop in d.s
 
 def config_schema() -> dict:
     schema = COMMON_SETTINGS.to_dict()
+    for name in RANGES.keys() & schema["properties"].keys():  # the documented range is the one checked
+        schema["properties"][name]["description"] += f" Range: {describe_range(name)}."
     for destination in DESTINATIONS.values():
         for prop in destination.settings:
             entry = prop.to_dict()
@@ -222,7 +250,10 @@ class Settings:
     journal_path: str | None
     journal_url: str | None
     journal_sample_rate: float
+    id_ledger_megabytes: int
+    buffer_megabytes: int
     unmatched_streams: str
+    accept_key_property_changes: list[str] | None
     max_rejected_records: int | None
     max_rejected_ratio: float | None
     progress_interval_seconds: float
@@ -234,6 +265,9 @@ class Settings:
             value = config.get(name)
             return defaults.get(name) if value is None or value == "" else value
 
+        problems = non_finite_numbers(config, config_schema())
+        if problems:
+            raise ConfigError(problems[0])
         values = {name: get(name) for name in cls.__dataclass_fields__}
         # JSON config files arrive with Decimal numbers (the SDK reads them exactly):
         # time and ratio settings are plain floats from here on.
@@ -241,7 +275,7 @@ class Settings:
             if values[name] is not None:
                 try:
                     values[name] = kind(values[name])
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):  # NaN or infinity as an integer
                     raise ConfigError(f"{name}: expected a number, got {values[name]!r}") from None
         in_flight = values["max_requests_in_flight"]
         if isinstance(in_flight, int) and in_flight > MAX_REQUESTS_IN_FLIGHT:
@@ -260,44 +294,71 @@ class Settings:
         if not self.destination:
             known = ", ".join(DESTINATIONS)
             raise ConfigError(f"destination: required, one of {known}")
-        positive = {
-            "max_requests_in_flight": self.max_requests_in_flight,
-            "request_timeout_seconds": self.request_timeout_seconds,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{name}: must be greater than 0, got {value}")
-        non_negative = {
-            "max_retry_seconds": self.max_retry_seconds,
-            "state_checkpoint_seconds": self.state_checkpoint_seconds,
-            "shutdown_grace_seconds": self.shutdown_grace_seconds,
-        }
-        for name, value in non_negative.items():
-            if value < 0:
-                raise ConfigError(f"{name}: must be 0 or more, got {value}")
-        if self.max_rejected_records is not None and self.max_rejected_records < 0:
-            raise ConfigError(f"max_rejected_records: must be 0 or more, got {self.max_rejected_records}")
-        if self.max_requests_per_second is not None and self.max_requests_per_second < 0:
-            msg = f"max_requests_per_second: must be 0 (no limit) or more, got {self.max_requests_per_second}"
-            raise ConfigError(msg)
-        if self.batch_size_rows is not None and self.batch_size_rows < 1:
-            raise ConfigError(f"batch_size_rows: must be at least 1, got {self.batch_size_rows}")
-        if self.batch_max_bytes is not None and self.batch_max_bytes < 1024:
-            raise ConfigError(f"batch_max_bytes: must be at least 1024, got {self.batch_max_bytes}")
+        for name, (low, high, low_included) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not _within(value, low, high, low_included):
+                raise ConfigError(f"{name}: must be {describe_range(name)}, got {value}")
         if self.load_method not in (None, "append-only"):
             msg = (
                 f"load_method: {self.load_method!r} is not possible with a billing API; usage is "
                 "appended, and re-sent items are de-duplicated by their ids (use append-only)"
             )
             raise ConfigError(msg)
-        if not 0 <= self.journal_sample_rate <= 1:
-            raise ConfigError(f"journal_sample_rate: must be between 0 and 1, got {self.journal_sample_rate}")
-        if self.max_rejected_ratio is not None and not 0 <= self.max_rejected_ratio <= 1:
-            raise ConfigError(f"max_rejected_ratio: must be between 0 and 1, got {self.max_rejected_ratio}")
         if self.unmatched_streams not in UNMATCHED_STREAMS:
             allowed = ", ".join(UNMATCHED_STREAMS)
             msg = f"unmatched_streams: must be one of {allowed}, got {self.unmatched_streams!r}"
             raise ConfigError(msg)
+
+
+# Each numeric setting's range: (lowest, highest, whether the lowest is allowed). Every
+# value must be finite: the time settings feed clocks and waits that cannot take NaN,
+# infinity or a trillion seconds.
+DAY = 86_400
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "batch_max_bytes": (1024, 1 << 31, True),
+    "batch_size_rows": (1, 1_000_000, True),
+    "max_requests_in_flight": (1, 1_000_000, True),
+    "max_requests_per_second": (0, 1_000_000, True),
+    "request_timeout_seconds": (0, DAY, False),
+    "max_retry_seconds": (0, 7 * DAY, True),
+    "state_checkpoint_seconds": (0, DAY, True),
+    "shutdown_grace_seconds": (0, DAY, True),
+    "max_rejected_records": (0, 1 << 62, True),
+    "max_rejected_ratio": (0, 1, True),
+    "progress_interval_seconds": (0, DAY, True),
+    "id_ledger_megabytes": (1, 65_536, True),
+    "buffer_megabytes": (1, 65_536, True),
+    "journal_sample_rate": (0, 1, True),
+}
+
+
+def describe_range(name: str) -> str:
+    low, high, low_included = RANGES[name]
+    lowest = f"{low:,}" if low_included else f"more than {low:,}"
+    return f"a finite number from {lowest} to {high:,}"
+
+
+def _within(value: float, low: float, high: float, low_included: bool) -> bool:
+    if not math.isfinite(value):
+        return False
+    return (low <= value if low_included else low < value) and value <= high
+
+
+def non_finite_numbers(config: t.Mapping[str, t.Any], schema: dict) -> list[str]:
+    """Numeric settings (any destination's too) given NaN or an infinity, as problems."""
+    problems = []
+    for name, prop in schema["properties"].items():
+        types = prop.get("type", [])
+        value = config.get(name)
+        if value is None or isinstance(value, (bool, str)) or not {"number", "integer"} & set(types):
+            continue
+        try:
+            finite = math.isfinite(value)
+        except (TypeError, ValueError, OverflowError):
+            continue  # not a number at all: the type check says so
+        if not finite:
+            problems.append(f"{name}: must be a finite number, got {value}")
+    return problems
 
 
 _NUMBER_SETTINGS: dict[str, type] = {
@@ -313,6 +374,8 @@ _NUMBER_SETTINGS: dict[str, type] = {
     "max_rejected_ratio": float,
     "progress_interval_seconds": float,
     "journal_sample_rate": float,
+    "id_ledger_megabytes": int,
+    "buffer_megabytes": int,
 }
 
 

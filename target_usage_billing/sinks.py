@@ -25,6 +25,9 @@ if t.TYPE_CHECKING:
 
 
 _encode = payload_encoder.encode  # mapping.encode_payload without its call frame
+# What a buffered item costs beside its two byte strings: the tuple, its list slot, the
+# strings' headers and the line number (counted against buffer_megabytes).
+ITEM_OVERHEAD = 170
 
 
 class UsageSink(RecordCheck, BatchSink):
@@ -59,6 +62,7 @@ class UsageSink(RecordCheck, BatchSink):
         self._journal = self.billing_run.journal
         self._tally = self._journal.tally() if self._journal is not None else None
         self._item_bytes = 0
+        self._held_bytes = 0  # what the buffer holds: bodies and input lines
         self._first_index = 0  # index of the buffer's first record (for STATE release)
         self._direct_uncounted = 0  # direct-path records not yet in the SDK's record counter
         destination = self.billing_run.destination
@@ -189,21 +193,29 @@ class UsageSink(RecordCheck, BatchSink):
         ):
             self._hand_over()
             items = self._items
+        run = self.billing_run
         if not items:
-            self._first_index = self.billing_run.records_seen - 1
-            self.billing_run.delivery.buffer_started(id(self), self._first_index)
+            self._first_index = run.records_seen - 1
+            run.delivery.buffer_started(id(self), self._first_index)
+            run.open_buffers[id(self)] = self._hand_over
             # the SDK drains (end of input, checkpoints) only sinks that tallied a record
             self.tally_record_read()
         reader = self._reader
-        items.append((body, reader.current_line, reader.line_number, label))  # an Item
+        line = reader.current_line
+        items.append((body, line, reader.line_number, label))  # an Item
         if self._tally is not None:
             self._tally.add(self.stream_name, payload, body)
         self._item_bytes += size
+        held = size + len(line) + ITEM_OVERHEAD  # an item keeps its input line too
+        self._held_bytes += held
+        run.buffered_bytes += held
         counts.mapped += 1
         if share is not None:
             share.mapped += 1
         if len(items) >= self._max_items:
             self._hand_over()
+        elif run.buffered_bytes > run.buffer_budget:  # one budget for all streams' buffers
+            run.send_oldest_buffers()
 
     def _reject(self, record: dict, stage: str, rejection: MappingRejection, **details: t.Any) -> None:
         reader = self._reader
@@ -249,7 +261,10 @@ class UsageSink(RecordCheck, BatchSink):
         tally = self._tally
         if self._journal is not None:
             self._tally = self._journal.tally()
+        self.billing_run.buffered_bytes -= self._held_bytes
+        self._held_bytes = 0
         if items:
+            del self.billing_run.open_buffers[id(self)]
             self.billing_run.delivery.submit(self.stream_name, items, id(self), self._first_index, tally)
 
     def process_batch(self, context: dict) -> None:

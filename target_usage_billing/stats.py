@@ -67,12 +67,12 @@ class RunStats:
                 for item in items:
                     entry.mappings[item[MAPPING]].sent += 1
 
-    def add_already_stored(self, stream: str, mapping: str | None = None) -> None:
+    def add_already_stored(self, stream: str, mapping: str | None = None, count: int = 1) -> None:
         with self.lock:
             entry = self.streams[stream]
-            entry.already_stored += 1
+            entry.already_stored += count
             if mapping in entry.mappings:
-                entry.mappings[mapping].already_stored += 1
+                entry.mappings[mapping].already_stored += count
 
     def add_request(self, stream: str) -> None:
         with self.lock:

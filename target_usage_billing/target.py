@@ -137,6 +137,7 @@ class TargetUsageBilling(SettingsCheck, Target):
             raise InputError(msg)
         if not isinstance(message_dict.get("schema"), dict):
             raise InputError("a SCHEMA message's schema must be a JSON object")
+        self.billing_run.check_key_properties(stream, keys or ())
         self.message_reader.sdk_handlers[SingerMessageType.SCHEMA](message_dict)
         self._direct_sinks.pop(stream, None)
         maps = self.mapper.stream_maps.get(stream, [])

@@ -26,6 +26,7 @@ from tests.conftest import (
     TARGET,
     USAGE_RULE_M3TER,
     Pipeline,
+    Result,
     api_url_settings,
     config_for,
     dead_letters,
@@ -249,8 +250,16 @@ SECRET = "s3cr3t-value-never-shown"
         ({"m3ter_auth_url": "http://"}, "m3ter_auth_url: 'http://' is not an http"),
         ({"m3ter_org_id": "my org"}, "m3ter_org_id: 'my org' is not an Organization id"),
         ({"m3ter_org_id": "org\r\nX-Injected: 1"}, "m3ter_org_id:"),
-        ({"max_rejected_records": -1}, "max_rejected_records: must be 0 or more"),
-        ({"max_requests_per_second": -2}, "max_requests_per_second: must be 0"),
+        ({"max_rejected_records": -1}, "max_rejected_records: must be a finite number from 0 to"),
+        ({"max_requests_per_second": -2}, "max_requests_per_second: must be a finite number from 0 to"),
+        # every numeric setting finite and in its documented range (issue 20)
+        (
+            {"state_checkpoint_seconds": 1e12},
+            "state_checkpoint_seconds: must be a finite number from 0 to 86,400",
+        ),
+        ({"request_timeout_seconds": 0}, "request_timeout_seconds: must be a finite number from more than 0"),
+        ({"progress_interval_seconds": -1}, "progress_interval_seconds: must be a finite number from 0"),
+        ({"max_retry_seconds": 1e9}, "max_retry_seconds: must be a finite number from 0 to 604,800"),
         ({"m3ter_api_secret": 987654321123}, "(secret value not shown)"),
         ({"m3ter_api_secret": SECRET[:10] + "\n" + SECRET[10:]}, "m3ter_api_secret: must not contain spaces"),
     ],
@@ -266,8 +275,49 @@ def test_bad_settings_stop_before_input_with_exit_2(sandbox, tmp_path, overrides
 
 
 @pytest.mark.parametrize(
+    ("setting", "written", "expected"),
+    [
+        ("request_timeout_seconds", "1e400", "request_timeout_seconds: must be a finite number, got"),
+        ("max_retry_seconds", "-1e400", "max_retry_seconds: must be a finite number, got"),
+        ("orb_grace_period_hours", "1e300", "orb_grace_period_hours: must be more than 0 and at most 87,600"),
+        ("max_rejected_records", "1e400", "max_rejected_records"),
+        ("shutdown_grace_seconds", "NaN", "NaN is not valid JSON; settings take finite numbers"),
+        ("request_timeout_seconds", "Infinity", "Infinity is not valid JSON; settings take finite numbers"),
+    ],
+)
+def test_non_finite_numbers_in_a_config_file_are_one_line_and_exit_2(
+    sandbox, tmp_path, setting, written, expected
+):
+    destination = "orb" if setting.startswith("orb_") else "m3ter"
+    text = json.dumps(config_for(destination, sandbox, **{setting: "PLACEHOLDER"}))
+    path = tmp_path / "config.json"
+    path.write_text(text.replace('"PLACEHOLDER"', written))
+    done = subprocess.run([TARGET, "--config", str(path)], input=b"", capture_output=True, cwd=tmp_path)
+    result = Result(done.returncode, done.stdout.decode(), done.stderr.decode())
+    assert result.returncode == 2, result.stderr
+    clean(result)
+    assert expected in result.error_lines[0]
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
+        (
+            "TARGET_USAGE_BILLING_SHUTDOWN_GRACE_SECONDS",
+            "nan",
+            "shutdown_grace_seconds: must be a finite number",
+        ),
+        (
+            "TARGET_USAGE_BILLING_REQUEST_TIMEOUT_SECONDS",
+            "inf",
+            "request_timeout_seconds: must be a finite number",
+        ),
+        ("TARGET_USAGE_BILLING_MAX_RETRY_SECONDS", "inf", "max_retry_seconds: must be a finite number"),
+        (
+            "TARGET_USAGE_BILLING_STATE_CHECKPOINT_SECONDS",
+            "1e12",
+            "state_checkpoint_seconds: must be a finite",
+        ),
         (
             "TARGET_USAGE_BILLING_MAX_REQUESTS_IN_FLIGHT",
             "abc",
@@ -501,3 +551,42 @@ def test_the_fatal_line_is_also_logged_at_error_level(sandbox, tmp_path):
     )
     assert result.returncode == 2
     assert any("| ERROR" in line and "m3ter_org_id" in line for line in result.stderr.splitlines())
+
+
+# --- outputs and answers that are named, not "unexpected" (issue 20) ----------------------
+
+
+def test_stdout_closed_early_is_named_exit_8_without_a_traceback(sandbox, tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config_for("m3ter", sandbox)))
+    lines = "\n".join(singer("usage", usage(20), state={"p": 1})) + "\n"
+    (tmp_path / "input.jsonl").write_text(lines)
+    with open(tmp_path / "input.jsonl", "rb") as stdin:
+        process = subprocess.Popen(
+            [TARGET, "--config", str(config_path)],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # the reader goes away before the first STATE
+        stderr = process.stderr.read().decode()
+        code = process.wait(60)
+    assert code == 9, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "stdout was closed early (broken pipe)" in errors[0]
+    assert "unexpected error" not in stderr
+    assert sandbox.stats("m3ter")["stored"] == 20  # delivered; only the STATE had nowhere to go
+
+
+@both
+def test_a_413_names_the_batch_size_settings(sandbox, tmp_path, destination):
+    sandbox.faults({"kind": "413", "count": 1, "destination": destination})
+    result = run_target(tmp_path, config_for(destination, sandbox), singer("usage", usage(5), state={"p": 1}))
+    assert result.returncode == 4, result.stderr
+    clean(result)
+    assert "answered 413 (request body too large)" in result.error_lines[0]
+    assert "lower batch_max_bytes" in result.error_lines[0]
+    assert result.states == []

@@ -87,6 +87,44 @@ def test_events_lago_already_has_are_counted_as_already_stored_not_rejected(sand
     assert second.states == [{"done": 5}]
 
 
+def test_after_a_lost_acknowledgement_lago_s_stored_indexes_are_dropped_not_bisected(sandbox, tmp_path):
+    # The first request of 100 is stored, then the connection drops before the answer:
+    # the re-send is refused with value_already_exist for every index.
+    sandbox.faults({"kind": "stored-drop", "count": 1, "destination": "lago"})
+    rows = usage(110)
+    result = run_target(tmp_path, config_for("lago", sandbox), singer("usage", rows, state={"done": 110}))
+    assert result.returncode == 0, result.stderr
+    stats = sandbox.stats("lago")
+    assert stats["stored"] == 110
+    # stored + dropped, the refused re-send, the other 10: no halving down to single events
+    assert stats["requests"] == 3, stats
+    assert "already stored 100" in result.stderr and "rejected 0" in result.stderr
+    assert result.states == [{"done": 110}]
+
+
+def test_a_resumed_run_sends_lago_only_the_events_it_lacks(sandbox, tmp_path):
+    rows = usage(100)
+    first = run_target(tmp_path, config_for("lago", sandbox), singer("usage", rows[::2]))  # 50 stored
+    assert first.returncode == 0, first.stderr
+    before = sandbox.stats("lago")["requests"]
+    sandbox.faults(refuse_items_containing=["REFUSE"])
+    rows[7]["note"] = "REFUSE"  # one new event Lago refuses for its content
+    second = run_target(
+        tmp_path,
+        config_for("lago", sandbox, max_rejected_ratio=1),
+        singer("usage", rows, state={"done": 100}),
+    )
+    assert second.returncode == 0, second.stderr
+    assert sandbox.stats("lago")["stored"] == 99
+    assert "already stored 50" in second.stderr and "rejected 1" in second.stderr
+    (dead,) = dead_letters(tmp_path)
+    assert dead["record"]["id"] == 7
+    # halving isolates the refused event, and at every step the stored events Lago names
+    # leave the request: 20 requests here, where halving down to single events (each
+    # stored one refused alone) cost about 200
+    assert sandbox.stats("lago")["requests"] - before <= 25
+
+
 def test_an_event_lago_refuses_is_isolated_and_dead_lettered(sandbox, tmp_path):
     sandbox.faults(refuse_items_containing=["REFUSE"])
     rows = usage(6)

@@ -668,3 +668,37 @@ def test_generated_rule_functions_answer_exactly_like_the_generic_path(destinati
             assert outcome(rule.apply, record) == outcome(rule.apply_generic, record), (raw, record)
             compared += 1
     assert compared > 5000
+
+
+@pytest.mark.parametrize(
+    "filter_source",
+    [
+        " || ".join(f"kind == 'e{i}'" for i in range(200)),  # 200 nested conditionals written out
+        " && ".join(f"!(kind == 'e{i}')" for i in range(300)),
+        "!" * 250 + "(kind == 'x')",
+    ],
+)
+def test_a_large_expression_falls_back_to_the_field_by_field_path_with_the_same_answers(filter_source):
+    import random
+
+    import jmespath
+
+    (rule,) = compile_rules(
+        [{"stream": "s", "filter": filter_source, "fields": {"meter": "'m'", "account": "a", "ts": "t"}}],
+        M3TER_SPECS,
+        {},
+        "m3ter",
+    )
+    rng = random.Random(20)
+    kinds = [f"e{i}" for i in range(0, 400, 7)] + ["x", None]
+    compared = 0
+    for _ in range(300):
+        record = random_record(rng)
+        record["kind"] = rng.choice(kinds)
+        answer = outcome(rule.apply, record)
+        assert answer == outcome(rule.apply_generic, record), record
+        filtered_out = answer == ("payload", None)
+        assert filtered_out == (jmespath.search(filter_source, record) is not True), record
+        compared += 1
+    assert compared == 300
+    assert "_filter(record)" in rule.apply.source  # the closure, not 200 conditionals

@@ -108,6 +108,27 @@ def test_an_expired_session_is_renewed_once_and_nothing_is_lost(sandbox, tmp_pat
         assert token not in result.stderr
 
 
+def test_two_session_expiries_close_together_renew_twice_not_blame_the_key(sandbox, tmp_path):
+    # the request after the first renewal meets an expired session again
+    sandbox.faults({"kind": "expire-tokens", "count": 2, "destination": "stripe"})
+    result = run_target(
+        tmp_path, config_for("stripe", sandbox, max_requests_in_flight=1), singer("usage", usage(250))
+    )
+    assert result.returncode == 0, result.stderr
+    assert "check stripe_api_key" not in result.stderr
+    assert sandbox.stats("stripe")["stored"] == 250
+    tokens = requests.get(f"{sandbox.url}/_sandbox/tokens", timeout=10).json()["tokens"]
+    assert len(tokens) == 3  # a fresh session after each expiry
+
+
+def test_a_wrong_key_is_still_blamed_when_a_session_cannot_be_made(sandbox, tmp_path):
+    result = run_target(
+        tmp_path, config_for("stripe", sandbox, stripe_api_key="sk_test_wrong"), singer("usage", usage(3))
+    )
+    assert result.returncode == 3, result.stderr
+    assert "stripe_api_key" in result.error_lines[0]
+
+
 def test_a_payload_without_the_meters_keys_is_dead_lettered(sandbox, tmp_path):
     rows = usage(3)
     rows[1]["account"] = None  # no customer for this one

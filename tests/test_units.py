@@ -114,6 +114,17 @@ def test_a_state_waits_for_a_buffer_that_is_not_yet_handed_over(sandbox, harness
     assert h.released == [{"upto": 5}]
 
 
+def test_at_most_two_states_wait_however_many_the_tap_writes(sandbox, harness):
+    h = harness()
+    h.delivery.buffer_started(7, 0)  # a sink holds records 0.. in its buffer
+    for n in range(1, 10_001):  # a STATE after every record of a long backfill
+        h.delivery.add_state({"upto": n}, n)
+        assert len(h.delivery._states) <= 2
+    h.delivery.submit("usage", h.items(0, 5), buffer=7, first_index=0)
+    assert h.delivery.wait(time.monotonic() + 30)
+    assert h.released == [{"upto": 1}, {"upto": 10_000}]  # the next to go, then the latest
+
+
 def test_a_refused_item_is_split_out_and_the_rest_delivered(sandbox, harness, tmp_path):
     h = harness()
     sandbox.faults(refuse_items_containing=["REFUSE-ME"])

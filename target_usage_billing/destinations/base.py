@@ -82,6 +82,9 @@ class Ruling:
 
     verdict: Verdict
     message: str = ""
+    # positions in the request of items the platform says it already has (Lago names
+    # them by index): dropped as already stored, the rest sent again once
+    stored: tuple[int, ...] = ()
 
 
 ACCEPTED = Ruling(Verdict.ACCEPTED)
@@ -328,6 +331,12 @@ class Destination(abc.ABC):
             return ruling
         if transient(response):
             return Ruling(Verdict.RETRY, f"{self.label} answered {status}")
+        if status == 413:  # often a proxy's cap in front of a self-hosted platform
+            msg = (
+                f"{self.label} answered 413 (request body too large): the platform, or a proxy "
+                "in front of it, takes smaller requests; lower batch_max_bytes (or batch_size_rows)"
+            )
+            return Ruling(Verdict.FATAL, msg)
         return Ruling(Verdict.FATAL, f"{self.label} answered {status}: {response.text()}")
 
     def judge_acknowledgement(self, response: Response) -> Ruling | None:
@@ -352,6 +361,11 @@ class Destination(abc.ABC):
 
     def refresh_credentials(self, stale: OutgoingRequest) -> None:  # noqa: B027 - optional hook
         """Drop cached credentials after a REAUTH answer to ``stale`` (e.g. an OAuth token)."""
+
+    # Whether renewing the credentials checks them: a Stripe meter event session is made
+    # with the secret key itself, which is refused then if it is wrong; a REAUTH answer on
+    # ingest only ever means that the session expired, however soon after the last.
+    renewal_checks_credentials: t.ClassVar[bool] = False
 
     def reauth_failed_message(self, status: int) -> str:
         return f"{self.label} refused the credentials again ({status}) after renewing them"

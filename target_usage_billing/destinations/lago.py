@@ -99,8 +99,16 @@ class LagoDestination(BearerKeyDestination):
     def judge_refusal(self, response: t.Any) -> Ruling | None:
         if response.status in (400, 422):
             details = _error_details(response)
-            if details and all(_only_already_stored(errors) for errors in details.values()):
-                return Ruling(Verdict.ALREADY_STORED, f"Lago already has these events: {details}"[:1000])
+            stored = tuple(
+                sorted(int(index) for index, errors in details.items() if _stored_event(index, errors))
+            )
+            if stored:
+                # the events Lago names as already stored are done; the others go again
+                # (alone, any that Lago refuses for their content is then isolated)
+                everything = len(stored) == len(details)
+                verdict = Verdict.ALREADY_STORED if everything else Verdict.REJECTED
+                message = f"Lago already has {len(stored)} of these events (value_already_exist)"
+                return Ruling(verdict, message, stored)
         return super().judge_refusal(response)
 
     def refusal_detail(self, response: t.Any) -> str:
@@ -116,5 +124,6 @@ def _error_details(response: t.Any) -> dict[str, t.Any]:
     return details if isinstance(details, dict) else {}
 
 
-def _only_already_stored(errors: t.Any) -> bool:
-    return isinstance(errors, dict) and errors == {"transaction_id": [ALREADY_EXISTS]}
+def _stored_event(index: str, errors: t.Any) -> bool:
+    """Whether Lago refused the event at ``index`` only for having it already."""
+    return index.isdigit() and errors == {"transaction_id": [ALREADY_EXISTS]}

@@ -35,6 +35,7 @@ from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AHEAD = dt.timedelta(minutes=5)
 DEFAULT_GRACE_HOURS = 12.0
+MAX_GRACE_HOURS = 10 * 8760  # ten years: far beyond any grace period, within what a timedelta holds
 
 
 class OrbDestination(BearerKeyDestination):
@@ -88,7 +89,7 @@ class OrbDestination(BearerKeyDestination):
             default=DEFAULT_GRACE_HOURS,
             description="Orb's ingestion grace period for the account: older events are "
             "refused locally (dead-lettered) instead of failing a request; backfill them "
-            "with Orb's backfill flow.",
+            f"with Orb's backfill flow. Range: more than 0 to {MAX_GRACE_HOURS:,}.",
         ),
     ]
 
@@ -101,8 +102,10 @@ class OrbDestination(BearerKeyDestination):
     def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
         problems = super().config_errors(config, dry_run=dry_run)
         grace = config.get("orb_grace_period_hours")
-        if grace is not None and not float(grace) > 0:  # a number: the settings schema says so
-            problems.append(f"orb_grace_period_hours: must be more than 0, got {grace}")
+        # a finite number: the settings schema and the settings check say so
+        if grace is not None and not 0 < float(grace) <= MAX_GRACE_HOURS:
+            limit = f"more than 0 and at most {MAX_GRACE_HOURS:,}"
+            problems.append(f"orb_grace_period_hours: must be {limit}, got {grace}")
         return problems
 
     @classmethod

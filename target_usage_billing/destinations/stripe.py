@@ -109,6 +109,8 @@ class StripeDestination(Destination):
         ),
     ]
 
+    renewal_checks_credentials = True  # a bad key is refused when a session is made
+
     def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
         super().__init__(config, transport)
         self.api_url = str(config.get("stripe_api_url") or "https://api.stripe.com").rstrip("/")

@@ -55,14 +55,32 @@ def generate_apply(
 
     ``helpers`` gives ``MappingRejection``, ``derive_id``, ``is_truthy`` and the
     JMESPath operators ``jmespath_equals``, ``jmespath_order`` and ``jmespath_not``.
+
+    An expression written out may be more than Python's compiler takes (a filter of 200
+    alternatives nests 200 conditionals: "too many nested parentheses"): then the
+    function calls each field's and the filter's own closures instead (the field-by-field
+    path, same answers).
     """
+    try:
+        return _generate(fields, filter_expression, helpers, inline=True)
+    except (SyntaxError, RecursionError, MemoryError):
+        return _generate(fields, filter_expression, helpers, inline=False)
+
+
+def _generate(
+    fields: list[FieldCode],
+    filter_expression: FilterCode | None,
+    helpers: dict[str, t.Any],
+    *,
+    inline: bool,
+) -> t.Callable[..., t.Any]:
     namespace: dict[str, t.Any] = dict(helpers)
     writer = ExpressionWriter(namespace)
     where: list[tuple[str | None, str | None]] = []  # (field, expression) by position, for failures
     lines = ["def apply(record, stream, key_properties=()):", "    at = 0", "    try:"]
     if filter_expression is not None:
         where.append(("filter", filter_expression.source))
-        written = writer.write(filter_expression.tree) if filter_expression.tree else None
+        written = writer.write(filter_expression.tree) if inline and filter_expression.tree else None
         if written is None:
             namespace["_filter"] = filter_expression.search
             written = ("_filter(record)", ANY)
@@ -80,21 +98,21 @@ def generate_apply(
         position = len(where)
         where.append((field.name, field.source))
         lines.append(f"{INDENT}at = {position}")
-        inline = field.inline
-        if inline is not None and inline[0] == "children":
-            lines += _children_code(number, field, inline, namespace)
+        shape = field.inline if inline else None
+        if shape is not None and shape[0] == "children":
+            lines += _children_code(number, field, shape, namespace)
             continue
-        if inline is not None and inline[0] == "keyed":
-            lines += _keyed_code(number, field, inline, namespace)
+        if shape is not None and shape[0] == "keyed":
+            lines += _keyed_code(number, field, shape, namespace)
             continue
-        written = writer.write(inline[1]) if inline is not None and inline[0] == "expression" else None
-        if inline is not None and inline[0] == "plain":
-            lines += _plain_code(number, field, inline, namespace)
-        elif inline is not None and inline[0] == "object":
-            lines += _object_code(number, field, inline, namespace)
+        written = writer.write(shape[1]) if shape is not None and shape[0] == "expression" else None
+        if shape is not None and shape[0] == "plain":
+            lines += _plain_code(number, field, shape, namespace)
+        elif shape is not None and shape[0] == "object":
+            lines += _object_code(number, field, shape, namespace)
         elif written is not None:
             lines.append(f"{INDENT}value = {written[0]}")
-            lines += _converted(number, field, inline[2], inline[3], namespace)  # type: ignore[index]
+            lines += _converted(number, field, shape[2], shape[3], namespace)  # type: ignore[index]
         else:
             namespace[f"_compute{number}"] = field.compute
             lines.append(f"{INDENT}value = _compute{number}(record)")

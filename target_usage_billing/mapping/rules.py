@@ -55,7 +55,6 @@ class CompiledRule:
         *,
         skip: bool = False,
         name: str | None = None,
-        id_source: str | None = None,
     ):
         self.index = index
         self.name = name
@@ -63,11 +62,12 @@ class CompiledRule:
         self._stream_regex = re.compile(fnmatch.translate(stream_pattern))
         self.filter = filter_expression
         self.skip = skip
-        self.id_source = id_source  # the id expression the rule gives (None: derived)
         self.reads: list[FieldRead] = []  # set by compile_rules
         self.field_sources: list[str] = []  # set by compile_rules: each field's source as JSON
         # the payload field that carries the idempotency key (None: the platform has none)
         self.id_field = next((f.spec.name for f in fields if f.spec.kind is FieldKind.ID), None)
+        # the user's expression for it (None: derived from the stream's key properties)
+        self.id_source = next((f.source for f in fields if f.spec.kind is FieldKind.ID), None)
         self._plan = [
             (f.spec.name, f.compute, f.spec.required, f.spec.kind is FieldKind.ID, f.source) for f in fields
         ]
@@ -163,7 +163,6 @@ def compile_rules(
         msg = 'mappings: give at least one rule, e.g. [{"stream": "*", "fields": {...}}]'
         raise ConfigError(msg)
     by_name = {spec.name: spec for spec in specs}
-    id_spec = next((spec.name for spec in specs if spec.kind is FieldKind.ID), None)
     rules: list[CompiledRule] = []
     names: dict[str, int] = {}
     for index, raw in enumerate(raw_rules):
@@ -237,15 +236,7 @@ def compile_rules(
         filter_expression = (
             compile_expression(filter_source, f"{where}.filter") if filter_source is not None else None
         )
-        id_source = fields_raw.get(id_spec) if id_spec is not None else None
-        rule = CompiledRule(
-            index,
-            stream,
-            filter_expression,
-            compiled_fields,
-            name=name,
-            id_source=id_source if isinstance(id_source, str) else None,
-        )
+        rule = CompiledRule(index, stream, filter_expression, compiled_fields, name=name)
         # what each field computes, as given: fields alike in several rules of one stream
         # are computed once (mapping.fanout)
         rule.field_sources = [

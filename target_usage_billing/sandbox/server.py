@@ -22,7 +22,7 @@ Control endpoints (all under /_sandbox):
   POST /reset                    forget everything (items, stats, faults, tokens)
 A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D,
 "headers": {NAME: VALUE}} with
-K one of 401, 403, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
+K one of 401, 403, 413, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
 expire-tokens (every m3ter token and Stripe session expires just before this request is
 checked), html-200 (a captive portal's page), errors-200 (a gateway's 200 {"errors": ...}),
 redirect (302 to a login page), trickle (the answer's body one byte every "delay_ms"),
@@ -260,7 +260,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     raise MIDDLEBOX_ANSWERS[fault.kind]()
                 elif fault.kind == "trickle":
                     self._trickle_seconds = fault.delay_ms / 1000
-                elif fault.kind in ("401", "403", "429", "500", "502", "503", "504"):
+                elif fault.kind in ("401", "403", "413", "429", "500", "502", "503", "504"):
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                     headers.update(fault.headers)
                     raise json_reply(int(fault.kind), {"message": f"injected {fault.kind}"}, headers)

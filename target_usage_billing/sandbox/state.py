@@ -20,6 +20,7 @@ DESTINATIONS = ("m3ter", "metronome", "orb", "lago", "openmeter", "stripe")
 FAULT_KINDS = (
     "401",
     "403",
+    "413",
     "429",
     "500",
     "502",
