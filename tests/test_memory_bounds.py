@@ -27,6 +27,7 @@ def many_streams_run(
         "dry_run_path": str(tmp_path / "requests.jsonl"),
         "dead_letter_path": str(tmp_path / "dead-letters.jsonl"),
         "progress_interval_seconds": 0,
+        "metronome_max_property_bytes": 0,  # the 1 KB notes make each buffered item large
         "mappings": [
             {
                 "stream": "usage_*",
