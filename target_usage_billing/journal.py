@@ -27,6 +27,7 @@ import collections
 import datetime as dt
 import decimal
 import hashlib
+import json
 import logging
 import operator
 import random
@@ -257,6 +258,7 @@ class Journal:
         self._committed_tails: dict[str, tuple[int, list[str]]] = {}
         self._known_tail: dict[str, set[str]] = {}  # per stream, loaded from the store once
         self._resent: collections.Counter[str] = collections.Counter()
+        self._schemes: dict[str, str] = {}  # key properties of streams, written at the next commit
         self._random = random.Random().random
         self._sample_rate = sample_rate
         self.committed_items = 0
@@ -377,7 +379,7 @@ class Journal:
         """Write the epochs below ``before_epoch`` (None: all) in one transaction."""
         with self._lock:
             epochs = sorted(e for e in self._epochs if before_epoch is None or e < before_epoch)
-            if not epochs and not self._resent:
+            if not epochs and not self._resent and not self._schemes:
                 return
             merged = _Epoch()
             with decimal.localcontext(EXACT):
@@ -396,10 +398,31 @@ class Journal:
             resent = dict(self._resent)
             self._resent.clear()
             tails = {stream: ids for stream, (_first, ids) in self._committed_tails.items() if ids}
+            schemes, self._schemes = self._schemes, {}
             self.store.commit(
-                self.scope, self.run_id, merged.counts, merged.sums, merged.samples, resent, tails, _now()
+                self.scope,
+                self.run_id,
+                merged.counts,
+                merged.sums,
+                merged.samples,
+                resent,
+                tails,
+                _now(),
+                schemes,
             )
             self.committed_items += sum(merged.counts.values())
+
+    def remembered_keys(self, stream: str) -> list[str] | None:
+        """The key properties an earlier run derived ``stream``'s ids from (None: unknown)."""
+        with self._lock:
+            pending = self._schemes.get(stream)
+        scheme = pending if pending is not None else self.store.id_scheme(self.scope, stream)
+        return None if scheme is None else json.loads(scheme)
+
+    def remember_keys(self, stream: str, keys: t.Sequence[str]) -> None:
+        """Keep ``stream``'s key properties for later runs (written with the next commit)."""
+        with self._lock:
+            self._schemes[stream] = json.dumps(list(keys))
 
     def finish(self, outcome: str) -> None:
         self.store.run_finished(self.run_id, outcome, _now(), self.committed_items)

@@ -100,6 +100,7 @@ class JournalStore:
         resent: t.Mapping[str, int],
         tails: t.Mapping[str, t.Sequence[str]],
         at: str,
+        schemes: t.Mapping[str, str] | None = None,
     ) -> None:
         # one order for every run: concurrent upserts never wait on each other in a cycle
         bucket_rows = [(scope, *key, items, at, at) for key, items in sorted(counts.items())]
@@ -150,18 +151,18 @@ class JournalStore:
                 ),
                 [(scope, stream, "\n".join(ids)) for stream, ids in sorted(tails.items())],
             ),
+            (
+                self._sql(
+                    "INSERT INTO journal_id_schemes (scope, stream, scheme) VALUES (?, ?, ?) "
+                    "ON CONFLICT (scope, stream) DO UPDATE SET scheme = excluded.scheme"
+                ),
+                [(scope, stream, scheme) for stream, scheme in sorted((schemes or {}).items())],
+            ),
         ]
         self._run([(sql, rows) for sql, rows in statements if rows])
 
     def _number(self, value: decimal.Decimal) -> t.Any:
         return str(value)
-
-    def remember_id_scheme(self, scope: str, stream: str, scheme: str) -> None:
-        sql = (
-            "INSERT INTO journal_id_schemes (scope, stream, scheme) VALUES (?, ?, ?) "
-            "ON CONFLICT (scope, stream) DO UPDATE SET scheme = excluded.scheme"
-        )
-        self._run([(self._sql(sql), [(scope, stream, scheme)])])
 
     # --- reads --------------------------------------------------------------------------
 

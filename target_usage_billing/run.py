@@ -199,22 +199,30 @@ class BillingRun:
     def check_key_properties(self, stream: str, keys: t.Sequence[str]) -> None:
         """A SCHEMA giving ``stream`` other key properties than its earlier one: stop the
         run (exit 2) when that would change the ids derived for its records."""
-        previous = self.key_properties.get(stream)
-        plan = self.plan_by_stream.get(stream)
-        if previous is None or plan is None or plan.skip:
+        previous: t.Sequence[str] | None = self.key_properties.get(stream)
+        where = ""
+        if previous is None and self.journal is not None:  # what an earlier run derived ids from
+            previous = self.journal.remembered_keys(stream)
+            where = " (the run journal remembers the earlier key properties from a previous run)"
+        plan = self.plan_for(stream)
+        if plan is None or plan.skip:
             return
         derived = [rule for rule in plan.rules if rule.id_field is not None and not rule.skip]
-        if not derived:
+        explicit_id = all(rule.id_source is not None for rule in derived)
+        if not derived or explicit_id:
             return
-        error = key_change_error(
-            stream,
-            previous,
-            keys,
-            explicit_id=all(rule.id_source is not None for rule in derived),
-            acknowledged=accepted(stream, self.settings.accept_key_property_changes),
-        )
-        if error is not None:
-            raise StreamMappingError(error)
+        if previous is not None:
+            error = key_change_error(
+                stream,
+                previous,
+                keys,
+                explicit_id=explicit_id,
+                acknowledged=accepted(stream, self.settings.accept_key_property_changes),
+            )
+            if error is not None:
+                raise StreamMappingError(error + where)
+        if self.journal is not None and (previous is None or list(keys) != list(previous)):
+            self.journal.remember_keys(stream, keys)
 
     def skip_message(self, kind: str, line: int, why: str, *, warn: bool = True) -> None:
         """A message that carries no usage, skipped: counted in the summary."""

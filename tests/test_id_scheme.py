@@ -91,3 +91,43 @@ def test_the_check_takes_a_remembered_key_list(previous, new, explicit_id, ackno
 def test_accepted_streams_are_names_or_globs():
     assert accepted("usage", ["usage"]) and accepted("api_usage", ["api_*"])
     assert not accepted("usage", None) and not accepted("usage", ["other"])
+
+
+# --- across runs: the run journal remembers each stream's key properties ---------------
+
+
+def test_other_key_properties_in_a_later_run_stop_it_naming_both_lists(sandbox, tmp_path):
+    config = config_for("m3ter", sandbox)
+    first = run_target(tmp_path, config, singer("usage", usage(5), key_properties=["id"], state={"p": 1}))
+    assert first.returncode == 0, first.stderr
+    # the tap was upgraded: the same records, other key properties
+    rekeyed = singer("usage", usage(5), key_properties=["id", "account"], state={"p": 2})
+
+    second = run_target(tmp_path, config, rekeyed)
+
+    assert second.returncode == 2, second.stderr
+    (line,) = second.error_lines
+    assert "changed its key properties from ['id'] to ['id', 'account']" in line
+    assert "previous run" in line
+    assert sandbox.stats("m3ter")["stored"] == 5  # nothing billed twice
+    assert second.states == []
+
+    # accepted once: the new keys are remembered and later runs go on with them
+    accepting = {**config, "accept_key_property_changes": ["usage"]}
+    third = run_target(tmp_path, accepting, rekeyed)
+    assert third.returncode == 0, third.stderr
+    fourth = run_target(tmp_path, config, rekeyed)
+    assert fourth.returncode == 0, fourth.stderr
+    assert sandbox.stats("m3ter")["stored"] == 10  # the accepted change's new ids, once
+
+
+def test_a_later_run_with_an_explicit_id_is_not_stopped(sandbox, tmp_path):
+    rule = {
+        **USAGE_RULE_M3TER,
+        "fields": {**USAGE_RULE_M3TER["fields"], "uid": "join('-', ['u', to_string(id)])"},
+    }
+    config = config_for("m3ter", sandbox, mappings=[rule])
+    first = run_target(tmp_path, config, singer("usage", usage(5), key_properties=["id"]))
+    second = run_target(tmp_path, config, singer("usage", usage(5), key_properties=["account"]))
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    assert sandbox.stats("m3ter")["stored"] == 5
