@@ -90,6 +90,8 @@ def as_number(value: t.Any) -> int | decimal.Decimal | None:
     if type(value) is int or type(value) is _Decimal:
         return value
     if type(value) is str and value and (value[0].isdigit() or value[0] in "-."):
+        if len(value) < 19 and value.isascii() and value.isdigit():  # a whole number: no Decimal
+            return int(value)
         try:
             number = _Decimal(value)
         except decimal.InvalidOperation:
@@ -189,11 +191,15 @@ class Tally:
                     if total is None:
                         total = journal._field_names[path, name] = f"{path}.{name}"
                     sums[total] = _add(sums.get(total), number)
-        sample = self.samples.get(key)
-        if sample is None:
-            self.samples[key] = [(item_id, digest(body))]
-        elif len(sample) < SAMPLE_SIZE and journal._random() < journal._sample_rate:
-            sample.append((item_id, digest(body)))
+        first = key not in journal._first_sampled
+        if first or journal._random() < journal._sample_rate:
+            if first:  # every customer, meter and day is checked: its first id of the run
+                journal._first_sampled.add(key)
+            sample = self.samples.get(key)
+            if sample is None:
+                self.samples[key] = [(item_id, digest(body))]
+            elif len(sample) < SAMPLE_SIZE:
+                sample.append((item_id, digest(body)))
 
 
 @dataclass
@@ -258,6 +264,7 @@ class Journal:
         self._committed_tails: dict[str, tuple[int, list[str]]] = {}
         self._known_tail: dict[str, set[str]] = {}  # per stream, loaded from the store once
         self._resent: collections.Counter[str] = collections.Counter()
+        self._first_sampled: set[BucketKey] = set()  # buckets whose first id of the run is sampled
         self._schemes: dict[str, str] = {}  # key properties of streams, written at the next commit
         self._random = random.Random().random
         self._sample_rate = sample_rate
@@ -368,12 +375,15 @@ class Journal:
         samples = epoch.samples
         draw = self._random
         rate = self._sample_rate
+        first_sampled = self._first_sampled
         for n, key in enumerate(keys):
-            sample = samples.get(key)
-            if sample is None:
-                samples[key] = [(ids[n], digest(item_bodies[n]))]  # every bucket: its first id
-            elif len(sample) < SAMPLE_SIZE and draw() < rate:
-                sample.append((ids[n], digest(item_bodies[n])))
+            first = key not in first_sampled
+            if first or draw() < rate:
+                if first:  # every customer, meter and day is checked: its first id of the run
+                    first_sampled.add(key)
+                sample = samples.setdefault(key, [])
+                if len(sample) < SAMPLE_SIZE:
+                    sample.append((ids[n], digest(item_bodies[n])))
 
     def commit(self, before_epoch: int | None = None) -> None:
         """Write the epochs below ``before_epoch`` (None: all) in one transaction."""

@@ -7,7 +7,6 @@ server exactly. Needs psycopg 3: ``pip install 'target-usage-billing[postgres]'`
 from __future__ import annotations
 
 import contextlib
-import decimal
 import threading
 import typing as t
 import urllib.parse
@@ -15,6 +14,15 @@ import urllib.parse
 from target_usage_billing.errors import ConfigError, JournalError
 from target_usage_billing.journal_store import SCHEMA, SCHEMA_VERSION, JournalStore
 
+# Two buckets' sums added field by field by the server, exactly (numeric), kept as text.
+ADD_SUMS = """
+CREATE OR REPLACE FUNCTION journal_add_sums(a jsonb, b jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    SELECT COALESCE(
+        jsonb_object_agg(k, ((COALESCE(a ->> k, '0'))::numeric + (COALESCE(b ->> k, '0'))::numeric)::text),
+        '{}'::jsonb)
+    FROM jsonb_object_keys(a || b) AS k
+$$
+"""
 # A fixed key for pg_advisory_xact_lock: runs creating the tables at once take turns.
 _SCHEMA_LOCK = 0x7475_6200
 
@@ -29,8 +37,8 @@ def _without_password(url: str) -> str:
 
 class PostgresJournalStore(JournalStore):
     placeholder = "%s"
-    number_type = "NUMERIC"
-    add_sums = "journal_sums.total + excluded.total"
+    json_type = "JSONB"
+    add_sums = "journal_add_sums(journal_buckets.sums, excluded.sums)"
 
     def __init__(self, url: str, connect_timeout_seconds: int = 10):
         super().__init__(_without_password(url))
@@ -45,7 +53,7 @@ class PostgresJournalStore(JournalStore):
             self._db = psycopg.connect(url, connect_timeout=connect_timeout_seconds, autocommit=False)
         with self._lock, self._errors("create tables in"), self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in SCHEMA.format(number=self.number_type).split(";"):
+            for statement in [*SCHEMA.format(json=self.json_type).split(";"), ADD_SUMS]:
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(
@@ -62,9 +70,6 @@ class PostgresJournalStore(JournalStore):
             lines = str(exc).strip().splitlines()
             reason = lines[0] if lines else type(exc).__name__
             raise JournalError(f"journal_url: cannot {doing} {self.where}: {reason}") from None
-
-    def _number(self, value: decimal.Decimal) -> t.Any:
-        return value
 
     def _run(self, statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]]) -> None:
         with self._lock, self._errors("write"), self._db.transaction(), self._db.cursor() as cursor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import decimal
+import json
 import os
 import sqlite3
 import threading
@@ -21,6 +22,7 @@ BucketKey = tuple[str, str, str, str]  # stream, customer, meter, UTC day of usa
 # Sums are added with enough digits that no realistic total is ever rounded.
 EXACT = decimal.Context(prec=200, Emax=999_999, Emin=-999_999)
 
+SAMPLE_CAP = 100  # ids kept per bucket, whatever the number of runs
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -30,11 +32,7 @@ CREATE TABLE IF NOT EXISTS journal_runs (
 CREATE TABLE IF NOT EXISTS journal_buckets (
     scope TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL, meter TEXT NOT NULL,
     day TEXT NOT NULL, items BIGINT NOT NULL, first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL,
-    PRIMARY KEY (scope, stream, customer, meter, day));
-CREATE TABLE IF NOT EXISTS journal_sums (
-    scope TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL, meter TEXT NOT NULL,
-    day TEXT NOT NULL, field TEXT NOT NULL, total {number} NOT NULL,
-    PRIMARY KEY (scope, stream, customer, meter, day, field));
+    sums {json} NOT NULL, PRIMARY KEY (scope, stream, customer, meter, day));
 CREATE TABLE IF NOT EXISTS journal_samples (
     scope TEXT NOT NULL, item_id TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL,
     meter TEXT NOT NULL, day TEXT NOT NULL, body_digest TEXT NOT NULL, run_id TEXT NOT NULL,
@@ -58,8 +56,8 @@ class JournalStore:
     """The SQL both back ends run; ``_execute``/``_transaction`` differ."""
 
     placeholder = "?"
-    number_type = "TEXT"
-    add_sums = "dec_add(journal_sums.total, excluded.total)"
+    json_type = "TEXT"  # sums: {"field": "exact decimal text", ...}
+    add_sums = "journal_add_sums(journal_buckets.sums, excluded.sums)"
 
     def __init__(self, where: str):
         self.where = where  # a path or a URL without its password, for messages
@@ -103,10 +101,15 @@ class JournalStore:
         schemes: t.Mapping[str, str] | None = None,
     ) -> None:
         # one order for every run: concurrent upserts never wait on each other in a cycle
-        bucket_rows = [(scope, *key, items, at, at) for key, items in sorted(counts.items())]
-        sum_rows = [(scope, *key, name, self._number(value)) for (key, name), value in sorted(sums.items())]
+        by_bucket: dict[BucketKey, dict[str, str]] = {}
+        for (key, name), value in sums.items():
+            by_bucket.setdefault(key, {})[name] = str(value)
+        bucket_rows = [
+            (scope, *key, items, at, at, json.dumps(by_bucket.get(key, {}), sort_keys=True))
+            for key, items in sorted(counts.items())
+        ]
         sample_rows = [
-            (scope, item_id, *key, item_digest, run_id, at)
+            (scope, item_id, *key, item_digest, run_id, at, scope, *key)
             for key, sample in sorted(samples.items())
             for item_id, item_digest in sorted(sample)
         ]
@@ -114,25 +117,20 @@ class JournalStore:
             (
                 self._sql(
                     "INSERT INTO journal_buckets (scope, stream, customer, meter, day, items, "
-                    "first_sent_at, last_sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "first_sent_at, last_sent_at, sums) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (scope, stream, customer, meter, day) DO UPDATE SET "
-                    "items = journal_buckets.items + excluded.items, last_sent_at = excluded.last_sent_at"
+                    "items = journal_buckets.items + excluded.items, last_sent_at = excluded.last_sent_at, "
+                    f"sums = {self.add_sums}"
                 ),
                 bucket_rows,
-            ),
-            (
-                self._sql(
-                    "INSERT INTO journal_sums (scope, stream, customer, meter, day, field, total) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (scope, stream, customer, meter, day, field) "
-                    f"DO UPDATE SET total = {self.add_sums}"
-                ),
-                sum_rows,
             ),
             (
                 # an id once (a re-send in a later run is not sampled again)
                 self._sql(
                     "INSERT INTO journal_samples (scope, item_id, stream, customer, meter, day, "
-                    "body_digest, run_id, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "body_digest, run_id, sent_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE ("
+                    "SELECT COUNT(*) FROM journal_samples WHERE scope = ? AND stream = ? AND "
+                    f"customer = ? AND meter = ? AND day = ?) < {SAMPLE_CAP} "
                     "ON CONFLICT (scope, item_id) DO NOTHING"
                 ),
                 sample_rows,
@@ -161,9 +159,6 @@ class JournalStore:
         ]
         self._run([(sql, rows) for sql, rows in statements if rows])
 
-    def _number(self, value: decimal.Decimal) -> t.Any:
-        return str(value)
-
     # --- reads --------------------------------------------------------------------------
 
     def tail(self, scope: str, stream: str) -> set[str]:
@@ -180,21 +175,17 @@ class JournalStore:
         """Buckets whose day is in [since, until] (days as "YYYY-MM-DD")."""
         rows = self._query(
             self._sql(
-                "SELECT stream, customer, meter, day, items FROM journal_buckets "
+                "SELECT stream, customer, meter, day, items, sums FROM journal_buckets "
                 "WHERE scope = ? AND day >= ? AND day <= ? ORDER BY customer, meter, day, stream"
             ),
             (scope, since, until),
         )
-        sums: dict[BucketKey, dict[str, decimal.Decimal]] = {}
-        for stream, customer, meter, day, name, total in self._query(
-            self._sql(
-                "SELECT stream, customer, meter, day, field, total FROM journal_sums "
-                "WHERE scope = ? AND day >= ? AND day <= ?"
-            ),
-            (scope, since, until),
-        ):
-            sums.setdefault((stream, customer, meter, day), {})[name] = decimal.Decimal(str(total))
-        return [(s, c, m, h, int(n), sums.get((s, c, m, h), {})) for s, c, m, h, n in rows]
+        out = []
+        for stream, customer, meter, day, items, sums in rows:
+            totals = json.loads(sums) if isinstance(sums, str) else sums  # PostgreSQL: jsonb
+            exact = {name: decimal.Decimal(str(value)) for name, value in totals.items()}
+            out.append((stream, customer, meter, day, int(items), exact))
+        return out
 
     def samples(self, scope: str, since: str, until: str) -> list[SampleRow]:
         return [
@@ -213,8 +204,12 @@ class JournalStore:
         return {stream: int(items) for stream, items in rows}
 
 
-def _dec_add(a: str, b: str) -> str:
-    return str(EXACT.add(decimal.Decimal(a), decimal.Decimal(b)))
+def add_sums(a: str, b: str) -> str:
+    """Two buckets' sums ({"field": "decimal text"}) added field by field, exactly."""
+    total = json.loads(a)
+    for name, value in json.loads(b).items():
+        total[name] = str(EXACT.add(decimal.Decimal(total.get(name, "0")), decimal.Decimal(value)))
+    return json.dumps(total, sort_keys=True)
 
 
 class SqliteJournalStore(JournalStore):
@@ -226,14 +221,14 @@ class SqliteJournalStore(JournalStore):
             self._db = sqlite3.connect(
                 path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
             )
-            self._db.create_function("dec_add", 2, _dec_add, deterministic=True)
+            self._db.create_function("journal_add_sums", 2, add_sums, deterministic=True)
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before the STATE it precedes is written
             self._db.execute("PRAGMA synchronous=FULL")
         with self._lock, self._errors("create tables in"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in SCHEMA.format(number=self.number_type).split(";"):
+                for statement in SCHEMA.format(json=self.json_type).split(";"):
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute(
