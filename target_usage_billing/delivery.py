@@ -281,14 +281,14 @@ class Delivery:
             return
         ruling = self._post(stream, body)
         if ruling.verdict is Verdict.ACCEPTED:
-            self._journal(batch, items, body)
+            self._journal(batch, items)
             self.stats.add_sent(stream, len(items), items)
             return
         if ruling.stored and all(0 <= i < len(items) for i in ruling.stored):
             # the platform named the items it already has: done; the others go once more
             stored = set(ruling.stored)
             held = [item for i, item in enumerate(items) if i in stored]
-            self._journal(batch, held, self.destination.envelope([item[BODY] for item in held]))
+            self._journal(batch, held)
             for mapping, count in collections.Counter(item[MAPPING] for item in held).items():
                 self.stats.add_already_stored(stream, mapping, count)
             rest = [item for i, item in enumerate(items) if i not in stored]
@@ -296,7 +296,7 @@ class Delivery:
                 self._deliver(batch, rest)
             return
         if ruling.verdict is Verdict.ALREADY_STORED and len(items) == 1:
-            self._journal(batch, items, body)  # the platform holds it (sent by a run that crashed)
+            self._journal(batch, items)  # the platform holds it (sent by a run that crashed)
             self.stats.add_already_stored(stream, items[0][MAPPING])  # billed by an earlier request: done
             return
         # REJECTED (or ALREADY_STORED with others in the request, which the platform then
@@ -332,7 +332,7 @@ class Delivery:
         self._deliver(batch, items[:middle])
         self._deliver(batch, items[middle:])
 
-    def _journal(self, batch: Batch, items: list[Item], body: bytes) -> None:
+    def _journal(self, batch: Batch, items: list[Item]) -> None:
         journal = self.journal
         if journal is None:
             return
@@ -343,7 +343,7 @@ class Delivery:
             except Recount:
                 pass
         bodies = [item[BODY] for item in items]  # a part of a split batch: counted from its bodies
-        journal.acknowledged(batch.stream, body, bodies, batch.epoch, batch.first_index)
+        journal.acknowledged(batch.stream, bodies, batch.epoch, batch.first_index)
 
     def _post(self, stream: str, body: bytes) -> Ruling:
         destination = self.destination

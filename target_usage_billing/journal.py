@@ -47,6 +47,7 @@ SAMPLE_SIZE = 100  # at most this many ids kept per bucket
 SAMPLE_RATE = 0.01  # beyond the first id of each bucket, about one id in a hundred
 
 _Decimal = decimal.Decimal
+_body_decoder = msgspec.json.Decoder(float_hook=decimal.Decimal)  # exact numbers
 
 
 @dataclass(frozen=True)
@@ -98,25 +99,6 @@ def as_number(value: t.Any) -> int | decimal.Decimal | None:
             return None
         return number if number.is_finite() else None
     return None
-
-
-def _getter(path: str) -> t.Callable[[t.Any], t.Any]:
-    """Read a dotted path from a decoded item (its first part is a Struct attribute)."""
-    head, _, rest = path.partition(".")
-    top = operator.attrgetter(head)
-    if not rest:
-        return top
-    parts = rest.split(".")
-
-    def read(item: t.Any) -> t.Any:
-        value = top(item)
-        for part in parts:
-            if not isinstance(value, dict):
-                return None
-            value = value.get(part)
-        return value
-
-    return read
 
 
 def _dict_getter(path: str) -> t.Callable[[dict], t.Any]:
@@ -224,30 +206,13 @@ class Journal:
         scope: str,
         fields: JournalFields,
         *,
-        envelope_key: str | None,
         sample_rate: float = SAMPLE_RATE,
         run_id: str | None = None,
     ):
         self.store = store
         self.scope = scope
         self.run_id = run_id or uuid.uuid4().hex
-        # Only the fields the journal reads are decoded (in C); numbers exactly.
-        names = sorted(
-            {p.split(".")[0] for p in (fields.id, fields.meter, fields.time, *fields.customer)}
-            | {p.split(".")[0] for p, _keys in fields.values}
-        )
-        item_type = msgspec.defstruct("JournalItem", [(n, t.Any, None) for n in names])
-        envelope: t.Any = list[item_type]  # type: ignore[valid-type]
-        if envelope_key:
-            envelope = msgspec.defstruct("JournalEnvelope", [(envelope_key, envelope)])
-        self._decoder = msgspec.json.Decoder(envelope, float_hook=_Decimal)
-        self._envelope_key = envelope_key
-        self._id = _getter(fields.id)
-        self._customers = [_getter(path) for path in fields.customer]
-        self._meter = _getter(fields.meter)
-        self._time = _getter(fields.time)
-        self._values = [(_getter(path), path, keys) for path, keys in fields.values]
-        # the same paths read from payload dicts (the sink's Tally)
+        # the paths of the payload the journal reads
         self._dict_id = _dict_getter(fields.id)
         customers = [_dict_getter(path) for path in fields.customer]
 
@@ -272,52 +237,49 @@ class Journal:
         self.acknowledged_items = 0  # counted in memory (committed or not yet)
         store.run_started(self.run_id, scope, _now())
 
-    def acknowledged(
-        self, stream: str, body: bytes, item_bodies: t.Sequence[bytes], epoch: int, first_index: int
-    ) -> None:
-        """Count an acknowledged request: its envelope ``body`` and each item's bytes, of
-        the batch whose first record has index ``first_index`` (called by delivery workers)."""
-        document = self._decoder.decode(body)
-        items = getattr(document, self._envelope_key) if self._envelope_key else document
-        get_id = self._id
-        ids = [str(i) if type(i) is not str else i for i in map(get_id, items)]
-        with self._lock:
-            known = self._known_tail.get(stream)
-            if known is None:
-                known = self._known_tail[stream] = self.store.tail(self.scope, stream)
-            if known:  # ids the last run counted, sent again (a re-read boundary row)
-                kept = [n for n, item_id in enumerate(ids) if item_id not in known]
-                self._resent[stream] += len(ids) - len(kept)
-                known.difference_update(ids)
-                items = [items[n] for n in kept]
-                item_bodies = [item_bodies[n] for n in kept]
-                ids = [ids[n] for n in kept]
-            bucket = self._epochs[epoch]
-            latest = bucket.tails.get(stream)
-            if latest is None or latest[0] < first_index:
-                bucket.tails[stream] = (first_index, list(ids))
-            elif latest[0] == first_index:  # another part of a split batch
-                latest[1].extend(ids)
-            self._count(stream, items, ids, item_bodies, bucket)
-            self.acknowledged_items += len(ids)
+    def acknowledged(self, stream: str, item_bodies: t.Sequence[bytes], epoch: int, first_index: int) -> None:
+        """Count delivered items from their bodies: a part of a split batch, or a batch
+        holding ids the last run counted (sent again: counted as ``resent``)."""
+        known = self._known(stream)
+        tally = Tally(self)
+        resent = 0
+        for body in item_bodies:
+            payload = _body_decoder.decode(body)
+            item_id = self._dict_id(payload)
+            if known and str(item_id) in known:
+                resent += 1
+                known.discard(str(item_id))  # a second re-send within this run is the ledger's
+                continue
+            tally.add(stream, payload, body)
+        self._take(stream, tally, epoch, first_index, resent)
 
     def tally(self) -> Tally:
         """A new batch's tally (see Tally)."""
         return Tally(self)
 
     def acknowledged_tally(self, stream: str, tally: Tally, epoch: int, first_index: int) -> None:
-        """Take the tally of a batch delivered whole (called by delivery workers)."""
+        """Take the tally of a batch delivered whole (called by delivery workers); Recount
+        when it holds ids the last run counted (then ``acknowledged`` sorts them out)."""
+        known = self._known(stream)
+        if known and not known.isdisjoint(tally.ids):
+            raise Recount
+        self._take(stream, tally, epoch, first_index, 0)
+
+    def _known(self, stream: str) -> set[str]:
         with self._lock:
             known = self._known_tail.get(stream)
             if known is None:
                 known = self._known_tail[stream] = self.store.tail(self.scope, stream)
-            if known and not known.isdisjoint(tally.ids):
-                raise Recount  # re-sent ids of the last run among them: counted item by item
+            return known
+
+    def _take(self, stream: str, tally: Tally, epoch: int, first_index: int, resent: int) -> None:
+        with self._lock:
+            self._resent[stream] += resent
             bucket = self._epochs[epoch]
             latest = bucket.tails.get(stream)
             if latest is None or latest[0] < first_index:
                 bucket.tails[stream] = (first_index, list(tally.ids))
-            elif latest[0] == first_index:
+            elif latest[0] == first_index:  # another part of a split batch
                 latest[1].extend(tally.ids)
             bucket.counts.update(tally.counts)
             sums = bucket.sums
@@ -333,57 +295,6 @@ class Journal:
                 else:
                     into.extend(sample[: SAMPLE_SIZE - len(into)])
             self.acknowledged_items += len(tally.ids)
-
-    def _count(
-        self, stream: str, items: list, ids: list[str], item_bodies: t.Sequence[bytes], epoch: _Epoch
-    ) -> None:
-        customers = self._customers
-        if len(customers) == 1:
-            customer_of = customers[0]
-            customer_list = [
-                c if type(c) is str else ("" if c is None else str(c)) for c in map(customer_of, items)
-            ]
-        else:
-            customer_list = [
-                next((str(c) for c in (read(item) for read in customers) if c is not None), "")
-                for item in items
-            ]
-        meters = [m if type(m) is str else str(m or "") for m in map(self._meter, items)]
-        days = [d[:10] if type(d) is str and d[10:11] == "T" else day_of(d) for d in map(self._time, items)]
-        keys = [(stream, c, m, d) for c, m, d in zip(customer_list, meters, days)]
-        epoch.counts.update(keys)  # C: one pass
-        sums = epoch.sums
-        field_names = self._field_names
-        with decimal.localcontext(EXACT):  # exact sums, whatever the digits
-            for read, path, names in self._values:
-                for key, values in zip(keys, map(read, items)):
-                    if type(values) is not dict:
-                        number = values if type(values) is int else as_number(values)
-                        if number is not None:
-                            sums[key, path] += number
-                        continue
-                    for name, value in (
-                        values.items() if names is None else ((n, values.get(n)) for n in names)
-                    ):
-                        # numbers map to int or Decimal; numbers as text are parsed
-                        number = value if type(value) is int or type(value) is _Decimal else as_number(value)
-                        if number is not None:
-                            total = field_names.get((path, name))
-                            if total is None:
-                                total = field_names[path, name] = f"{path}.{name}"
-                            sums[key, total] += number
-        samples = epoch.samples
-        draw = self._random
-        rate = self._sample_rate
-        first_sampled = self._first_sampled
-        for n, key in enumerate(keys):
-            first = key not in first_sampled
-            if first or draw() < rate:
-                if first:  # every customer, meter and day is checked: its first id of the run
-                    first_sampled.add(key)
-                sample = samples.setdefault(key, [])
-                if len(sample) < SAMPLE_SIZE:
-                    sample.append((ids[n], digest(item_bodies[n])))
 
     def commit(self, before_epoch: int | None = None) -> None:
         """Write the epochs below ``before_epoch`` (None: all) in one transaction."""

@@ -445,7 +445,6 @@ def open_journal(settings: Settings, destination: Destination, run_id: str) -> J
             store,
             destination.journal_scope(),
             destination.journal_layout(),
-            envelope_key=destination.envelope_key,
             sample_rate=settings.journal_sample_rate,
             run_id=run_id,
         )

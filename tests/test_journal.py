@@ -164,17 +164,14 @@ def test_the_sample_is_bounded_and_the_file_does_not_grow_with_the_ids(sandbox, 
     assert {item_id for item_id, *_rest in samples} <= stored_ids
 
 
-def test_runs_sharing_one_journal_add_up(sandbox, tmp_path):
-    shared = tmp_path / "shared.sqlite"
+def run_pipelines_at_once(tmp_path, runs: list[tuple[dict, list[str]]]) -> list[str]:
+    """Start one target per (config, input lines), each in its own directory, all at
+    once; wait for each to succeed; their stderr."""
     processes = []
-    for n in range(3):  # three pipelines at once, each its own stream and directory
-        stream = f"usage_{n}"
-        config = config_for("m3ter", sandbox, journal_path=str(shared), batch_size_rows=10)
-        config["mappings"] = [{**config["mappings"][0], "stream": stream}]
+    for n, (config, lines) in enumerate(runs):
         directory = tmp_path / f"run{n}"
         directory.mkdir()
         (directory / "config.json").write_text(json.dumps(config))
-        lines = singer(stream, usage(200, start=1000 * n), state={"bookmark": n})
         (directory / "input.jsonl").write_text("\n".join(lines) + "\n")
         with open(directory / "input.jsonl", "rb") as stdin:
             processes.append(
@@ -186,9 +183,30 @@ def test_runs_sharing_one_journal_add_up(sandbox, tmp_path):
                     cwd=directory,
                 )
             )
+    errors = []
     for process in processes:
         _out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err.decode()
+        errors.append(err.decode())
+    return errors
+
+
+def stream_config(sandbox, stream: str, **settings) -> dict:
+    config = config_for("m3ter", sandbox, batch_size_rows=10, **settings)
+    config["mappings"] = [{**config["mappings"][0], "stream": stream}]
+    return config
+
+
+def test_runs_sharing_one_journal_add_up(sandbox, tmp_path):
+    shared = tmp_path / "shared.sqlite"
+    runs = [  # three pipelines at once, each its own stream
+        (
+            stream_config(sandbox, f"usage_{n}", journal_path=str(shared)),
+            singer(f"usage_{n}", usage(200, start=1000 * n), state={"bookmark": n}),
+        )
+        for n in range(3)
+    ]
+    run_pipelines_at_once(tmp_path, runs)
 
     store = SqliteJournalStore(str(shared))
     assert sum(journal_counts(store).values()) == 600 == sandbox.stats("m3ter")["stored"]
@@ -311,36 +329,18 @@ def postgres_url() -> t.Iterator[str]:
 def test_pipelines_sharing_a_postgres_journal_add_up_exactly(sandbox, tmp_path, postgres_url):
     from target_usage_billing.journal_postgres import PostgresJournalStore
 
-    processes = []
-    for n in range(3):  # three pipelines at once, each its own stream and directory
+    runs = []
+    for n in range(3):  # three pipelines at once, each its own stream
         stream = f"pg_usage_{n}"
-        config = config_for("m3ter", sandbox, journal_url=postgres_url, batch_size_rows=10)
-        config["mappings"] = [{**config["mappings"][0], "stream": stream}]
-        directory = tmp_path / f"run{n}"
-        directory.mkdir()
-        (directory / "config.json").write_text(json.dumps(config))
-        rows = [{**row, "tokens": decimal.Decimal("0.1")} for row in usage(70, start=1000 * n)]
-        lines = singer(stream, [], state=None) + [
+        records = [
             json.dumps({"type": "RECORD", "stream": stream, "record": {**row, "tokens": 0}}).replace(
                 '"tokens": 0', '"tokens": 0.1'
             )
-            for row in rows
+            for row in usage(70, start=1000 * n)
         ]
-        (directory / "input.jsonl").write_text("\n".join(lines) + "\n")
-        with open(directory / "input.jsonl", "rb") as stdin:
-            processes.append(
-                subprocess.Popen(
-                    [TARGET, "--config", "config.json"],
-                    stdin=stdin,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    cwd=directory,
-                )
-            )
-    for process in processes:
-        _out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err.decode()
-        assert PG_PASSWORD not in err.decode()
+        runs.append((stream_config(sandbox, stream, journal_url=postgres_url), singer(stream, []) + records))
+    for err in run_pipelines_at_once(tmp_path, runs):
+        assert PG_PASSWORD not in err
 
     store = PostgresJournalStore(postgres_url)
     scope = "m3ter demo-org"
