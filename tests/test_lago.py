@@ -89,10 +89,12 @@ def test_events_lago_already_has_are_counted_as_already_stored_not_rejected(sand
 
 def test_after_a_lost_acknowledgement_lago_s_stored_indexes_are_dropped_not_bisected(sandbox, tmp_path):
     # The first request of 100 is stored, then the connection drops before the answer:
-    # the re-send is refused with value_already_exist for every index.
+    # the re-send is refused with value_already_exist for every index. One request in
+    # flight, so the fault meets the batch of 100 rather than whichever is sent first.
     sandbox.faults({"kind": "stored-drop", "count": 1, "destination": "lago"})
     rows = usage(110)
-    result = run_target(tmp_path, config_for("lago", sandbox), singer("usage", rows, state={"done": 110}))
+    config = config_for("lago", sandbox, max_requests_in_flight=1)
+    result = run_target(tmp_path, config, singer("usage", rows, state={"done": 110}))
     assert result.returncode == 0, result.stderr
     stats = sandbox.stats("lago")
     assert stats["stored"] == 110
