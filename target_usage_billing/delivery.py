@@ -65,6 +65,27 @@ LINE_NUMBER: t.Final = 2
 MAPPING: t.Final = 3
 
 
+
+class _Bodies(t.Sequence[bytes]):
+    """The bodies of a batch's items, read only where the journal samples one."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list[Item]):
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @t.overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @t.overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            return [item[BODY] for item in self._items[index]]
+        return self._items[index][BODY]
+
 def original_record(item: Item) -> tuple[t.Any, dict[str, t.Any]]:
     """The record as the tap sent it, decoded again from the input line (rare path), and
     where it came from when that was a BATCH file (``batch_file``, ``batch_row``).
@@ -338,7 +359,8 @@ class Delivery:
             return
         if items is batch.items and batch.tally is not None:  # delivered whole: as the sink counted it
             try:
-                journal.acknowledged_tally(batch.stream, batch.tally, batch.epoch, batch.first_index)
+                whole = _Bodies(items)
+                journal.acknowledged_tally(batch.stream, batch.tally, batch.epoch, batch.first_index, whole)
                 return
             except Recount:
                 pass

@@ -26,162 +26,28 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import decimal
-import hashlib
 import json
 import logging
-import operator
 import random
 import threading
-import time
 import typing as t
 import uuid
 from dataclasses import dataclass, field
 
-import msgspec
-
 from target_usage_billing.journal_store import EXACT, BucketKey, JournalStore
+from target_usage_billing.journal_tally import (
+    SAMPLE_RATE,
+    SAMPLE_SIZE,
+    JournalFields,
+    Layout,
+    Tally,
+    _body_decoder,
+    _text,
+)
+
+__all__ = ["SAMPLE_RATE", "SAMPLE_SIZE", "Journal", "JournalFields", "Recount", "Tally"]
 
 logger = logging.getLogger("target-usage-billing.journal")
-
-SAMPLE_SIZE = 100  # at most this many ids kept per bucket
-SAMPLE_RATE = 0.01  # beyond the first id of each bucket, about one id in a hundred
-
-_Decimal = decimal.Decimal
-_body_decoder = msgspec.json.Decoder(float_hook=decimal.Decimal)  # exact numbers
-
-
-@dataclass(frozen=True)
-class JournalFields:
-    """Where a platform's payload keeps what the journal aggregates (declared by each
-    destination): dotted paths, the first present one wins for ``customer``."""
-
-    id: str
-    customer: tuple[str, ...]
-    meter: str
-    time: str
-    # objects whose numeric values are summed: (path, keys to sum or None for every key
-    # holding a number or a number as text)
-    values: tuple[tuple[str, tuple[str, ...] | None], ...] = ()
-
-
-def digest(body: bytes) -> str:
-    """A body's digest as the journal keeps it (stable across runs and machines)."""
-    return hashlib.blake2b(body, digest_size=8).hexdigest()
-
-
-def day_of(value: t.Any) -> str:
-    """The UTC day of a payload time: canonical UTC text, or Unix seconds (Lago)."""
-    if isinstance(value, str):
-        if value[:4].isdigit() and len(value) >= 10 and value[4] == "-":
-            return value[:10]
-        try:
-            value = _Decimal(value)
-        except decimal.InvalidOperation:
-            return "unknown"
-    if isinstance(value, (int, _Decimal)) and not isinstance(value, bool):
-        try:
-            return time.strftime("%Y-%m-%d", time.gmtime(int(value)))
-        except (OverflowError, ValueError, OSError):
-            return "unknown"
-    return "unknown"
-
-
-def as_number(value: t.Any) -> int | decimal.Decimal | None:
-    """A payload value as an exact number, when it is one (a JSON number or numeric text)."""
-    if type(value) is int or type(value) is _Decimal:
-        return value
-    if type(value) is str and value and (value[0].isdigit() or value[0] in "-."):
-        if len(value) < 19 and value.isascii() and value.isdigit():  # a whole number: no Decimal
-            return int(value)
-        try:
-            number = _Decimal(value)
-        except decimal.InvalidOperation:
-            return None
-        return number if number.is_finite() else None
-    return None
-
-
-def _dict_getter(path: str) -> t.Callable[[dict], t.Any]:
-    """Read a dotted path from a payload dict."""
-    head, _, rest = path.partition(".")
-    if not rest:
-        return operator.methodcaller("get", head)
-    parts = rest.split(".")
-
-    def read(payload: dict) -> t.Any:
-        value = payload.get(head)
-        for part in parts:
-            if not isinstance(value, dict):
-                return None
-            value = value.get(part)
-        return value
-
-    return read
-
-
-def _add(total: t.Any, number: int | decimal.Decimal) -> t.Any:
-    """``total + number``, exactly (whole numbers stay ints; decimals get every digit)."""
-    if total is None:
-        return number
-    if type(total) is int and type(number) is int:
-        return total + number
-    return EXACT.add(total, number)
-
-
-class Tally:
-    """What one batch would add to the journal, counted by the sink from the payloads it
-    already holds (no decoding); the journal takes it when the whole batch is delivered."""
-
-    __slots__ = ("_journal", "counts", "ids", "samples", "sums")
-
-    def __init__(self, journal: Journal):
-        self._journal = journal
-        self.counts: collections.Counter[BucketKey] = collections.Counter()
-        self.sums: dict[BucketKey, dict[str, t.Any]] = {}
-        self.samples: dict[BucketKey, list[tuple[str, str]]] = {}
-        self.ids: list[str] = []
-
-    def add(self, stream: str, payload: dict, body: bytes) -> None:
-        journal = self._journal
-        item_id = journal._dict_id(payload)
-        item_id = item_id if type(item_id) is str else ("" if item_id is None else str(item_id))
-        self.ids.append(item_id)
-        customer = journal._dict_customer(payload)
-        meter = journal._dict_meter(payload)
-        day = journal._dict_time(payload)
-        key = (
-            stream,
-            customer if type(customer) is str else ("" if customer is None else str(customer)),
-            meter if type(meter) is str else str(meter or ""),
-            day[:10] if type(day) is str and day[10:11] == "T" else day_of(day),
-        )
-        self.counts[key] += 1
-        sums = self.sums.get(key)
-        if sums is None:
-            sums = self.sums[key] = {}
-        for read, path, names in journal._dict_values:
-            values = read(payload)
-            if type(values) is not dict:
-                number = values if type(values) is int else as_number(values)
-                if number is not None:
-                    sums[path] = _add(sums.get(path), number)
-                continue
-            for name, value in values.items() if names is None else ((n, values.get(n)) for n in names):
-                number = value if type(value) is int or type(value) is _Decimal else as_number(value)
-                if number is not None:
-                    total = journal._field_names.get((path, name))
-                    if total is None:
-                        total = journal._field_names[path, name] = f"{path}.{name}"
-                    sums[total] = _add(sums.get(total), number)
-        first = key not in journal._first_sampled
-        if first or journal._random() < journal._sample_rate:
-            if first:  # every customer, meter and day is checked: its first id of the run
-                journal._first_sampled.add(key)
-            sample = self.samples.get(key)
-            if sample is None:
-                self.samples[key] = [(item_id, digest(body))]
-            elif len(sample) < SAMPLE_SIZE:
-                sample.append((item_id, digest(body)))
 
 
 @dataclass
@@ -212,18 +78,7 @@ class Journal:
         self.store = store
         self.scope = scope
         self.run_id = run_id or uuid.uuid4().hex
-        # the paths of the payload the journal reads
-        self._dict_id = _dict_getter(fields.id)
-        customers = [_dict_getter(path) for path in fields.customer]
-
-        def first_customer(payload: dict) -> t.Any:
-            return next((c for c in (read(payload) for read in customers) if c is not None), None)
-
-        self._dict_customer = customers[0] if len(customers) == 1 else first_customer
-        self._dict_meter = _dict_getter(fields.meter)
-        self._dict_time = _dict_getter(fields.time)
-        self._dict_values = [(_dict_getter(path), path, keys) for path, keys in fields.values]
-        self._field_names: dict[tuple[str, str], str] = {}  # (object, key) -> "object.key"
+        self._layout = Layout(fields)  # the payload's paths, compiled
         self._lock = threading.Lock()
         self._epochs: dict[int, _Epoch] = collections.defaultdict(_Epoch)
         self._committed_tails: dict[str, tuple[int, list[str]]] = {}
@@ -231,7 +86,7 @@ class Journal:
         self._resent: collections.Counter[str] = collections.Counter()
         self._first_sampled: set[BucketKey] = set()  # buckets whose first id of the run is sampled
         self._schemes: dict[str, str] = {}  # key properties of streams, written at the next commit
-        self._random = random.Random().random
+        self._random = random.Random()
         self._sample_rate = sample_rate
         self.committed_items = 0
         self.acknowledged_items = 0  # counted in memory (committed or not yet)
@@ -241,29 +96,39 @@ class Journal:
         """Count delivered items from their bodies: a part of a split batch, or a batch
         holding ids the last run counted (sent again: counted as ``resent``)."""
         known = self._known(stream)
-        tally = Tally(self)
+        tally = Tally(self._layout, stream)
+        read_id = self._layout.read_id
         resent = 0
+        counted = []
         for body in item_bodies:
             payload = _body_decoder.decode(body)
-            item_id = self._dict_id(payload)
+            item_id = read_id(payload)
             if known and str(item_id) in known:
                 resent += 1
                 known.discard(str(item_id))  # a second re-send within this run is the ledger's
                 continue
-            tally.add(stream, payload, body)
-        self._take(stream, tally, epoch, first_index, resent)
+            tally.add(payload, body)
+            counted.append(body)
+        with self._lock:
+            tally.settle(counted, self._first_sampled, self._sample_rate, self._random)
+            self._take(stream, tally, epoch, first_index, resent)
 
-    def tally(self) -> Tally:
-        """A new batch's tally (see Tally)."""
-        return Tally(self)
+    def tally(self, stream: str) -> Tally:
+        """A new batch's tally (see Tally): the sink files each item it buffers."""
+        return Tally(self._layout, stream)
 
-    def acknowledged_tally(self, stream: str, tally: Tally, epoch: int, first_index: int) -> None:
-        """Take the tally of a batch delivered whole (called by delivery workers); Recount
-        when it holds ids the last run counted (then ``acknowledged`` sorts them out)."""
+    def acknowledged_tally(
+        self, stream: str, tally: Tally, epoch: int, first_index: int, bodies: t.Sequence[bytes]
+    ) -> None:
+        """Take the tally of a batch delivered whole (called by delivery workers; ``bodies``
+        its items' bodies); Recount when it holds ids the last run counted (then
+        ``acknowledged`` sorts them out)."""
         known = self._known(stream)
-        if known and not known.isdisjoint(tally.ids):
+        if known and not known.isdisjoint(map(_text, tally.ids)):
             raise Recount
-        self._take(stream, tally, epoch, first_index, 0)
+        with self._lock:
+            tally.settle(bodies, self._first_sampled, self._sample_rate, self._random)
+            self._take(stream, tally, epoch, first_index, 0)
 
     def _known(self, stream: str) -> set[str]:
         with self._lock:
@@ -273,28 +138,28 @@ class Journal:
             return known
 
     def _take(self, stream: str, tally: Tally, epoch: int, first_index: int, resent: int) -> None:
-        with self._lock:
-            self._resent[stream] += resent
-            bucket = self._epochs[epoch]
-            latest = bucket.tails.get(stream)
-            if latest is None or latest[0] < first_index:
-                bucket.tails[stream] = (first_index, list(tally.ids))
-            elif latest[0] == first_index:  # another part of a split batch
-                latest[1].extend(tally.ids)
-            bucket.counts.update(tally.counts)
-            sums = bucket.sums
-            with decimal.localcontext(EXACT):
-                for key, fields in tally.sums.items():
-                    for name, value in fields.items():
-                        sums[key, name] += value
-            samples = bucket.samples
-            for key, sample in tally.samples.items():
-                into = samples.get(key)
-                if into is None:
-                    samples[key] = sample
-                else:
-                    into.extend(sample[: SAMPLE_SIZE - len(into)])
-            self.acknowledged_items += len(tally.ids)
+        """Add a settled tally to its epoch (the caller holds the lock)."""
+        self._resent[stream] += resent
+        bucket = self._epochs[epoch]
+        latest = bucket.tails.get(stream)
+        if latest is None or latest[0] < first_index:
+            bucket.tails[stream] = (first_index, list(tally.ids))
+        elif latest[0] == first_index:  # another part of a split batch
+            latest[1].extend(tally.ids)
+        bucket.counts.update(tally.counts)
+        sums = bucket.sums
+        with decimal.localcontext(EXACT):
+            for key, fields in tally.sums.items():
+                for name, value in fields.items():
+                    sums[key, name] += value
+        samples = bucket.samples
+        for key, sample in tally.samples.items():
+            into = samples.get(key)
+            if into is None:
+                samples[key] = sample
+            else:
+                into.extend(sample[: SAMPLE_SIZE - len(into)])
+        self.acknowledged_items += len(tally.ids)
 
     def commit(self, before_epoch: int | None = None) -> None:
         """Write the epochs below ``before_epoch`` (None: all) in one transaction."""

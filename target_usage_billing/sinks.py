@@ -60,7 +60,7 @@ class UsageSink(RecordCheck, BatchSink):
         self._items: list[Item] = []
         # the run journal's count of the buffer, made from the payloads at hand
         self._journal = self.billing_run.journal
-        self._tally = self._journal.tally() if self._journal is not None else None
+        self._tally = self._journal.tally(self.stream_name) if self._journal is not None else None
         self._item_bytes = 0
         self._held_bytes = 0  # what the buffer holds: bodies and input lines
         self._first_index = 0  # index of the buffer's first record (for STATE release)
@@ -204,7 +204,7 @@ class UsageSink(RecordCheck, BatchSink):
         line = reader.current_line
         items.append((body, line, reader.line_number, label))  # an Item
         if self._tally is not None:
-            self._tally.add(self.stream_name, payload, body)
+            self._tally.add(payload, body)
         self._item_bytes += size
         held = size + len(line) + ITEM_OVERHEAD  # an item keeps its input line too
         self._held_bytes += held
@@ -260,7 +260,7 @@ class UsageSink(RecordCheck, BatchSink):
         self._item_bytes = 0
         tally = self._tally
         if self._journal is not None:
-            self._tally = self._journal.tally()
+            self._tally = self._journal.tally(self.stream_name)
         self.billing_run.buffered_bytes -= self._held_bytes
         self._held_bytes = 0
         if items:

@@ -1,0 +1,214 @@
+"""The journal's batch tally (generated code, column-free settling) against a plain
+reference that counts every item one by one, on varied payloads of every layout."""
+
+from __future__ import annotations
+
+import collections
+import decimal
+import random
+
+import pytest
+
+from target_usage_billing.destinations.lago import LagoDestination as Lago
+from target_usage_billing.destinations.m3ter import M3terDestination as M3ter
+from target_usage_billing.destinations.metronome import MetronomeDestination as Metronome
+from target_usage_billing.destinations.openmeter import OpenMeterDestination as OpenMeter
+from target_usage_billing.destinations.orb import OrbDestination as Orb
+from target_usage_billing.journal_store import EXACT
+from target_usage_billing.journal_tally import JournalFields, Layout, Tally, as_number, day_of, digest
+
+D = decimal.Decimal
+STRIPE_LIKE = JournalFields(
+    "identifier",
+    ("payload.stripe_customer_id",),
+    "event_name",
+    "timestamp",
+    (("payload", ("value", "tokens")),),
+)
+SCALAR = JournalFields("id", ("who",), "what", "when", (("amount", None),))
+LAYOUTS = {
+    "m3ter": M3ter.journal_fields,
+    "metronome": Metronome.journal_fields,
+    "orb": Orb.journal_fields,
+    "lago": Lago.journal_fields,
+    "openmeter": OpenMeter.journal_fields,
+    "stripe-like": STRIPE_LIKE,
+    "scalar": SCALAR,
+}
+ODD_VALUES = [
+    1,
+    0,
+    -7,
+    10**30,
+    D("0.1"),
+    D("1E-40"),
+    D("-2.50"),
+    "12",
+    "3.25",
+    "-1",
+    "lots",
+    "",
+    True,
+    False,
+    1.5,
+    None,
+    {"nested": 1},
+    [1, 2],
+    "0012",
+    "1e3",
+    "NaN",
+]
+
+
+def put(payload: dict, path: str, value: object) -> None:
+    *heads, last = path.split(".")
+    for head in heads:
+        payload = payload.setdefault(head, {})
+    payload[last] = value
+
+
+def payloads(fields: JournalFields, count: int, rng: random.Random) -> list[dict]:
+    made = []
+    for number in range(count):
+        payload: dict = {}
+        put(payload, fields.id, f"id-{number}" if rng.random() < 0.95 else number)
+        customer_path = rng.choice(fields.customer)
+        if rng.random() < 0.97:
+            put(payload, customer_path, rng.choice(["c1", "c2", "c3", 7, None]))
+        put(payload, fields.meter, rng.choice(["m1", "m2", "", None, 3]))
+        day = rng.randint(1, 3)
+        moment = rng.choice(
+            [
+                f"2026-11-0{day}T10:00:00Z",
+                f"2026-11-0{day}",
+                1764000000 + day * 86400,
+                f"{1764000000 + day}",
+                D("1764000000.5"),
+                "not a time",
+                None,
+                f"2026-11-0{day} 10:00",
+            ]
+        )
+        put(payload, fields.time, moment)
+        for path, names in fields.values:
+            roll = rng.random()
+            if roll < 0.1:
+                continue
+            if roll < 0.2 and names is None:
+                put(payload, path, rng.choice(ODD_VALUES))  # the path holds a number, or not
+                continue
+            keys = names or rng.sample(["a", "b", "c", "d"], rng.randint(0, 4))
+            put(payload, path, {k: rng.choice(ODD_VALUES) for k in keys if rng.random() < 0.9})
+        made.append(payload)
+    return made
+
+
+def reference(fields: JournalFields, stream: str, items: list[dict]):
+    """Every item counted on its own, as the journal's contract says."""
+
+    def read(payload, path):
+        value = payload
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    counts: collections.Counter = collections.Counter()
+    sums: dict = collections.defaultdict(dict)
+    for payload in items:
+        customer = next((c for c in (read(payload, p) for p in fields.customer) if c is not None), None)
+        meter = read(payload, fields.meter)
+        moment = read(payload, fields.time)
+        day = moment[:10] if isinstance(moment, str) and moment[10:11] == "T" else day_of(moment)
+        key = (stream, "" if customer is None else str(customer), str(meter) if meter else "", day)
+        counts[key] += 1
+        for path, names in fields.values:
+            found = read(payload, path)
+            if found is None:
+                continue
+            if not isinstance(found, dict):
+                pairs = [(path, found)]
+            else:
+                pairs = [(f"{path}.{k}", v) for k, v in found.items() if names is None or k in names]
+            for name, value in pairs:
+                number = as_number(value)
+                if number is not None:
+                    with decimal.localcontext(EXACT):
+                        sums[key][name] = sums[key].get(name, 0) + number
+    return counts, sums
+
+
+@pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
+def test_the_tally_counts_and_sums_exactly_what_the_reference_does(layout_name):
+    fields = LAYOUTS[layout_name]
+    rng = random.Random(layout_name)
+    layout = Layout(fields)
+    first_sampled: set = set()
+    expected_counts: collections.Counter = collections.Counter()
+    expected_sums: dict = collections.defaultdict(dict)
+    got_counts: collections.Counter = collections.Counter()
+    got_sums: dict = collections.defaultdict(dict)
+    for _batch in range(8):
+        items = payloads(fields, 300, rng)
+        bodies = [repr(item).encode() for item in items]  # the sample reads bodies as JSON: see below
+        counts, sums = reference(fields, "s", items)
+        expected_counts.update(counts)
+        for key, fields_sums in sums.items():
+            for name, total in fields_sums.items():
+                expected_sums[key][name] = expected_sums[key].get(name, 0) + total
+        tally = Tally(layout, "s")
+        for item in items:
+            tally.add(item, b"{}")
+        tally.settle([b"{}"] * len(bodies), first_sampled, 0.0, rng)
+        got_counts.update(tally.counts)
+        for key, fields_sums in tally.sums.items():
+            for name, total in fields_sums.items():
+                got_sums[key][name] = got_sums[key].get(name, 0) + total
+        assert tally.ids == [str(item_id) for item_id in (layout.read_id(item) for item in items)]
+    assert got_counts == expected_counts
+    assert {k: v for k, v in got_sums.items() if v} == {k: v for k, v in expected_sums.items() if v}
+    # every bucket had its first id sampled once over the run
+    assert first_sampled == set(expected_counts)
+
+
+def test_every_bucket_s_first_item_is_sampled_once_a_run_and_the_rest_at_the_rate():
+    layout = Layout(M3ter.journal_fields)
+    rng = random.Random(5)
+    first_sampled: set = set()
+    samples: dict = collections.defaultdict(list)
+    total = 0
+    for batch in range(20):
+        tally = Tally(layout, "s")
+        bodies = []
+        for number in range(1000):
+            item_id = f"b{batch}-{number}"
+            body = (
+                f'{{"uid":"{item_id}","account":"a{number % 3}","meter":"m","ts":"2026-11-01T00:00:00Z",'
+                f'"measure":{{"n":1}}}}'
+            ).encode()
+            tally.add(
+                {
+                    "uid": item_id,
+                    "account": f"a{number % 3}",
+                    "meter": "m",
+                    "ts": "2026-11-01T00:00:00Z",
+                    "measure": {"n": 1},
+                },
+                body,
+            )
+            bodies.append(body)
+        tally.settle(bodies, first_sampled, 0.01, rng)
+        for key, sample in tally.samples.items():
+            samples[key].extend(sample)
+            for item_id, body_digest in sample:
+                assert body_digest == digest(bodies[int(item_id.split("-")[1])])
+        total += sum(len(s) for s in tally.samples.values())
+    assert len(samples) == 3  # three customers, one meter, one day
+    firsts = {
+        ("s", "a0", "m", "2026-11-01"): "b0-0",
+        ("s", "a1", "m", "2026-11-01"): "b0-1",
+        ("s", "a2", "m", "2026-11-01"): "b0-2",
+    }
+    for key, first in firsts.items():
+        assert samples[key][0][0] == first
+    # 3 firsts + about 1 % of 20,000 (200 expected; far outside 120..300 would be a broken draw)
+    assert 120 < total - 3 < 300
