@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -38,6 +39,7 @@ from target_usage_billing.reader import LineReader, StopRequested, read_batch_fi
 from target_usage_billing.reconcile import reconcile
 from target_usage_billing.report import log_metrics, start_progress, summary_lines
 from target_usage_billing.run import BillingRun
+from target_usage_billing.runreport import RunReport, finish_report, open_report
 from target_usage_billing.sdk_overrides import SettingsCheck
 from target_usage_billing.settings import DESTINATION_SETTINGS, check_environment, config_schema
 from target_usage_billing.sinks import UsageSink
@@ -76,6 +78,7 @@ class TargetUsageBilling(SettingsCheck, Target):
             return
         self._stop_signal: int | None = None
         self._stop_signal_at = 0.0
+        self.report: RunReport | None = None  # set by invoke
         self._phase = "setup"  # then "checking" (credentials), "reading", "finishing"
         self._completed = False
         # A stop signal during set-up waits until this target's handler is in place: the
@@ -320,6 +323,10 @@ class TargetUsageBilling(SettingsCheck, Target):
                 self.logger.warning("Received %s as well: still stopping gracefully", name)
                 return
             click.echo(f"{self.name}: second {name}: exiting now without waiting", err=True)
+            if self.report is not None:
+                self.report.fields["signal"] = name
+                with contextlib.suppress(UsageBillingError):
+                    self.report.write(InterruptedRun.exit_code, f"second {name}: exited without waiting")
             os._exit(InterruptedRun.exit_code)
         self._stop_signal = signum
         self._stop_signal_at = now
@@ -356,13 +363,18 @@ class TargetUsageBilling(SettingsCheck, Target):
         parse_env = bool(config is not None and config.parse_env)
         if dry_run:
             settings["dry_run"] = True
-        if (since or until) and not reconcile:
-            exit_with(ConfigError("--since and --until go with --reconcile"))
+        mode = "reconcile" if reconcile else "dry_run" if settings.get("dry_run") else "run"
+        report = open_report(settings, cls._env_prefix() if parse_env else None, mode)
+        target: TargetUsageBilling | None = None
         try:
+            if (since or until) and not reconcile:
+                raise ConfigError("--since and --until go with --reconcile")
+            report.check_writable()
             if parse_env:
                 check_environment(cls.config_jsonschema, cls._env_prefix())
             if reconcile:
-                cls._reconcile(settings, parse_env, since, until)
+                cls._reconcile(settings, parse_env, since, until, report)
+                finish_report(report, 0)
                 return
             try:
                 target = cls(config=settings, validate_config=True, parse_env_config=parse_env)
@@ -370,23 +382,40 @@ class TargetUsageBilling(SettingsCheck, Target):
                 if not parse_env:
                     raise
                 raise ConfigError(f"settings from environment variables: {exc}") from None
+            report.run = target.billing_run
+            target.report = report
             target.run(file_input)
         except UsageBillingError as exc:
+            if target is not None and target._stop_signal is not None:
+                report.fields["signal"] = signal.Signals(target._stop_signal).name
+            finish_report(report, exc.exit_code, str(exc))
             exit_with(exc)
+        except Exception as exc:  # a defect: the report says so, the traceback follows
+            finish_report(report, 1, f"unexpected error: {type(exc).__name__}: {exc}")
+            raise
         if target._stop_signal is not None:
+            report.fields["signal"] = signal.Signals(target._stop_signal).name
             cls.logger.info("Stopped by signal; everything received was delivered")
+        finish_report(report, 0)
 
     @classmethod
-    def _reconcile(cls, settings: dict, parse_env: bool, since: str | None, until: str | None) -> None:
+    def _reconcile(
+        cls, settings: dict, parse_env: bool, since: str | None, until: str | None, report: RunReport
+    ) -> None:
         """--reconcile: settings as a run takes them (files, environment, checks), then the
         read back; the report goes to stdout."""
         target = cls(config=settings, validate_config=True, parse_env_config=parse_env, reconcile_only=True)
         defaults = {name: prop.get("default") for name, prop in cls.config_jsonschema["properties"].items()}
+        outcome: dict[str, t.Any] = {}
+        report.fields["reconcile"] = {}
         try:
-            lines = reconcile(target.config, defaults, since, until)
+            lines = reconcile(target.config, defaults, since, until, outcome)
         except ReconcileMismatch as exc:
             click.echo("\n".join(exc.report))
             raise
+        finally:
+            if outcome:
+                report.fields["reconcile"] = {outcome["platform"]: outcome}
         click.echo("\n".join(lines))
 
     @classmethod
