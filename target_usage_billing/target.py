@@ -24,7 +24,16 @@ from singer_sdk.singerlib import SingerMessageType
 from singer_sdk.singerlib.exceptions import InvalidInputLine
 from singer_sdk.target_base import Target
 
-from target_usage_billing.cli import PLUGIN_NAME, RedactSecrets, check_config_files, exit_with, extra_options
+from target_usage_billing.cli import (
+    PLUGIN_NAME,
+    RedactSecrets,
+    check_config_files,
+    exit_with,
+    extra_options,
+    json_logs,
+    use_json_logs,
+    wants_json_logs,
+)
 from target_usage_billing.errors import (
     ConfigError,
     InputError,
@@ -39,7 +48,7 @@ from target_usage_billing.reader import LineReader, StopRequested, read_batch_fi
 from target_usage_billing.reconcile import reconcile
 from target_usage_billing.report import log_metrics, start_progress, summary_lines
 from target_usage_billing.run import BillingRun
-from target_usage_billing.runreport import RunReport, finish_report, open_report
+from target_usage_billing.runreport import RunReport, finish_report, open_report, run_figures
 from target_usage_billing.sdk_overrides import SettingsCheck
 from target_usage_billing.settings import DESTINATION_SETTINGS, check_environment, config_schema
 from target_usage_billing.sinks import UsageSink
@@ -240,8 +249,15 @@ class TargetUsageBilling(SettingsCheck, Target):
         run = self.billing_run
         all_done = run.delivery.wait(deadline)
         run.delivery.freeze()  # no STATE is written after this point
-        for line in summary_lines(run):
-            self.logger.info(line)
+        lines = summary_lines(run)
+        if json_logs.enabled:  # one event whose figures are fields
+            figures = {"destination": run.destination.name, "run_id": run.dead_letters.run_id}
+            self.logger.info(
+                "\n".join(lines), extra={"event": "summary", "summary": {**figures, **run_figures(run)}}
+            )
+        else:
+            for line in lines:
+                self.logger.info(line)
         log_metrics(run)
         run.close(clean=clean and all_done)
         run.delivery.raise_if_failed()
@@ -322,7 +338,10 @@ class TargetUsageBilling(SettingsCheck, Target):
                 # Ctrl-C under `meltano run` sends SIGINT, then SIGTERM: one stop request.
                 self.logger.warning("Received %s as well: still stopping gracefully", name)
                 return
-            click.echo(f"{self.name}: second {name}: exiting now without waiting", err=True)
+            if json_logs.enabled:
+                self.logger.error("second %s: exiting now without waiting", name)
+            else:
+                click.echo(f"{self.name}: second {name}: exiting now without waiting", err=True)
             if self.report is not None:
                 self.report.fields["signal"] = name
                 with contextlib.suppress(UsageBillingError):
@@ -358,9 +377,11 @@ class TargetUsageBilling(SettingsCheck, Target):
         if about:
             cls.print_about(about_format)
             sys.exit(0)
-        cls.print_version(print_fn=cls.logger.info)
         settings = dict(config.config) if config is not None else {}
         parse_env = bool(config is not None and config.parse_env)
+        if wants_json_logs(settings, cls._env_prefix() if parse_env else None):
+            use_json_logs()
+        cls.print_version(print_fn=cls.logger.info)
         if dry_run:
             settings["dry_run"] = True
         mode = "reconcile" if reconcile else "dry_run" if settings.get("dry_run") else "run"
