@@ -129,6 +129,19 @@ def extra_options() -> list[click.Option]:
         ),
         click.Option(["--until"], help="With --reconcile: the last day (ISO 8601; default today, UTC)."),
         click.Option(
+            ["--replay"],
+            metavar="DEAD_LETTERS.jsonl",
+            help="Send the records of a dead-letter file again, through the current mapping "
+            "(ids unchanged); records rejected again go to a new dead-letter file beside it. "
+            "Reads no input, writes no STATE.",
+        ),
+        click.Option(
+            ["--stage"],
+            metavar="STAGES",
+            help="With --replay: the dead-letter stages to replay, comma-separated (default "
+            "mapping,validation,api; also schema, conflict; input and platform letters hold no record).",
+        ),
+        click.Option(
             ["--log-format"],
             type=click.Choice(["text", "json"], case_sensitive=False),
             expose_value=False,

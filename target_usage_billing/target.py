@@ -46,6 +46,7 @@ from target_usage_billing.errors import (
 from target_usage_billing.mapping import MappingRejection
 from target_usage_billing.reader import LineReader, StopRequested, read_batch_files
 from target_usage_billing.reconcile import reconcile
+from target_usage_billing.replay import Replay, finish_replay, parse_stages, replay_settings
 from target_usage_billing.report import log_metrics, start_progress, summary_lines
 from target_usage_billing.run import BillingRun
 from target_usage_billing.runreport import RunReport, finish_report, open_report, run_figures
@@ -88,6 +89,7 @@ class TargetUsageBilling(SettingsCheck, Target):
         self._stop_signal: int | None = None
         self._stop_signal_at = 0.0
         self.report: RunReport | None = None  # set by invoke
+        self.check_unused_rules = True  # a replay holds only some streams: it does not
         self._phase = "setup"  # then "checking" (credentials), "reading", "finishing"
         self._completed = False
         # A stop signal during set-up waits until this target's handler is in place: the
@@ -234,6 +236,13 @@ class TargetUsageBilling(SettingsCheck, Target):
         self.billing_run.delivery.raise_if_failed()
         self.billing_run.check_rejection_limits(final=False)
 
+    def flush_and_wait(self) -> None:
+        """Hand over every buffered payload and wait until delivery caught up (--replay,
+        between stages)."""
+        self._flush()
+        self.billing_run.delivery.wait()
+        self.billing_run.delivery.raise_if_failed()
+
     def process_endofpipe(self) -> None:
         self._phase = "finishing"
         super().process_endofpipe()
@@ -269,7 +278,8 @@ class TargetUsageBilling(SettingsCheck, Target):
             raise InterruptedRun(msg)
         if check_limits:
             run.check_rejection_limits(final=True)
-            run.check_unused_rules()  # a mapping that fired on no stream billed nothing
+            if self.check_unused_rules:
+                run.check_unused_rules()  # a mapping that fired on no stream billed nothing
 
     # --- running and stopping ------------------------------------------------------------
 
@@ -373,6 +383,8 @@ class TargetUsageBilling(SettingsCheck, Target):
         reconcile: bool = False,
         since: str | None = None,
         until: str | None = None,
+        replay: str | None = None,
+        stage: str | None = None,
     ) -> None:
         if about:
             cls.print_about(about_format)
@@ -384,12 +396,30 @@ class TargetUsageBilling(SettingsCheck, Target):
         cls.print_version(print_fn=cls.logger.info)
         if dry_run:
             settings["dry_run"] = True
-        mode = "reconcile" if reconcile else "dry_run" if settings.get("dry_run") else "run"
+        mode = (
+            "reconcile"
+            if reconcile
+            else "replay"
+            if replay
+            else "dry_run"
+            if settings.get("dry_run")
+            else "run"
+        )
         report = open_report(settings, cls._env_prefix() if parse_env else None, mode)
         target: TargetUsageBilling | None = None
         try:
             if (since or until) and not reconcile:
                 raise ConfigError("--since and --until go with --reconcile")
+            if stage and not replay:
+                raise ConfigError("--stage goes with --replay")
+            if replay and reconcile:
+                raise ConfigError("--replay and --reconcile are two runs: give one")
+            replaying = None
+            if replay:
+                replaying = Replay(replay, parse_stages(stage))
+                replaying.scan()
+                env_prefix = cls._env_prefix() if parse_env else None
+                settings = replay_settings(settings, env_prefix, replaying, os.environ)
             report.check_writable()
             if parse_env:
                 check_environment(cls.config_jsonschema, cls._env_prefix())
@@ -405,7 +435,15 @@ class TargetUsageBilling(SettingsCheck, Target):
                 raise ConfigError(f"settings from environment variables: {exc}") from None
             report.run = target.billing_run
             target.report = report
-            target.run(file_input)
+            if replaying is None:
+                target.run(file_input)
+            else:
+                target.check_unused_rules = False
+                try:
+                    target.run(replaying.lines(target))  # type: ignore[arg-type]
+                finally:
+                    report.fields["replay"] = replaying.figures()
+                finish_replay(target, replaying)
         except UsageBillingError as exc:
             if target is not None and target._stop_signal is not None:
                 report.fields["signal"] = signal.Signals(target._stop_signal).name
