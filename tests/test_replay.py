@@ -160,3 +160,56 @@ def test_replay_settings_errors(sandbox, tmp_path):
     assert "--stage: unknown stage typo (stages: input, schema, mapping" in unknown.stderr
     alone = run_target(tmp_path, config, "", args=["--stage", "api"])
     assert alone.returncode == 2 and "--stage goes with --replay" in alone.stderr
+
+
+def test_the_replayed_items_are_counted_in_the_journal_the_original_run_kept(sandbox, tmp_path):
+    first_run(sandbox, tmp_path)
+    fixed = config_for("m3ter", sandbox, mappings=[FIXED_RULE])
+    assert replay(tmp_path, fixed).returncode == 0
+
+    reconciled = run_target(tmp_path, fixed, "", args=["--reconcile"])
+
+    # the journal beside the dead letters holds 18 + 2 measurements, as the platform does
+    assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+    assert "every item checked is confirmed" in reconciled.stdout
+
+
+def test_a_record_one_of_several_mappings_rejected_is_billed_again_by_that_one_alone(sandbox, tmp_path):
+    tokens = {"name": "tokens", **USAGE_RULE_M3TER}
+    extra = {
+        "name": "extra",
+        "stream": "usage",
+        "fields": {"meter": "'extra'", "account": "account", "ts": "at", "measure": {"x": "x"}},
+    }
+    rows = usage(10, x=1)
+    rows[5]["x"] = "bad"
+    config = config_for("m3ter", sandbox, mappings=[tokens, extra], max_rejected_ratio=0.5)
+    first = run_target(tmp_path, config, singer("usage", rows, key_properties=["id"]))
+    assert first.returncode == 0, first.stderr
+    (letter,) = dead_letters(tmp_path)
+    assert letter["mapping"] == "extra" and sandbox.stats("m3ter")["stored"] == 19
+    fixed_extra = {**extra, "fields": {**extra["fields"], "measure": {"x": "tokens"}}}
+
+    result = replay(tmp_path, config_for("m3ter", sandbox, mappings=[tokens, fixed_extra]))
+
+    assert result.returncode == 0, result.stderr
+    assert "stage mapping, stream usage: replayed 1, sent 1, failed again 0" in result.stderr
+    stats = sandbox.stats("m3ter")
+    assert stats["stored"] == 20 and stats["requests"] == 2  # one request each run
+    meters = [item["meter"] for item in sandbox.items("m3ter")]
+    assert meters.count("extra") == meters.count("tokens") == 10
+
+
+def test_conflicts_are_replayed_only_when_asked(sandbox, tmp_path):
+    base = {"run_id": "r", "stream": "usage", "keys": {"id": 1}, "reason": "...", "record": usage(2)[1]}
+    (tmp_path / DEFAULT_DEAD_LETTERS).write_text(json.dumps({**base, "stage": "conflict"}) + "\n")
+    config = config_for("m3ter", sandbox)
+
+    default = replay(tmp_path, config)
+    assert default.returncode == 0, default.stderr
+    assert "not replayed: 1 of stage conflict: stage not selected (--stage)" in default.stderr
+    assert sandbox.stats("m3ter")["stored"] == 0
+
+    asked = replay(tmp_path, config, "--stage", "conflict")
+    assert asked.returncode == 0, asked.stderr
+    assert sandbox.stats("m3ter")["stored"] == 1
