@@ -213,3 +213,17 @@ def test_conflicts_are_replayed_only_when_asked(sandbox, tmp_path):
     asked = replay(tmp_path, config, "--stage", "conflict")
     assert asked.returncode == 0, asked.stderr
     assert sandbox.stats("m3ter")["stored"] == 1
+
+
+def test_with_json_logs_the_replay_summary_is_one_event_of_figures(sandbox, tmp_path):
+    first_run(sandbox, tmp_path)
+    fixed = config_for("m3ter", sandbox, mappings=[FIXED_RULE])
+
+    result = replay(tmp_path, fixed, "--log-format", "json")
+
+    assert result.returncode == 0, result.stderr
+    logged = [json.loads(line) for line in result.stderr.splitlines()]
+    (event,) = [e for e in logged if e["extra"].get("event") == "replay"]
+    figures = event["extra"]["replay"]
+    assert figures["replayed"] == figures["sent"] == 2 and figures["failed_again"] == 0
+    assert figures["by_stage"]["mapping"]["usage"]["replayed"] == 2

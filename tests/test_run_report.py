@@ -184,3 +184,28 @@ def test_a_report_that_cannot_be_written_at_the_end_makes_a_successful_run_exit_
     ]
     assert sandbox.stats("m3ter")["stored"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.json.")]
+
+
+def test_a_second_signal_that_exits_at_once_still_leaves_a_report(sandbox, tmp_path):
+    config = config_for(
+        "m3ter",
+        sandbox,
+        run_report_path=str(tmp_path / "report.json"),
+        batch_size_rows=50,
+        shutdown_grace_seconds=60,
+    )
+    run = Pipeline(tmp_path, config, 100_000, every=100, pause=0.05, base_epoch=RECENT - 200_000)
+    wait_until(lambda: sandbox.stats("m3ter")["stored"] >= 200)
+    sandbox.faults(latency_ms=8000)  # requests in flight hold the graceful stop
+    time.sleep(0.3)
+    run.target.send_signal(signal.SIGTERM)
+    time.sleep(3.5)  # past the 3 s in which a second signal counts as the same request
+    run.target.send_signal(signal.SIGTERM)
+    code = run.wait()
+    sandbox.faults(latency_ms=0)
+
+    assert code == 7, run.stderr
+    report = read_report(tmp_path / "report.json")
+    assert report["exit_code"] == 7 and report["signal"] == "SIGTERM" and report["retryable"] is True
+    assert report["error"] == "second SIGTERM: exited without waiting"
+    assert report["state"]["last"] == (run.states[-1] if run.states else None)
