@@ -209,3 +209,14 @@ def test_a_second_signal_that_exits_at_once_still_leaves_a_report(sandbox, tmp_p
     assert report["exit_code"] == 7 and report["signal"] == "SIGTERM" and report["retryable"] is True
     assert report["error"] == "second SIGTERM: exited without waiting"
     assert report["state"]["last"] == (run.states[-1] if run.states else None)
+
+
+def test_a_dry_run_reports_the_state_it_withheld(sandbox, tmp_path):
+    config = config_for("m3ter", sandbox, run_report_path="report.json")
+    result = run_target(tmp_path, config, singer("usage", usage(5), state={"done": 5}), args=["--dry-run"])
+    assert result.returncode == 0, result.stderr
+    report = read_report(tmp_path / "report.json")
+    assert report["mode"] == "dry_run" and report["dry_run"] is True
+    assert report["state"] == {"emitted": 0, "withheld": 1, "last": None}
+    assert report["totals"]["sent"] == 5 and report["journal"] is None
+    assert sandbox.stats("m3ter")["requests"] == 0
