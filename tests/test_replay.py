@@ -227,3 +227,36 @@ def test_with_json_logs_the_replay_summary_is_one_event_of_figures(sandbox, tmp_
     figures = event["extra"]["replay"]
     assert figures["replayed"] == figures["sent"] == 2 and figures["failed_again"] == 0
     assert figures["by_stage"]["mapping"]["usage"]["replayed"] == 2
+
+
+def test_letters_whose_key_properties_differ_from_their_streams_first_are_not_replayed(sandbox, tmp_path):
+    rows = usage(3)
+    base = {"run_id": "r", "stream": "usage", "stage": "api", "reason": "..."}
+    letters = [
+        {**base, "keys": {"id": 0}, "record": rows[0]},
+        {**base, "keys": {"id": 1, "account": "a1"}, "record": rows[1]},  # a tap with other keys
+        {**base, "keys": {"id": 2}, "record": rows[2]},
+    ]
+    (tmp_path / DEFAULT_DEAD_LETTERS).write_text("\n".join(json.dumps(d) for d in letters) + "\n")
+
+    result = replay(tmp_path, config_for("m3ter", sandbox))
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"--replay {DEFAULT_DEAD_LETTERS}, line 2: stream 'usage' has key properties ['id', 'account'] "
+        "here and ['id'] in its first dead letter" in result.stderr
+    )
+    assert "stage api, stream usage: replayed 2, sent 2, failed again 0" in result.stderr
+    assert {item["uid"] for item in sandbox.items("m3ter")} == {
+        derive_id("usage", rows[0], ["id"]),
+        derive_id("usage", rows[2], ["id"]),
+    }
+
+
+def test_max_rejected_records_still_stops_a_replay(sandbox, tmp_path):
+    first_run(sandbox, tmp_path)
+
+    result = replay(tmp_path, config_for("m3ter", sandbox, max_rejected_records=0))
+
+    assert result.returncode == 6, result.stderr
+    assert "1 records rejected, over max_rejected_records=0" in result.error_lines[0]
