@@ -178,7 +178,6 @@ class Replay:
         """Singer lines for the target's reader, stage after stage; delivery catches up
         between stages so each stage's figures are its own."""
         reader = target.message_reader
-        run = target.billing_run
         announced: set[str] = set()
         path_text = str(self.path.resolve())
         for stage in self.order:
@@ -216,7 +215,6 @@ class Replay:
             reader.replay_mapping = None
             target.flush_and_wait()
             self._settle(stage, before, _snapshot(target))
-        del run  # (the run's figures are read through the target)
 
     def _skip(self, letter: DeadLetter) -> bool:
         return (
