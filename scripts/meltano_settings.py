@@ -67,7 +67,14 @@ COMMANDS = {
         "args": "--config ENV --reconcile",
         "description": "Read back from the platform what the run journal says it acknowledged; "
         "exit 8 when anything is missing or invalid (add --since/--until for other days).",
-    }
+    },
+    # `meltano invoke target-usage-billing:replay DEAD_LETTERS.jsonl [--stage api]`
+    "replay": {
+        "args": "--config ENV --replay",
+        "description": "Send the records of a dead-letter file (the argument) again through the "
+        "current mapping, ids unchanged; records rejected again go to a new dead-letter file "
+        "beside it (add --stage mapping,validation,api to choose stages).",
+    },
 }
 DEFINITION_PATH = Path(__file__).resolve().parent.parent / "meltano" / "target-usage-billing.yml"
 

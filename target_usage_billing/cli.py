@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import typing as t
 from pathlib import Path
@@ -37,10 +38,47 @@ class RedactSecrets(logging.Filter):
 
 
 def exit_with(exc: UsageBillingError) -> t.NoReturn:
-    """The one line an operator sees (and, at ERROR level, what log collectors see)."""
-    logging.getLogger(PLUGIN_NAME).error("%s", exc)
-    click.echo(f"{PLUGIN_NAME}: error: {exc}", err=True)
+    """The one line an operator sees (and, at ERROR level, what log collectors see); with
+    JSON logs only the logged event, so that every stderr line stays one JSON object."""
+    logging.getLogger(PLUGIN_NAME).error("%s", exc, extra={"exit_code": exc.exit_code})
+    if not json_logs.enabled:
+        click.echo(f"{PLUGIN_NAME}: error: {exc}", err=True)
     sys.exit(exc.exit_code)
+
+
+class _JsonLogs:
+    enabled = False
+
+
+json_logs = _JsonLogs()
+
+
+def use_json_logs() -> None:
+    """Every log line on stderr one JSON object: the singer-sdk's own structured format
+    (what SINGER_SDK_LOG_CONFIG can also select), on the handlers it set up. Python
+    warnings and a defect's traceback become events too."""
+    if json_logs.enabled:
+        return
+    from singer_sdk.logging import StructuredFormatter
+
+    json_logs.enabled = True
+    formatter = StructuredFormatter(defaults={"app_name": PLUGIN_NAME})
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+    logging.captureWarnings(True)
+
+    def log_defect(kind: type[BaseException], value: BaseException, trace: t.Any) -> None:
+        logging.getLogger(PLUGIN_NAME).critical("unexpected error: %s", value, exc_info=(kind, value, trace))
+
+    sys.excepthook = log_defect
+
+
+def wants_json_logs(settings: t.Mapping[str, t.Any], env_prefix: str | None) -> bool:
+    """log_format: json in the settings (or its environment variable with --config ENV)."""
+    value = settings.get("log_format")
+    if value in (None, "") and env_prefix:
+        value = os.environ.get(env_prefix + "LOG_FORMAT")
+    return value == "json"
 
 
 def check_config_files(paths: tuple[str, ...]) -> None:
@@ -91,6 +129,27 @@ def extra_options() -> list[click.Option]:
         ),
         click.Option(["--until"], help="With --reconcile: the last day (ISO 8601; default today, UTC)."),
         click.Option(
+            ["--replay"],
+            metavar="DEAD_LETTERS.jsonl",
+            help="Send the records of a dead-letter file again, through the current mapping "
+            "(ids unchanged); records rejected again go to a new dead-letter file beside it. "
+            "Reads no input, writes no STATE.",
+        ),
+        click.Option(
+            ["--stage"],
+            metavar="STAGES",
+            help="With --replay: the dead-letter stages to replay, comma-separated (default "
+            "mapping,validation,api; also schema, conflict; input and platform letters hold no record).",
+        ),
+        click.Option(
+            ["--log-format"],
+            type=click.Choice(["text", "json"], case_sensitive=False),
+            expose_value=False,
+            is_eager=True,
+            callback=_set_log_format,
+            help="json: every log line one JSON object, the summary one event (also log_format).",
+        ),
+        click.Option(
             ["--log-level"],
             type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
             expose_value=False,
@@ -99,6 +158,11 @@ def extra_options() -> list[click.Option]:
             help="Log level (also TARGET_USAGE_BILLING_LOGLEVEL).",
         ),
     ]
+
+
+def _set_log_format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value and value.lower() == "json":
+        use_json_logs()
 
 
 def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:

@@ -100,7 +100,7 @@ def original_record(item: Item) -> tuple[t.Any, dict[str, t.Any]]:
         return None, {}
     if not isinstance(message, dict):
         return None, {}
-    location = {key: message[key] for key in ("batch_file", "batch_row") if key in message}
+    location = {key: message[key] for key in ("batch_file", "batch_row", "replay") if key in message}
     return message.get("record"), location
 
 

@@ -49,6 +49,9 @@ class LineReader(GenericSingerReader[str]):
         self.current_line: bytes | str = b""  # the raw line being processed
         # while a BATCH message's files are read: {"batch_file": URL, "batch_row": N}
         self.batch_location: dict[str, t.Any] = {}
+        # while --replay feeds a dead letter: the mapping that rejected it (the only one
+        # of its stream's mappings that bills it again)
+        self.replay_mapping: str | None = None
         # Set by the target: how long input may stay quiet before on_idle must run
         # (None: nothing is waiting), and what to do then (send buffered usage).
         self.idle_timeout: t.Callable[[], float | None] = lambda: None

@@ -225,9 +225,14 @@ def _number(value: decimal.Decimal | int) -> str:
 
 
 def reconcile(
-    config: t.Mapping[str, t.Any], defaults: t.Mapping[str, t.Any], since: str | None, until: str | None
+    config: t.Mapping[str, t.Any],
+    defaults: t.Mapping[str, t.Any],
+    since: str | None,
+    until: str | None,
+    outcome: dict[str, t.Any] | None = None,
 ) -> list[str]:
-    """Run a reconciliation; its report lines. ReconcileMismatch when anything is off."""
+    """Run a reconciliation; its report lines. ReconcileMismatch when anything is off.
+    ``outcome`` receives the result's figures (for the run report)."""
     settings = Settings.from_config(config, defaults)
     destination_class = DESTINATIONS[settings.destination]
     problems = destination_class.config_errors(config, dry_run=False)
@@ -256,6 +261,21 @@ def reconcile(
         transport.close_connections()
     lines = check.report_lines(window, store.where)
     invalid = check.invalid_ids
+    if outcome is not None:
+        outcome.update(
+            platform=destination.name,
+            account=destination.journal_scope(),
+            since=window.first,
+            until=window.last,
+            journal=store.where,
+            read_back=destination.read_back,
+            buckets=len(buckets),
+            checked=len(check.checks),
+            missing=len(check.missing_ids),
+            invalid=len(invalid),
+            totals_differ=len(check.total_differences()),
+            confirmed=check.confirmed,
+        )
     if invalid:
         _dead_letter(settings, destination, check, invalid)
     if not check.confirmed:

@@ -169,4 +169,7 @@ def metric_points(run: BillingRun) -> list[dict]:
 def log_metrics(run: BillingRun) -> None:
     metrics_logger = get_metrics_logger()
     for point in metric_points(run):
-        metrics_logger.info("METRIC: %s", json.dumps(point, separators=(",", ":")))
+        # the point also as a field, for JSON logs (the text formatter shows the message)
+        metrics_logger.info(
+            "METRIC: %s", json.dumps(point, separators=(",", ":")), extra={"metric_info": point}
+        )

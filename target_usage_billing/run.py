@@ -388,6 +388,11 @@ class BillingRun:
             self.states_emitted += len(lines)
         logger.debug("Emitted STATE %s", lines[-1].decode())
 
+    @property
+    def last_state_emitted(self) -> bytes | None:
+        """The last STATE written to stdout (its JSON text), None before the first."""
+        return self._last_emitted if self.states_emitted else None
+
     def close(self, *, clean: bool = False) -> None:
         """``clean``: the input ended and everything was delivered, so what was
         acknowledged after the last STATE goes into the journal too."""

@@ -21,6 +21,7 @@ logger = logging.getLogger("target-usage-billing")
 # one record each (state_checkpoint_seconds below this counts as this).
 MIN_CHECKPOINT_SECONDS = 1.0
 UNMATCHED_STREAMS = ("fail", "skip")
+LOG_FORMATS = ("text", "json")
 # Each request in flight is a thread with its own connection; more than this only adds
 # memory and sockets (the APIs' own rate limits bind long before).
 MAX_REQUESTS_IN_FLIGHT = 64
@@ -200,6 +201,23 @@ COMMON_SETTINGS = th.PropertiesList(
         description="Seconds between progress lines on stderr (0: none).",
     ),
     th.Property(
+        "run_report_path",
+        th.StringType,
+        description="JSON file written at the end of every run (failed, stopped, --reconcile "
+        "and --replay runs too), atomically, for an orchestrator to read: the target's own "
+        "exit code and its meaning, the error, per-stream counts, dead letters, the STATE "
+        "released (see Run report in the README). Default: none.",
+    ),
+    th.Property(
+        "log_format",
+        th.StringType,
+        default="text",
+        allowed_values=["text", "json"],
+        description="text, or json: every log line on stderr one JSON object (the singer-sdk's "
+        "structured format) and the end-of-run summary one event with its figures as fields "
+        "(also --log-format json).",
+    ),
+    th.Property(
         "validate_records",
         th.BooleanType,
         default=False,
@@ -257,6 +275,8 @@ class Settings:
     max_rejected_records: int | None
     max_rejected_ratio: float | None
     progress_interval_seconds: float
+    run_report_path: str | None
+    log_format: str
     load_method: str | None
 
     @classmethod
@@ -308,6 +328,8 @@ class Settings:
             allowed = ", ".join(UNMATCHED_STREAMS)
             msg = f"unmatched_streams: must be one of {allowed}, got {self.unmatched_streams!r}"
             raise ConfigError(msg)
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
 
 
 # Each numeric setting's range: (lowest, highest, whether the lowest is allowed). Every

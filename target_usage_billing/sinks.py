@@ -146,8 +146,11 @@ class UsageSink(RecordCheck, BatchSink):
         is that mapping's alone (one record read, one record index for STATE)."""
         counts = self.counts
         outcomes = self._fanout(record, self.stream_name, self._keys)  # type: ignore[misc]
+        only = self._reader.replay_mapping  # --replay: the mapping that rejected it, alone
         for rule, outcome in zip(self.plan.rules, outcomes):  # type: ignore[union-attr]
             label = rule.label
+            if only is not None and label != only and only in self.counts.mappings:
+                continue
             if outcome is None:
                 counts.filtered += 1
                 counts.mappings[label].filtered += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -23,23 +24,28 @@ from singer_sdk.singerlib import SingerMessageType
 from singer_sdk.singerlib.exceptions import InvalidInputLine
 from singer_sdk.target_base import Target
 
-from target_usage_billing.cli import PLUGIN_NAME, RedactSecrets, check_config_files, exit_with, extra_options
+from target_usage_billing.cli import (
+    PLUGIN_NAME,
+    RedactSecrets,
+    check_config_files,
+    extra_options,
+    json_logs,
+)
+from target_usage_billing.commands import run_command
 from target_usage_billing.errors import (
-    ConfigError,
     InputError,
     InterruptedRun,
-    ReconcileMismatch,
     RejectionLimitError,
     StreamMappingError,
     UsageBillingError,
 )
 from target_usage_billing.mapping import MappingRejection
 from target_usage_billing.reader import LineReader, StopRequested, read_batch_files
-from target_usage_billing.reconcile import reconcile
 from target_usage_billing.report import log_metrics, start_progress, summary_lines
 from target_usage_billing.run import BillingRun
+from target_usage_billing.runreport import RunReport, run_figures
 from target_usage_billing.sdk_overrides import SettingsCheck
-from target_usage_billing.settings import DESTINATION_SETTINGS, check_environment, config_schema
+from target_usage_billing.settings import DESTINATION_SETTINGS, config_schema
 from target_usage_billing.sinks import UsageSink
 
 # A second stop signal this soon after the first is the same request (Meltano sends
@@ -76,6 +82,8 @@ class TargetUsageBilling(SettingsCheck, Target):
             return
         self._stop_signal: int | None = None
         self._stop_signal_at = 0.0
+        self.report: RunReport | None = None  # set by invoke
+        self.check_unused_rules = True  # a replay holds only some streams: it does not
         self._phase = "setup"  # then "checking" (credentials), "reading", "finishing"
         self._completed = False
         # A stop signal during set-up waits until this target's handler is in place: the
@@ -222,6 +230,13 @@ class TargetUsageBilling(SettingsCheck, Target):
         self.billing_run.delivery.raise_if_failed()
         self.billing_run.check_rejection_limits(final=False)
 
+    def flush_and_wait(self) -> None:
+        """Hand over every buffered payload and wait until delivery caught up (--replay,
+        between stages)."""
+        self._flush()
+        self.billing_run.delivery.wait()
+        self.billing_run.delivery.raise_if_failed()
+
     def process_endofpipe(self) -> None:
         self._phase = "finishing"
         super().process_endofpipe()
@@ -237,8 +252,15 @@ class TargetUsageBilling(SettingsCheck, Target):
         run = self.billing_run
         all_done = run.delivery.wait(deadline)
         run.delivery.freeze()  # no STATE is written after this point
-        for line in summary_lines(run):
-            self.logger.info(line)
+        lines = summary_lines(run)
+        if json_logs.enabled:  # one event whose figures are fields
+            figures = {"destination": run.destination.name, "run_id": run.dead_letters.run_id}
+            self.logger.info(
+                "\n".join(lines), extra={"event": "summary", "summary": {**figures, **run_figures(run)}}
+            )
+        else:
+            for line in lines:
+                self.logger.info(line)
         log_metrics(run)
         run.close(clean=clean and all_done)
         run.delivery.raise_if_failed()
@@ -250,7 +272,8 @@ class TargetUsageBilling(SettingsCheck, Target):
             raise InterruptedRun(msg)
         if check_limits:
             run.check_rejection_limits(final=True)
-            run.check_unused_rules()  # a mapping that fired on no stream billed nothing
+            if self.check_unused_rules:
+                run.check_unused_rules()  # a mapping that fired on no stream billed nothing
 
     # --- running and stopping ------------------------------------------------------------
 
@@ -319,7 +342,14 @@ class TargetUsageBilling(SettingsCheck, Target):
                 # Ctrl-C under `meltano run` sends SIGINT, then SIGTERM: one stop request.
                 self.logger.warning("Received %s as well: still stopping gracefully", name)
                 return
-            click.echo(f"{self.name}: second {name}: exiting now without waiting", err=True)
+            if json_logs.enabled:
+                self.logger.error("second %s: exiting now without waiting", name)
+            else:
+                click.echo(f"{self.name}: second {name}: exiting now without waiting", err=True)
+            if self.report is not None:
+                self.report.fields["signal"] = name
+                with contextlib.suppress(UsageBillingError):
+                    self.report.write(InterruptedRun.exit_code, f"second {name}: exited without waiting")
             os._exit(InterruptedRun.exit_code)
         self._stop_signal = signum
         self._stop_signal_at = now
@@ -347,47 +377,23 @@ class TargetUsageBilling(SettingsCheck, Target):
         reconcile: bool = False,
         since: str | None = None,
         until: str | None = None,
+        replay: str | None = None,
+        stage: str | None = None,
     ) -> None:
         if about:
             cls.print_about(about_format)
             sys.exit(0)
-        cls.print_version(print_fn=cls.logger.info)
-        settings = dict(config.config) if config is not None else {}
-        parse_env = bool(config is not None and config.parse_env)
-        if dry_run:
-            settings["dry_run"] = True
-        if (since or until) and not reconcile:
-            exit_with(ConfigError("--since and --until go with --reconcile"))
-        try:
-            if parse_env:
-                check_environment(cls.config_jsonschema, cls._env_prefix())
-            if reconcile:
-                cls._reconcile(settings, parse_env, since, until)
-                return
-            try:
-                target = cls(config=settings, validate_config=True, parse_env_config=parse_env)
-            except (ValueError, TypeError) as exc:  # the SDK parsing TARGET_USAGE_BILLING_* variables
-                if not parse_env:
-                    raise
-                raise ConfigError(f"settings from environment variables: {exc}") from None
-            target.run(file_input)
-        except UsageBillingError as exc:
-            exit_with(exc)
-        if target._stop_signal is not None:
-            cls.logger.info("Stopped by signal; everything received was delivered")
-
-    @classmethod
-    def _reconcile(cls, settings: dict, parse_env: bool, since: str | None, until: str | None) -> None:
-        """--reconcile: settings as a run takes them (files, environment, checks), then the
-        read back; the report goes to stdout."""
-        target = cls(config=settings, validate_config=True, parse_env_config=parse_env, reconcile_only=True)
-        defaults = {name: prop.get("default") for name, prop in cls.config_jsonschema["properties"].items()}
-        try:
-            lines = reconcile(target.config, defaults, since, until)
-        except ReconcileMismatch as exc:
-            click.echo("\n".join(exc.report))
-            raise
-        click.echo("\n".join(lines))
+        run_command(
+            cls,
+            config=config,
+            file_input=file_input,
+            dry_run=dry_run,
+            reconcile=reconcile,
+            since=since,
+            until=until,
+            replay=replay,
+            stage=stage,
+        )
 
     @classmethod
     def cb_config(cls, ctx: click.Context, param: click.Option, value: tuple[str, ...]) -> t.Any:

@@ -198,3 +198,37 @@ def test_meltano_select_list_and_a_forced_run_after_a_kill(meltano, project, san
     )
     assert dry.returncode == 0, dry.stderr[-4000:]
     assert "would send" in dry.stderr
+
+
+def test_meltano_invoke_replay_sends_dead_letters_again(meltano, project, sandbox):
+    # a track call the project's rule rejected once (here written as the target writes it)
+    record = {
+        "type": "track",
+        "event": "API Request",
+        "messageId": "replayed-by-meltano-1",
+        "userId": "u1",
+        "context": {"groupId": "acme"},
+        "timestamp": "2026-11-19T10:00:00Z",
+        "properties": {"endpoint": "/v1/x", "region": "eu", "requests": 1, "tokens": 0.125},
+    }
+    letter = {
+        "run_id": "r",
+        "stream": "segment_events",
+        "line": 3,
+        "keys": {"messageId": record["messageId"]},
+    }
+    letter.update(stage="api", reason="refused", record=record)
+    (project / "to-replay.jsonl").write_text(json.dumps(letter) + "\n")
+    env = {
+        "TARGET_USAGE_BILLING_M3TER_INGEST_URL": sandbox.url,
+        "TARGET_USAGE_BILLING_M3TER_AUTH_URL": sandbox.url,
+        "TARGET_USAGE_BILLING_RUN_REPORT_PATH": str(project / "replay-report.json"),
+    }
+    done = run_meltano(meltano, project, "invoke", "target-usage-billing:replay", "to-replay.jsonl", env=env)
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stage api, stream segment_events: replayed 1, sent 1, failed again 0" in done.stderr
+    (item,) = sandbox.items("m3ter")
+    assert item["uid"] == "replayed-by-meltano-1" and item["account"] == "acme"
+    report = json.loads((project / "replay-report.json").read_text())
+    assert report["mode"] == "replay" and report["exit_code"] == 0 and report["replay"]["sent"] == 1
