@@ -265,6 +265,10 @@ class Journal:
             raise Recount
         self._take(stream, tally, epoch, first_index, 0)
 
+    def known_tail(self, stream: str) -> set[str]:
+        """The ids of ``stream``'s last batch an earlier run committed, not yet re-sent."""
+        return self._known(stream)
+
     def _known(self, stream: str) -> set[str]:
         with self._lock:
             known = self._known_tail.get(stream)
@@ -303,6 +307,7 @@ class Journal:
             if not epochs and not self._resent and not self._schemes:
                 return
             merged = _Epoch()
+            changed: set[str] = set()  # streams whose tail this commit moves
             with decimal.localcontext(EXACT):
                 for number in epochs:
                     epoch = self._epochs.pop(number)
@@ -316,6 +321,7 @@ class Journal:
                         committed = self._committed_tails.get(stream)
                         if committed is None or committed[0] <= latest[0]:
                             self._committed_tails[stream] = latest
+                            changed.add(stream)
             resent = dict(self._resent)
             self._resent.clear()
             tails = {stream: ids for stream, (_first, ids) in self._committed_tails.items() if ids}
@@ -330,6 +336,7 @@ class Journal:
                 tails,
                 _now(),
                 schemes,
+                changed,
             )
             self.committed_items += sum(merged.counts.values())
 

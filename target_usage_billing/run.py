@@ -18,6 +18,7 @@ import typing as t
 
 import msgspec
 
+from target_usage_billing import horizon
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.delivery import Delivery, DryRunWriter
 from target_usage_billing.destinations import DESTINATIONS, Destination
@@ -26,6 +27,7 @@ from target_usage_billing.errors import (
     JournalError,
     OutputError,
     RejectionLimitError,
+    ResendBeyondWindowError,
     StreamMappingError,
     UnmatchedStreamError,
 )
@@ -107,6 +109,15 @@ class BillingRun:
         # one run id for the journal and the dead letters
         run_id = self.dead_letters.run_id
         self.journal = open_journal(settings, self.destination, run_id) if keep_journal else None
+        self.horizon = horizon.checker(self.journal, destination_class.dedup_window)
+        if self.journal is None and not settings.dry_run and destination_class.dedup_window is not None:
+            logger.warning(
+                "The run journal is off: a re-send of usage %s acknowledged more than %s ago "
+                "(a resume or replay) cannot be recognised, and %s would bill it again",
+                destination_class.label,
+                horizon.span(destination_class.dedup_window),
+                destination_class.label,
+            )
         self.delivery = Delivery(
             self.destination,
             self.transport,
@@ -271,6 +282,25 @@ class BillingRun:
             "unmatched_streams to skip"
         )
         raise UnmatchedStreamError(msg)
+
+    def check_resend(self, stream: str, tally: t.Any) -> None:
+        """Before a batch is sent: ids the platform would bill again (see horizon.py) stop
+        the run, unless allow_resend_beyond_dedup_window (then a warning, once a stream)."""
+        assert self.horizon is not None
+        found = self.horizon.check(stream, tally)
+        if found is None:
+            return
+        message = found.describe(self.destination.label)
+        if not self.settings.allow_resend_beyond_dedup_window:
+            raise ResendBeyondWindowError(
+                f"{message}. Nothing of this batch was sent and no STATE covers it: start the tap "
+                "after the usage already billed, or set allow_resend_beyond_dedup_window to send "
+                "it again anyway"
+            )
+        counts = self.stats.stream(stream)
+        if not counts.resent_beyond_window:
+            logger.warning("%s; sending anyway (allow_resend_beyond_dedup_window)", message)
+        counts.resent_beyond_window += found.count
 
     # --- rejections --------------------------------------------------------------------
 

@@ -236,6 +236,8 @@ class TargetUsageBilling(SettingsCheck, Target):
         self._completed = True
         run = self.billing_run
         all_done = run.delivery.wait(deadline)
+        # Orb backfills: closed when everything was delivered (their STATEs go now), else reverted
+        run.delivery.settle_channels(all_done)
         run.delivery.freeze()  # no STATE is written after this point
         for line in summary_lines(run):
             self.logger.info(line)

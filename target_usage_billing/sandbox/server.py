@@ -164,6 +164,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 subpath = path[len(platform.PREFIX) :]
                 if method == "POST" and subpath == platform.INGEST_PATH:
                     self._ingest(platform.NAME, subpath)
+                if hasattr(platform, "sandbox_route"):  # e.g. Orb's backfills
+                    routed = platform.sandbox_route(method, subpath, self.headers, self._body(), sandbox)
+                    if routed is not None:
+                        raise routed
                 reply = platform.other_route(method, subpath, self.headers, sandbox.settings)
                 raise reply or json_reply(404, {"message": f"no route for {method} {path}"})
             else:
@@ -287,6 +291,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     index = sandbox.stores[destination].index
                     stats.duplicates += sum(1 for key, _raw in items if key in index)  # re-sent ids
                     platform.already_stored(items, index)  # refuses the request if any
+                if platform is not None and hasattr(platform, "divert"):  # e.g. into an Orb backfill
+                    diverted = platform.divert(query, items, sandbox)
+                    if diverted is not None:
+                        raise diverted
                 lost, invalid = sandbox.item_faults(destination, items)
                 new_ids, known_ids = sandbox.stores[destination].add(items, stats, lost, invalid)
             if fault is not None and fault.kind == "stored-500":

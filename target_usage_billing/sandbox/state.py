@@ -174,6 +174,7 @@ class Sandbox:
         self._arrivals: dict[str, collections.deque[float]] = {
             name: collections.deque() for name in DESTINATIONS
         }
+        self.orb_backfills: dict[str, t.Any] = {}  # sandbox/orb_backfills.py
         self.generation = 0  # bumped by reset: requests still in flight then are void
         self._rate_windows: list[collections.deque[float]] = [
             collections.deque() for _ in settings.m3ter_rate_limits
@@ -267,6 +268,7 @@ class Sandbox:
         self.generation += 1
         self.faults.clear()
         self.tokens.clear()
+        self.orb_backfills.clear()
         self.settings.latency_ms = 0.0
         self.settings.refuse_items_containing = []
         self.stats = {name: DestinationStats() for name in DESTINATIONS}
