@@ -321,7 +321,8 @@ class Journal:
                         committed = self._committed_tails.get(stream)
                         if committed is None or committed[0] <= latest[0]:
                             self._committed_tails[stream] = latest
-                            changed.add(stream)
+                            if latest[1]:  # re-sent ids are not in it: an empty tail keeps the old
+                                changed.add(stream)
             resent = dict(self._resent)
             self._resent.clear()
             tails = {stream: ids for stream, (_first, ids) in self._committed_tails.items() if ids}
