@@ -129,6 +129,33 @@ def test_a_failure_mid_backfill_reverts_it_and_no_state_covers_it(sandbox, tmp_p
     assert "Orb backfills: 1 reverted, 1 events in them" in result.stderr
 
 
+def test_a_lost_answer_to_a_create_makes_no_second_backfill(sandbox, tmp_path):
+    rows = history_rows()[2:3]
+    # created, then the connection drops: the retry carries the same Idempotency-Key
+    sandbox.faults({"kind": "stored-drop", "count": 1, "destination": "orb", "path": "/v1/events/backfills"})
+    result = run_target(tmp_path, config_for("orb", sandbox, orb_backfill=True), singer("usage", rows))
+    assert result.returncode == 0, result.stderr
+    assert sandbox.stats("orb")["faults_applied"] == 1
+    (backfill,) = backfills(sandbox)
+    assert backfill.status == "reflected" and backfill.events_ingested == 1
+
+
+def test_a_close_that_fails_reverts_every_backfill_of_the_run(sandbox, tmp_path):
+    # two backfills: the first close goes through, the second is refused (413: not retried)
+    sandbox.faults({"kind": "413", "every": 2, "destination": "orb", "path": "/close"})
+    rows = history_rows()
+    result = run_target(tmp_path, config_for("orb", sandbox), singer("usage", rows[:2]))  # the live ones
+    assert result.returncode == 0
+    config = config_for("orb", sandbox, orb_backfill=True)
+    result = run_target(tmp_path, config, singer("usage", [rows[2], rows[4]], state={"at": 5}))
+    assert result.returncode == 4, result.stderr
+    assert "closing an Orb backfill failed, so the run's backfills were reverted" in result.error_lines[0]
+    found = backfills(sandbox)
+    assert len(found) == 2 and all(b.status == "reverted" for b in found)  # the closed one too
+    assert sandbox.stats("orb")["stored"] == 2  # the live events only
+    assert result.states == []
+
+
 def test_a_state_waits_for_the_close_of_the_backfills_before_it(sandbox, tmp_path):
     # an old row, a STATE, then rows that fail: the STATE would cover the backfilled row,
     # whose backfill is reverted when the run fails, so it is never written

@@ -140,7 +140,7 @@ def sandbox_route(
     if not path.startswith(orb_backfills.PATH):
         return None
     authenticate(headers, sandbox.settings)
-    return orb_backfills.route(method, path, body, sandbox)
+    return orb_backfills.route(method, path, body, sandbox, headers.get("Idempotency-Key"))
 
 
 def other_route(method: str, path: str, headers: t.Mapping[str, str], settings: t.Any) -> Reply | None:

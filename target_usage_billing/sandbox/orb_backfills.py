@@ -115,15 +115,24 @@ def backfills(sandbox: t.Any) -> dict[str, Backfill]:
     return t.cast(dict[str, Backfill], found)
 
 
-def route(method: str, path: str, body: bytes, sandbox: t.Any) -> Reply | None:
-    """The backfill endpoints (authenticated by the caller), else None."""
+def route(
+    method: str, path: str, body: bytes, sandbox: t.Any, idempotency_key: str | None = None
+) -> Reply | None:
+    """The backfill endpoints (authenticated by the caller), else None. A create with an
+    ``Idempotency-Key`` Orb has seen gets the first answer again (as Orb's API does)."""
     if not path.startswith(PATH):
         return None
     rest = path[len(PATH) :].strip("/")
     with sandbox.lock:
         known = backfills(sandbox)
         if method == "POST" and not rest:
-            return _create(body, known, sandbox)
+            answered = sandbox.orb_backfills_by_key.get(idempotency_key) if idempotency_key else None
+            if answered is not None:
+                return answer(200, known[answered].document())
+            reply = _create(body, known, sandbox)
+            if idempotency_key and reply.status == 200:
+                sandbox.orb_backfills_by_key[idempotency_key] = max(known)
+            return reply
         if method == "GET" and not rest:
             listed = sorted(known.values(), key=lambda b: b.id, reverse=True)
             meta = {"has_more": False, "next_cursor": None}

@@ -165,9 +165,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if method == "POST" and subpath == platform.INGEST_PATH:
                     self._ingest(platform.NAME, subpath)
                 if hasattr(platform, "sandbox_route"):  # e.g. Orb's backfills
-                    routed = platform.sandbox_route(method, subpath, self.headers, self._body(), sandbox)
-                    if routed is not None:
-                        raise routed
+                    self._other_request(platform, method, subpath)
                 reply = platform.other_route(method, subpath, self.headers, sandbox.settings)
                 raise reply or json_reply(404, {"message": f"no route for {method} {path}"})
             else:
@@ -317,6 +315,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with sandbox.lock:
                 stats.statuses["dropped"] += 1
             raise
+
+    def _other_request(self, platform: t.Any, method: str, subpath: str) -> None:
+        """A platform's other endpoints (Orb's backfills), with the faults naming their path:
+        status kinds and drop answer instead; stored-500 and stored-drop after it is done."""
+        sandbox = self.server.sandbox
+        body = self._body()
+        with sandbox.lock:
+            fault = sandbox.take_fault(platform.NAME, path=subpath)
+            if fault is not None:
+                sandbox.stats[platform.NAME].faults_applied += 1
+        kind = fault.kind if fault is not None else None
+        if kind == "drop":
+            raise _Dropped
+        if kind is not None and kind.isdigit():
+            headers = {"Retry-After": fault.retry_after} if fault and fault.retry_after else {}
+            raise json_reply(int(kind), {"message": f"injected {kind}"}, headers)
+        routed = platform.sandbox_route(method, subpath, self.headers, body, sandbox)
+        if routed is None:
+            return
+        if kind == "stored-drop":
+            raise _Dropped
+        if kind == "stored-500":
+            raise json_reply(500, {"message": "injected: done, then failed to answer"})
+        raise routed
 
     def _refuse_marked(self, destination: str, items: list[tuple[str | None, bytes]]) -> None:
         markers = [m.encode() for m in self.server.sandbox.settings.refuse_items_containing]
