@@ -259,7 +259,9 @@ class Delivery:
                 return
             try:
                 if self.failure is None:  # after a failure, stop sending: restart resends
-                    routes = self.destination.channels([item[BODY] for item in batch.items])
+                    routes = None
+                    if self.destination.uses_channels:
+                        routes = self.destination.channels([item[BODY] for item in batch.items])
                     if routes is None:
                         self._deliver(batch, batch.items)
                         self._mark_done(batch.seq)

@@ -110,6 +110,8 @@ class BillingRun:
         run_id = self.dead_letters.run_id
         self.journal = open_journal(settings, self.destination, run_id) if keep_journal else None
         self.horizon = horizon.checker(self.journal, destination_class.dedup_window)
+        # a batch the horizon check refused (the run ends with it however it stops)
+        self.refused: ResendBeyondWindowError | None = None
         if self.journal is None and not settings.dry_run and destination_class.dedup_window is not None:
             logger.warning(
                 "The run journal is off: a re-send of usage %s acknowledged more than %s ago "
@@ -292,11 +294,12 @@ class BillingRun:
             return
         message = found.describe(self.destination.label)
         if not self.settings.allow_resend_beyond_dedup_window:
-            raise ResendBeyondWindowError(
+            self.refused = ResendBeyondWindowError(
                 f"{message}. Nothing of this batch was sent and no STATE covers it: start the tap "
                 "after the usage already billed, or set allow_resend_beyond_dedup_window to send "
                 "it again anyway"
             )
+            raise self.refused
         counts = self.stats.stream(stream)
         if not counts.resent_beyond_window:
             logger.warning("%s; sending anyway (allow_resend_beyond_dedup_window)", message)

@@ -244,6 +244,8 @@ class TargetUsageBilling(SettingsCheck, Target):
         log_metrics(run)
         run.close(clean=clean and all_done)
         run.delivery.raise_if_failed()
+        if run.refused is not None:  # also when it was met while stopping
+            raise run.refused
         if not all_done:
             msg = (
                 "stopped before everything received was delivered; the last STATE emitted "

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
 
 import msgspec
 import orb
@@ -16,11 +19,13 @@ from target_usage_billing.sandbox.orb_backfills import CreateBody
 from tests.conftest import (
     ORB_KEY,
     RECENT,
+    TARGET,
     config_for,
     dead_letters,
     run_target,
     singer,
     usage,
+    wait_until,
 )
 from tests.test_orb import event, ingest
 
@@ -154,6 +159,33 @@ def test_a_close_that_fails_reverts_every_backfill_of_the_run(sandbox, tmp_path)
     assert len(found) == 2 and all(b.status == "reverted" for b in found)  # the closed one too
     assert sandbox.stats("orb")["stored"] == 2  # the live events only
     assert result.states == []
+
+
+def test_a_stop_signal_before_everything_was_delivered_reverts_the_backfills(sandbox, tmp_path):
+    rows = history_rows()[2:3]
+    sandbox.faults({"kind": "slow", "count": 1, "delay_ms": 4000, "destination": "orb"})
+    config = config_for("orb", sandbox, orb_backfill=True, shutdown_grace_seconds=0.5)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_text("\n".join(singer("usage", rows, state={"at": 3})) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARGET_USAGE_BILLING_")}
+    with open(input_path, "rb") as stdin:
+        child = subprocess.Popen(
+            [TARGET, "--config", str(config_path)],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+            env=env,
+        )
+    wait_until(lambda: sandbox.stats("orb")["faults_applied"] == 1, timeout=30)  # the ingest waits
+    child.send_signal(signal.SIGTERM)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 7, stderr.decode()
+    assert stdout == b""  # no STATE
+    (backfill,) = backfills(sandbox)
+    assert backfill.status == "reverted"
 
 
 def test_a_state_waits_for_the_close_of_the_backfills_before_it(sandbox, tmp_path):

@@ -306,6 +306,7 @@ class Destination(abc.ABC):
     # --- channels: items that must go another way than the live ingest (Orb backfills) --
 
     channel_noun: t.ClassVar[str] = "channels"  # what the summary calls them
+    uses_channels = False  # whether delivery asks ``channels`` about each batch
 
     def channels(self, bodies: Sequence[bytes]) -> list[tuple[str | None, list[int]]] | None:
         """How a batch splits by the way its items must go: (channel, positions), None as

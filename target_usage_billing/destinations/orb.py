@@ -150,6 +150,7 @@ class OrbDestination(BearerKeyDestination):
             if config.get("orb_backfill")
             else None
         )
+        self.uses_channels = self.backfills is not None
 
     @classmethod
     def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
