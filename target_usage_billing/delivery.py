@@ -260,7 +260,7 @@ class Delivery:
             try:
                 if self.failure is None:  # after a failure, stop sending: restart resends
                     routes = None
-                    if self.destination.uses_channels:
+                    if self.destination.uses_channels and self.dry_run is None:
                         routes = self.destination.channels([item[BODY] for item in batch.items])
                     if routes is None:
                         self._deliver(batch, batch.items)
