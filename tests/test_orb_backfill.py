@@ -289,3 +289,12 @@ def _defaults(struct: type) -> list:
     fields = struct.__struct_fields__
     defaults = struct.__struct_defaults__
     return [msgspec.NODEFAULT] * (len(fields) - len(defaults)) + list(defaults)
+
+
+def test_a_dry_run_creates_no_backfill(sandbox, tmp_path):
+    config = config_for("orb", sandbox, orb_backfill=True, dry_run=True)
+    result = run_target(tmp_path, config, singer("usage", history_rows()))
+    assert result.returncode == 0, result.stderr
+    assert backfills(sandbox) == []
+    (request,) = [json.loads(line) for line in (tmp_path / "dry-run-requests.jsonl").read_text().splitlines()]
+    assert request["path"] == "/v1/ingest" and len(request["body"]["events"]) == 5
