@@ -196,6 +196,13 @@ class Delivery:
             self._buffered_first.pop(buffer, None)
         self._queue.put(batch)
 
+    def buffer_done(self, buffer: int) -> None:
+        """A sink buffer ended with nothing to send (every item in it was done already)."""
+        with self._lock:
+            self._buffered_first.pop(buffer, None)
+            self._buffer_epoch.pop(buffer, None)
+            self._release_states()
+
     def add_state(self, state: dict, bound: int) -> None:
         """Release ``state`` once every record with an index below ``bound`` is done.
 

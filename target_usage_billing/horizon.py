@@ -35,15 +35,18 @@ class Resend:
     """Ids of a batch the platform acknowledged before its de-duplication window."""
 
     stream: str
-    ids: list[str]  # the first few
-    count: int
+    tail: set[str]  # in the stream's last committed batch: each one known
+    sampled: list[str]  # the others, found among the sampled ids (the first few)
+    count: int  # sampled hits
     first_sent_at: str  # the earliest commit time among them
     window: dt.timedelta
 
     def describe(self, platform: str) -> str:
-        shown = ", ".join(repr(i) for i in self.ids[:3]) + (", ..." if self.count > 3 else "")
+        ids = self.sampled or sorted(self.tail)
+        count = self.count or len(self.tail)
+        shown = ", ".join(repr(i) for i in ids[:3]) + (", ..." if count > 3 else "")
         return (
-            f"stream {self.stream!r}: {self.count} id(s) of this batch ({shown}) "
+            f"stream {self.stream!r}: {count} id(s) of this batch ({shown}) "
             f"were acknowledged by {platform} at {self.first_sent_at} (the run journal), longer ago than "
             f"{platform} de-duplicates ids ({span(self.window)}): sent again, they would be billed twice"
         )
@@ -65,22 +68,23 @@ class ResendHorizon:
         # a day's usage was first sent at most a day before it began (times ahead): only
         # days starting before horizon + 1 day can hold ids sent before the horizon
         last_day = (now - self.window + dt.timedelta(days=1)).strftime("%Y-%m-%d")
-        found: dict[str, str] = {}
+        tail: set[str] = set()
+        times: list[str] = []
         tail_at = self._tail_time(stream)
         if tail_at is not None and tail_at < horizon:
             known = self.journal.known_tail(stream)
             if known and not known.isdisjoint(tally.ids):
-                found.update((i, tail_at) for i in tally.ids if i in known)
+                tail = known.intersection(tally.ids)
+                times.append(tail_at)
         old: dict[str, str] = {}
         for day in {key[3] for key in tally.counts}:
             if day <= last_day:
                 old.update(self._old_samples(stream, day, horizon))
-        if old:
-            found.update((i, old[i]) for i in tally.ids if i in old)
-        if not found:
+        sampled = [i for i in tally.ids if i in old and i not in tail] if old else []
+        if not tail and not sampled:
             return None
-        ids = list(found)
-        return Resend(stream, ids[:10], len(ids), min(found.values()), self.window)
+        times += [old[i] for i in sampled]
+        return Resend(stream, tail, sampled[:10], len(sampled), min(times), self.window)
 
     def _tail_time(self, stream: str) -> str | None:
         if stream not in self._tail_at:

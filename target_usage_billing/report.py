@@ -131,6 +131,12 @@ def _history_lines(run: BillingRun, s: t.Any, sent: str) -> list[str]:
             f"    outside {destination.label}'s time window: {s.outside_window} records, "
             f"dead-lettered (stage validation) in {run.dead_letters.path}"
         )
+    if s.skipped_beyond_window:
+        window = destination.dedup_window
+        lines.append(
+            f"    not sent again: {s.skipped_beyond_window} ids {destination.label} acknowledged more "
+            f"than {span(window) if window else '?'} ago (the last batch of an earlier run)"
+        )
     if s.resent_beyond_window:
         window = destination.dedup_window
         lines.append(

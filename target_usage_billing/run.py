@@ -285,25 +285,38 @@ class BillingRun:
         )
         raise UnmatchedStreamError(msg)
 
-    def check_resend(self, stream: str, tally: t.Any) -> None:
-        """Before a batch is sent: ids the platform would bill again (see horizon.py) stop
-        the run, unless allow_resend_beyond_dedup_window (then a warning, once a stream)."""
+    def check_resend(self, stream: str, tally: t.Any) -> set[str]:
+        """Before a batch is sent: the ids of it the platform would bill again (see
+        horizon.py). Those of the stream's last batch in the journal are known one by one:
+        they are not sent again (the ids returned). Others, found among the sampled ids,
+        mean a replay of usage billed before: the run stops before the batch is sent.
+        With allow_resend_beyond_dedup_window, all are sent, with a warning."""
         assert self.horizon is not None
         found = self.horizon.check(stream, tally)
         if found is None:
-            return
+            return set()
         message = found.describe(self.destination.label)
-        if not self.settings.allow_resend_beyond_dedup_window:
+        counts = self.stats.stream(stream)
+        if self.settings.allow_resend_beyond_dedup_window:
+            if not counts.resent_beyond_window:
+                logger.warning("%s; sending anyway (allow_resend_beyond_dedup_window)", message)
+            counts.resent_beyond_window += len(found.tail) + found.count
+            return set()
+        if found.sampled:
             self.refused = ResendBeyondWindowError(
                 f"{message}. Nothing of this batch was sent and no STATE covers it: start the tap "
                 "after the usage already billed, or set allow_resend_beyond_dedup_window to send "
                 "it again anyway"
             )
             raise self.refused
-        counts = self.stats.stream(stream)
-        if not counts.resent_beyond_window:
-            logger.warning("%s; sending anyway (allow_resend_beyond_dedup_window)", message)
-        counts.resent_beyond_window += found.count
+        if not counts.skipped_beyond_window:
+            logger.warning(
+                "%s; they are not sent again (the journal holds each of them: the last batch of an "
+                "earlier run)",
+                message,
+            )
+        counts.skipped_beyond_window += len(found.tail)
+        return found.tail
 
     # --- rejections --------------------------------------------------------------------
 

@@ -174,9 +174,10 @@ COMMON_SETTINGS = th.PropertiesList(
         default=False,
         description="Send ids again that the run journal shows the platform acknowledged longer "
         "ago than it de-duplicates them (Stripe: 24 hours, m3ter: 35 days, Metronome: 34 days), "
-        "with a warning: the platform bills them a second time. Otherwise such a batch stops the "
-        "run (exit 2) before it is sent. The journal keeps a sample of ids, so not every such "
-        "re-send is seen (see Backfills and history in the README).",
+        "with a warning: the platform bills them a second time. Otherwise ids of the stream's "
+        "last batch in the journal are not sent again, and a batch holding other such ids (a "
+        "replay) stops the run (exit 2) before it is sent. The journal keeps a sample of ids, "
+        "so not every such re-send is seen (see Backfills and history in the README).",
     ),
     th.Property(
         "max_rejected_records",

@@ -285,7 +285,13 @@ class UsageSink(RecordCheck, BatchSink):
             del self.billing_run.open_buffers[id(self)]
             if tally is not None and self.billing_run.horizon is not None:
                 # raises before sending (the buffer stays unfinished: no STATE passes it)
-                self.billing_run.check_resend(self.stream_name, tally)
+                known = self.billing_run.check_resend(self.stream_name, tally)
+                if known:  # billed before the platform's window: not again (tally.ids: one an item)
+                    items = [item for item, item_id in zip(items, tally.ids) if item_id not in known]
+                    tally = None  # the journal counts the rest from their bodies
+                    if not items:
+                        self.billing_run.delivery.buffer_done(id(self))
+                        return
             self.billing_run.delivery.submit(self.stream_name, items, id(self), self._first_index, tally)
 
     def process_batch(self, context: dict) -> None:

@@ -36,6 +36,7 @@ class StreamStats:
     rejected: int = 0  # dead-lettered, any stage
     rejected_by_api: int = 0  # of those, refused by the API (they were counted as mapped too)
     outside_window: int = 0  # of those, outside the platform's time window (refused locally)
+    skipped_beyond_window: int = 0  # not sent again: acknowledged before the platform's window
     resent_beyond_window: int = 0  # ids re-sent after the platform's de-duplication window (forced)
     channelled: int = 0  # of those sent, sent another way than the live ingest (Orb backfills)
     requests: int = 0  # ingest requests for this stream (bisecting included)
