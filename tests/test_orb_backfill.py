@@ -298,3 +298,18 @@ def test_a_dry_run_creates_no_backfill(sandbox, tmp_path):
     assert backfills(sandbox) == []
     (request,) = [json.loads(line) for line in (tmp_path / "dry-run-requests.jsonl").read_text().splitlines()]
     assert request["path"] == "/v1/ingest" and len(request["body"]["events"]) == 5
+
+
+def test_a_pending_backfill_left_by_a_killed_run_is_named_when_it_blocks_the_next(sandbox, tmp_path):
+    now = dt.datetime.now(UTC)
+    left = orb_client(sandbox).events.backfills.create(
+        timeframe_start=now - dt.timedelta(days=20),
+        timeframe_end=now - dt.timedelta(days=1),
+        external_customer_id="acct-old",
+    )
+    rows = history_rows()[2:3]  # acct-old, 3 days ago
+    result = run_target(tmp_path, config_for("orb", sandbox, orb_backfill=True), singer("usage", rows))
+    assert result.returncode == 4, result.stderr
+    (error,) = result.error_lines
+    assert "POST /v1/events/backfills answered 400" in error and f"overlaps backfill {left.id}" in error
+    assert orb_client(sandbox).events.backfills.fetch(left.id).status == "pending"  # not the run's

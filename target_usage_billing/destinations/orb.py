@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import typing as t
+import urllib.parse
 from collections.abc import Sequence
 
 from singer_sdk import typing as th
@@ -181,7 +182,8 @@ class OrbDestination(BearerKeyDestination):
 
     def channel_request(self, body: bytes, channel: str) -> OutgoingRequest:
         request = self.ingest_request(body)
-        return OutgoingRequest(request.method, f"{request.url}?backfill_id={channel}", request.headers, body)
+        url = f"{request.url}?backfill_id={urllib.parse.quote(channel, safe='')}"
+        return OutgoingRequest(request.method, url, request.headers, body)
 
     def channel_acknowledged(self, channel: str, count: int) -> None:
         if self.backfills is not None:

@@ -209,5 +209,5 @@ class Backfills:
 
         url = f"{orb.api_url}{path}"
         return orb.credential_request(
-            method, url, headers, data, setting=orb.key_setting, credential="API key", read=read
+            method, url, headers, data, setting=orb.key_setting, credential="API key", path=path, read=read
         )
