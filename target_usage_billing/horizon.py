@@ -22,9 +22,14 @@ most a STATE interval after the acknowledgement.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 
+from target_usage_billing.errors import ResendBeyondWindowError
 from target_usage_billing.journal import Journal, Tally
+from target_usage_billing.stats import StreamStats
+
+logger = logging.getLogger("target-usage-billing")
 
 # Old sampled ids held in memory at most (a replay over many old days stops loading more).
 MAX_OLD_SAMPLES = 200_000
@@ -61,6 +66,37 @@ class ResendHorizon:
         self._tail_at: dict[str, str | None] = {}
         self._old: dict[tuple[str, str], dict[str, str]] = {}  # (stream, day) -> id -> sent_at
         self._loaded = 0
+        self.refused: ResendBeyondWindowError | None = None
+
+    def screen(self, stream: str, tally: Tally, counts: StreamStats, platform: str, force: bool) -> set[str]:
+        """The ids of a batch not to send again. Those of the stream's last batch in the
+        journal are known one by one: they are left out. Others, found among the sampled
+        ids, mean a replay of usage billed before: the run stops before the batch is sent.
+        ``force`` (allow_resend_beyond_dedup_window): all are sent, with a warning."""
+        found = self.check(stream, tally)
+        if found is None:
+            return set()
+        message = found.describe(platform)
+        if force:
+            if not counts.resent_beyond_window:
+                logger.warning("%s; sending anyway (allow_resend_beyond_dedup_window)", message)
+            counts.resent_beyond_window += len(found.tail) + found.count
+            return set()
+        if found.sampled:
+            self.refused = ResendBeyondWindowError(
+                f"{message}. Nothing of this batch was sent and no STATE covers it: start the tap "
+                "after the usage already billed, or set allow_resend_beyond_dedup_window to send "
+                "it again anyway"
+            )
+            raise self.refused
+        if not counts.skipped_beyond_window:
+            logger.warning(
+                "%s; they are not sent again (the journal holds each of them: the last batch of an "
+                "earlier run)",
+                message,
+            )
+        counts.skipped_beyond_window += len(found.tail)
+        return found.tail
 
     def check(self, stream: str, tally: Tally) -> Resend | None:
         now = dt.datetime.now(dt.timezone.utc)

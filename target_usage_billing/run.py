@@ -110,8 +110,6 @@ class BillingRun:
         run_id = self.dead_letters.run_id
         self.journal = open_journal(settings, self.destination, run_id) if keep_journal else None
         self.horizon = horizon.checker(self.journal, destination_class.dedup_window)
-        # a batch the horizon check refused (the run ends with it however it stops)
-        self.refused: ResendBeyondWindowError | None = None
         if self.journal is None and not settings.dry_run and destination_class.dedup_window is not None:
             logger.warning(
                 "The run journal is off: a re-send of usage %s acknowledged more than %s ago "
@@ -286,37 +284,15 @@ class BillingRun:
         raise UnmatchedStreamError(msg)
 
     def check_resend(self, stream: str, tally: t.Any) -> set[str]:
-        """Before a batch is sent: the ids of it the platform would bill again (see
-        horizon.py). Those of the stream's last batch in the journal are known one by one:
-        they are not sent again (the ids returned). Others, found among the sampled ids,
-        mean a replay of usage billed before: the run stops before the batch is sent.
-        With allow_resend_beyond_dedup_window, all are sent, with a warning."""
+        """Before a batch is sent: the ids of it not to send again, or a stop (horizon.py)."""
         assert self.horizon is not None
-        found = self.horizon.check(stream, tally)
-        if found is None:
-            return set()
-        message = found.describe(self.destination.label)
-        counts = self.stats.stream(stream)
-        if self.settings.allow_resend_beyond_dedup_window:
-            if not counts.resent_beyond_window:
-                logger.warning("%s; sending anyway (allow_resend_beyond_dedup_window)", message)
-            counts.resent_beyond_window += len(found.tail) + found.count
-            return set()
-        if found.sampled:
-            self.refused = ResendBeyondWindowError(
-                f"{message}. Nothing of this batch was sent and no STATE covers it: start the tap "
-                "after the usage already billed, or set allow_resend_beyond_dedup_window to send "
-                "it again anyway"
-            )
-            raise self.refused
-        if not counts.skipped_beyond_window:
-            logger.warning(
-                "%s; they are not sent again (the journal holds each of them: the last batch of an "
-                "earlier run)",
-                message,
-            )
-        counts.skipped_beyond_window += len(found.tail)
-        return found.tail
+        force = self.settings.allow_resend_beyond_dedup_window
+        return self.horizon.screen(stream, tally, self.stats.stream(stream), self.destination.label, force)
+
+    @property
+    def refused(self) -> ResendBeyondWindowError | None:
+        """A batch the re-send check refused (the run ends with it however it stops)."""
+        return self.horizon.refused if self.horizon is not None else None
 
     # --- rejections --------------------------------------------------------------------
 

@@ -37,6 +37,10 @@ set; an item both hit is lost. GET /stats lists, per destination, lost_ids and i
 (the platform's item ids, in the order hit, the first 100,000) and counts lost_after_ack,
 invalid_after_ack.
 
+Orb's backfill flow (sandbox/orb_backfills.py): POST /orb/v1/events/backfills,
+POST /orb/v1/ingest?backfill_id=ID, POST /orb/v1/events/backfills/{id}/close and /revert,
+GET /orb/v1/events/backfills[/{id}].
+
 Read endpoints (sandbox/readback.py; authenticated as each platform's ingest; faults do
 not apply to them; read_requests in the stats counts them):
   m3ter      GET  /organizations/{org}/meters, /accounts      ?codes=a,b&ids=..&pageSize&nextToken
