@@ -173,6 +173,8 @@ class Delivery:
         # the first record index of each pending batch and of each non-empty sink buffer
         self._in_flight_first: dict[int, int] = {}
         self._buffered_first: dict[int, int] = {}
+        # the lowest first record index of the batches delivered into unsettled channels
+        self._held_first: int | None = None
         # (bound, state, its number): STATE number n covers batches of epochs below n
         self._states: collections.deque[tuple[int, dict, int]] = collections.deque()
         self._states_received = 0
@@ -214,6 +216,13 @@ class Delivery:
             self._in_flight_first[batch.seq] = first_index
             self._buffered_first.pop(buffer, None)
         self._queue.put(batch)
+
+    def buffer_done(self, buffer: int) -> None:
+        """A sink buffer ended with nothing to send (every item in it was done already)."""
+        with self._lock:
+            self._buffered_first.pop(buffer, None)
+            self._buffer_epoch.pop(buffer, None)
+            self._release_states()
 
     def add_state(self, state: dict, bound: int) -> None:
         """Release ``state`` once every record with an index below ``bound`` is done.
@@ -278,8 +287,16 @@ class Delivery:
                 return
             try:
                 if self.failure is None:  # after a failure, stop sending: restart resends
-                    self._deliver(batch, batch.items)
-                    self._mark_done(batch.seq)
+                    routes = None
+                    if self.destination.uses_channels and self.dry_run is None:
+                        routes = self.destination.channels([item[BODY] for item in batch.items])
+                    if routes is None:
+                        self._deliver(batch, batch.items)
+                        self._mark_done(batch.seq)
+                    else:  # e.g. Orb: the older events into their backfills
+                        for channel, positions in routes:
+                            self._deliver(batch, [batch.items[i] for i in positions], channel)
+                        self._mark_done(batch.seq, held=any(c is not None for c, _ in routes))
             except UsageBillingError as exc:
                 self._fail(exc)
             except Exception as exc:  # a bug must stop the run, not lose a batch silently
@@ -290,8 +307,9 @@ class Delivery:
                     self.in_flight -= 1
                 self._slots.release()
 
-    def _deliver(self, batch: Batch, items: list[Item]) -> None:
-        """Send items; on a content rejection, bisect until the bad items are isolated."""
+    def _deliver(self, batch: Batch, items: list[Item], channel: str | None = None) -> None:
+        """Send items (in ``channel``, see Destination.channels); on a content rejection,
+        bisect until the bad items are isolated."""
         stream = batch.stream
         self.raise_if_failed()  # e.g. the rejection limit was crossed while splitting
         body = self.destination.envelope([item[BODY] for item in items])
@@ -300,10 +318,13 @@ class Delivery:
             self.dry_run.write(self.destination.name, self.destination.ingest_path, len(items), body)
             self.stats.add_sent(stream, len(items), items)
             return
-        ruling = self._post(stream, body)
+        ruling = self._post(stream, body, channel)
         if ruling.verdict is Verdict.ACCEPTED:
             self._journal(batch, items)
             self.stats.add_sent(stream, len(items), items)
+            if channel is not None:
+                self.destination.channel_acknowledged(channel, len(items))
+                self.stats.add_channelled(stream, len(items))
             return
         if ruling.stored and all(0 <= i < len(items) for i in ruling.stored):
             # the platform named the items it already has: done; the others go once more
@@ -314,7 +335,7 @@ class Delivery:
                 self.stats.add_already_stored(stream, mapping, count)
             rest = [item for i, item in enumerate(items) if i not in stored]
             if rest:
-                self._deliver(batch, rest)
+                self._deliver(batch, rest, channel)
             return
         if ruling.verdict is Verdict.ALREADY_STORED and len(items) == 1:
             self._journal(batch, items)  # the platform holds it (sent by a run that crashed)
@@ -350,8 +371,8 @@ class Delivery:
             self.destination.item_noun,
             ruling.message[:200],
         )
-        self._deliver(batch, items[:middle])
-        self._deliver(batch, items[middle:])
+        self._deliver(batch, items[:middle], channel)
+        self._deliver(batch, items[middle:], channel)
 
     def _journal(self, batch: Batch, items: list[Item]) -> None:
         journal = self.journal
@@ -367,7 +388,7 @@ class Delivery:
         bodies = [item[BODY] for item in items]  # a part of a split batch: counted from its bodies
         journal.acknowledged(batch.stream, bodies, batch.epoch, batch.first_index)
 
-    def _post(self, stream: str, body: bytes) -> Ruling:
+    def _post(self, stream: str, body: bytes, channel: str | None = None) -> Ruling:
         destination = self.destination
         what = f"{destination.label} POST {destination.ingest_path}"
         renewed = False
@@ -379,7 +400,10 @@ class Delivery:
             if tries > 1:
                 self.stats.add_retry(stream)
             self.transport.stats.throttled(self.limiter.acquire())
-            request = destination.ingest_request(body)
+            if channel is None:
+                request = destination.ingest_request(body)
+            else:
+                request = destination.channel_request(body, channel)
             response = self.transport.send_once(request.method, request.url, request.headers, request.body)
             ruling = destination.judge(response)
             if ruling.verdict is Verdict.RETRY:
@@ -403,17 +427,36 @@ class Delivery:
         except RetryBudgetExhausted as exc:
             raise DeliveryError(str(exc)) from None
 
-    def _mark_done(self, seq: int) -> None:
+    def _mark_done(self, seq: int, *, held: bool = False) -> None:
+        """``held``: delivered into a channel that counts only once settled (an Orb
+        backfill before its close): no STATE goes past it until then."""
         with self._lock:
-            del self._in_flight_first[seq]
+            first = self._in_flight_first.pop(seq)
+            if held and (self._held_first is None or first < self._held_first):
+                self._held_first = first
             self._release_states()
             self._all_done.notify_all()
+
+    def settle_channels(self, succeeded: bool) -> None:
+        """End of the run: the destination settles its channels (closes Orb's backfills
+        when ``succeeded``, else reverts them); then the STATEs they held back may go."""
+        try:
+            self.destination.settle_channels(succeeded and self.failure is None)
+        except UsageBillingError as exc:
+            self._fail(exc)
+            return
+        if succeeded and self.failure is None:
+            with self._lock:
+                self._held_first = None
+                self._release_states()
 
     def _release_states(self) -> None:
         # Called with the lock held, so STATEs are written in order and never concurrently.
         if self._frozen or not self._states:
             return
         pending = [*self._in_flight_first.values(), *self._buffered_first.values()]
+        if self._held_first is not None:
+            pending.append(self._held_first)
         frontier = min(pending) if pending else None  # lowest record index not yet done
         ready = []
         covered = 0  # the number of the last STATE released

@@ -19,6 +19,10 @@ class StreamMappingError(ConfigError):
     """A stream's SCHEMA or first records show the mapping cannot work for it."""
 
 
+class ResendBeyondWindowError(StreamMappingError):
+    """A batch re-sends ids the platform acknowledged before its de-duplication window."""
+
+
 class UnmatchedStreamError(StreamMappingError):
     """A stream arrived that no mapping rule matches, and unmatched_streams is "fail"."""
 

@@ -130,6 +130,10 @@ class Journal:
             tally.settle(bodies, self._first_sampled, self._sample_rate, self._random)
             self._take(stream, tally, epoch, first_index, 0)
 
+    def known_tail(self, stream: str) -> set[str]:
+        """The ids of ``stream``'s last batch an earlier run committed, not yet re-sent."""
+        return self._known(stream)
+
     def _known(self, stream: str) -> set[str]:
         with self._lock:
             known = self._known_tail.get(stream)
@@ -168,6 +172,7 @@ class Journal:
             if not epochs and not self._resent and not self._schemes:
                 return
             merged = _Epoch()
+            changed: set[str] = set()  # streams whose tail this commit moves
             with decimal.localcontext(EXACT):
                 for number in epochs:
                     epoch = self._epochs.pop(number)
@@ -181,6 +186,8 @@ class Journal:
                         committed = self._committed_tails.get(stream)
                         if committed is None or committed[0] <= latest[0]:
                             self._committed_tails[stream] = latest
+                            if latest[1]:  # re-sent ids are not in it: an empty tail keeps the old
+                                changed.add(stream)
             resent = dict(self._resent)
             self._resent.clear()
             tails = {stream: ids for stream, (_first, ids) in self._committed_tails.items() if ids}
@@ -195,6 +202,7 @@ class Journal:
                 tails,
                 _now(),
                 schemes,
+                changed,
             )
             self.committed_items += sum(merged.counts.values())
 

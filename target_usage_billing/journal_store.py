@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS journal_resent (
     scope TEXT NOT NULL, stream TEXT NOT NULL, items BIGINT NOT NULL, PRIMARY KEY (scope, stream));
 CREATE TABLE IF NOT EXISTS journal_tails (
     scope TEXT NOT NULL, stream TEXT NOT NULL, ids TEXT NOT NULL, PRIMARY KEY (scope, stream));
+CREATE INDEX IF NOT EXISTS journal_samples_day ON journal_samples (scope, stream, day, sent_at);
+CREATE TABLE IF NOT EXISTS journal_tail_times (
+    scope TEXT NOT NULL, stream TEXT NOT NULL, sent_at TEXT NOT NULL, PRIMARY KEY (scope, stream));
 CREATE TABLE IF NOT EXISTS journal_id_schemes (
     scope TEXT NOT NULL, stream TEXT NOT NULL, scheme TEXT NOT NULL, PRIMARY KEY (scope, stream));
 """
@@ -99,7 +102,12 @@ class JournalStore:
         tails: t.Mapping[str, t.Sequence[str]],
         at: str,
         schemes: t.Mapping[str, str] | None = None,
+        tails_changed: t.Iterable[str] | None = None,
     ) -> None:
+        """``tails_changed``: the streams whose tail is new in this commit (their tail
+        time is this commit's); None: every stream in ``tails``."""
+        if tails_changed is None:
+            tails_changed = list(tails)
         # one order for every run: concurrent upserts never wait on each other in a cycle
         by_bucket: dict[BucketKey, dict[str, str]] = {}
         for (key, name), value in sums.items():
@@ -150,6 +158,14 @@ class JournalStore:
                 [(scope, stream, "\n".join(ids)) for stream, ids in sorted(tails.items())],
             ),
             (
+                # when each tail was acknowledged (the re-send horizon, horizon.py)
+                self._sql(
+                    "INSERT INTO journal_tail_times (scope, stream, sent_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (scope, stream) DO UPDATE SET sent_at = excluded.sent_at"
+                ),
+                [(scope, stream, at) for stream in sorted(tails_changed or ())],
+            ),
+            (
                 self._sql(
                     "INSERT INTO journal_id_schemes (scope, stream, scheme) VALUES (?, ?, ?) "
                     "ON CONFLICT (scope, stream) DO UPDATE SET scheme = excluded.scheme"
@@ -165,6 +181,23 @@ class JournalStore:
         sql = "SELECT ids FROM journal_tails WHERE scope = ? AND stream = ?"
         rows = self._query(self._sql(sql), (scope, stream))
         return set(rows[0][0].split("\n")) if rows and rows[0][0] else set()
+
+    def tail_sent_at(self, scope: str, stream: str) -> str | None:
+        """When ``stream``'s tail was committed ("YYYY-MM-DDTHH:MM:SSZ"; None: unknown)."""
+        sql = "SELECT sent_at FROM journal_tail_times WHERE scope = ? AND stream = ?"
+        rows = self._query(self._sql(sql), (scope, stream))
+        return rows[0][0] if rows else None
+
+    def samples_sent_before(
+        self, scope: str, stream: str, day: str, before: str, limit: int
+    ) -> dict[str, str]:
+        """The sampled ids of ``stream``'s usage on ``day`` committed before ``before``,
+        with when (at most ``limit``)."""
+        sql = (
+            "SELECT item_id, sent_at FROM journal_samples WHERE scope = ? AND stream = ? AND day = ? "
+            f"AND sent_at < ? ORDER BY sent_at LIMIT {int(limit)}"
+        )
+        return dict(self._query(self._sql(sql), (scope, stream, day, before)))
 
     def id_scheme(self, scope: str, stream: str) -> str | None:
         sql = "SELECT scheme FROM journal_id_schemes WHERE scope = ? AND stream = ?"

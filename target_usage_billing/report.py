@@ -9,6 +9,7 @@ import typing as t
 
 from singer_sdk.metrics import get_metrics_logger
 
+from target_usage_billing.horizon import span
 from target_usage_billing.run import state_encoder
 
 if t.TYPE_CHECKING:
@@ -80,6 +81,7 @@ def summary_lines(run: BillingRun) -> list[str]:
             continue
         for reason, count in s.reasons.most_common(3):
             lines.append(f"    rejected {count} x {reason}")
+        lines += _history_lines(run, s, sent)
         if dry and name in run.plan_by_stream:
             first = plan.rules[0] if plan is not None else None
             lines.append(
@@ -102,6 +104,7 @@ def summary_lines(run: BillingRun) -> list[str]:
     if transport.statuses:
         answers = ", ".join(f"{status} x {n}" for status, n in sorted(transport.statuses.items()))
         lines.append(f"  HTTP answers (authentication included): {answers}")
+    lines += run.destination.channel_summary()
     if run.dead_letters.count:
         lines.append(f"  dead letters: {run.dead_letters.count} in {run.dead_letters.path}")
     if run.journal is not None:
@@ -116,6 +119,32 @@ def summary_lines(run: BillingRun) -> list[str]:
         lines.append(f"  {rule.where} matched no stream")
     if dry:
         lines.append(f"  request bodies written to {run.settings.dry_run_path}")
+    return lines
+
+
+def _history_lines(run: BillingRun, s: t.Any, sent: str) -> list[str]:
+    """Where a stream's usage outside the platform's live window went."""
+    lines = []
+    destination = run.destination
+    if s.outside_window:
+        lines.append(
+            f"    outside {destination.label}'s time window: {s.outside_window} records, "
+            f"dead-lettered (stage validation) in {run.dead_letters.path}"
+        )
+    if s.skipped_beyond_window:
+        window = destination.dedup_window
+        lines.append(
+            f"    not sent again: {s.skipped_beyond_window} ids {destination.label} acknowledged more "
+            f"than {span(window) if window else '?'} ago (the last batch of an earlier run)"
+        )
+    if s.resent_beyond_window:
+        window = destination.dedup_window
+        lines.append(
+            f"    re-sent {s.resent_beyond_window} ids {destination.label} acknowledged more than "
+            f"{span(window) if window else '?'} ago (allow_resend_beyond_dedup_window): billed again"
+        )
+    if s.channelled:
+        lines.append(f"    {sent} {s.channelled} of them into {destination.label} {destination.channel_noun}")
     return lines
 
 

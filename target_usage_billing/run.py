@@ -18,6 +18,7 @@ import typing as t
 
 import msgspec
 
+from target_usage_billing import horizon
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.delivery import Delivery, DryRunWriter
 from target_usage_billing.destinations import DESTINATIONS, Destination
@@ -26,6 +27,7 @@ from target_usage_billing.errors import (
     JournalError,
     OutputError,
     RejectionLimitError,
+    ResendBeyondWindowError,
     StreamMappingError,
     UnmatchedStreamError,
 )
@@ -107,6 +109,15 @@ class BillingRun:
         # one run id for the journal and the dead letters
         run_id = self.dead_letters.run_id
         self.journal = open_journal(settings, self.destination, run_id) if keep_journal else None
+        self.horizon = horizon.checker(self.journal, destination_class.dedup_window)
+        if self.journal is None and not settings.dry_run and destination_class.dedup_window is not None:
+            logger.warning(
+                "The run journal is off: a re-send of usage %s acknowledged more than %s ago "
+                "(a resume or replay) cannot be recognised, and %s would bill it again",
+                destination_class.label,
+                horizon.span(destination_class.dedup_window),
+                destination_class.label,
+            )
         self.delivery = Delivery(
             self.destination,
             self.transport,
@@ -271,6 +282,17 @@ class BillingRun:
             "unmatched_streams to skip"
         )
         raise UnmatchedStreamError(msg)
+
+    def check_resend(self, stream: str, tally: t.Any) -> set[str]:
+        """Before a batch is sent: the ids of it not to send again, or a stop (horizon.py)."""
+        assert self.horizon is not None
+        force = self.settings.allow_resend_beyond_dedup_window
+        return self.horizon.screen(stream, tally, self.stats.stream(stream), self.destination.label, force)
+
+    @property
+    def refused(self) -> ResendBeyondWindowError | None:
+        """A batch the re-send check refused (the run ends with it however it stops)."""
+        return self.horizon.refused if self.horizon is not None else None
 
     # --- rejections --------------------------------------------------------------------
 

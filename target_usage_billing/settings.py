@@ -170,6 +170,17 @@ COMMON_SETTINGS = th.PropertiesList(
         "whose rule maps an explicit id need no entry.",
     ),
     th.Property(
+        "allow_resend_beyond_dedup_window",
+        th.BooleanType,
+        default=False,
+        description="Send ids again that the run journal shows the platform acknowledged longer "
+        "ago than it de-duplicates them (Stripe: 24 hours, m3ter: 35 days, Metronome: 34 days), "
+        "with a warning: the platform bills them a second time. Otherwise ids of the stream's "
+        "last batch in the journal are not sent again, and a batch holding other such ids (a "
+        "replay) stops the run (exit 2) before it is sent. The journal keeps a sample of ids, "
+        "so not every such re-send is seen (see Backfills and history in the README).",
+    ),
+    th.Property(
         "max_rejected_records",
         th.IntegerType,
         description="Stop with an error once more records than this were rejected (default: no count limit).",
@@ -272,6 +283,7 @@ class Settings:
     buffer_megabytes: int
     unmatched_streams: str
     accept_key_property_changes: list[str] | None
+    allow_resend_beyond_dedup_window: bool
     max_rejected_records: int | None
     max_rejected_ratio: float | None
     progress_interval_seconds: float

@@ -7,13 +7,14 @@ is checked after a record is added and so can overshoot a byte limit by one reco
 
 from __future__ import annotations
 
+import logging
 import typing as t
 
 from singer_sdk.exceptions import MissingKeyPropertiesError
 from singer_sdk.sinks import BatchSink
 
 from target_usage_billing.delivery import Item
-from target_usage_billing.destinations.base import Destination
+from target_usage_billing.destinations.base import Destination, OutsideWindow
 from target_usage_billing.diagnostics import SampleWatch, check_schema
 from target_usage_billing.ledger import DUPLICATE
 from target_usage_billing.mapping import MappingRejection, payload_encoder
@@ -24,6 +25,7 @@ if t.TYPE_CHECKING:
     from target_usage_billing.target import TargetUsageBilling
 
 
+logger = logging.getLogger("target-usage-billing")
 _encode = payload_encoder.encode  # mapping.encode_payload without its call frame
 # What a buffered item costs beside its two byte strings: the tuple, its list slot, the
 # strings' headers and the line number (counted against buffer_megabytes).
@@ -171,6 +173,8 @@ class UsageSink(RecordCheck, BatchSink):
                 f"{self._max_body}-byte limit"
             )
         if reason is not None:
+            if type(reason) is OutsideWindow:
+                self._outside_window(str(reason))
             # the record is kept whole; a payload too large to send is not copied beside it
             kept = payload if size <= self._max_body else None
             self._reject(record, "validation", MappingRejection(reason), payload=kept, mapping=label)
@@ -220,6 +224,20 @@ class UsageSink(RecordCheck, BatchSink):
         elif run.buffered_bytes > run.buffer_budget:  # one budget for all streams' buffers
             run.send_oldest_buffers()
 
+    def _outside_window(self, reason: str) -> None:
+        """Usage the platform takes no more: counted, and said once per stream."""
+        counts = self.counts
+        counts.outside_window += 1
+        if counts.outside_window == 1:
+            logger.warning(
+                "Stream '%s': records outside %s's time window are dead-lettered (stage validation, "
+                "in %s), not sent: %s; the summary counts them",
+                self.stream_name,
+                self.billing_run.destination.label,
+                self.billing_run.dead_letters.path,
+                reason.split(", got ", 1)[0],
+            )
+
     def _reject(self, record: dict, stage: str, rejection: MappingRejection, **details: t.Any) -> None:
         reader = self._reader
         if self._keys and type(record) is dict:
@@ -268,6 +286,15 @@ class UsageSink(RecordCheck, BatchSink):
         self._held_bytes = 0
         if items:
             del self.billing_run.open_buffers[id(self)]
+            if tally is not None and self.billing_run.horizon is not None:
+                # raises before sending (the buffer stays unfinished: no STATE passes it)
+                known = self.billing_run.check_resend(self.stream_name, tally)
+                if known:  # billed before the platform's window: not again (tally.ids: one an item)
+                    items = [item for item, item_id in zip(items, tally.ids) if item_id not in known]
+                    tally = None  # the journal counts the rest from their bodies
+                    if not items:
+                        self.billing_run.delivery.buffer_done(id(self))
+                        return
             self.billing_run.delivery.submit(self.stream_name, items, id(self), self._first_index, tally)
 
     def process_batch(self, context: dict) -> None:

@@ -35,6 +35,10 @@ class StreamStats:
     already_stored: int = 0  # refused by the API as already stored (an earlier run sent it)
     rejected: int = 0  # dead-lettered, any stage
     rejected_by_api: int = 0  # of those, refused by the API (they were counted as mapped too)
+    outside_window: int = 0  # of those, outside the platform's time window (refused locally)
+    skipped_beyond_window: int = 0  # not sent again: acknowledged before the platform's window
+    resent_beyond_window: int = 0  # ids re-sent after the platform's de-duplication window (forced)
+    channelled: int = 0  # of those sent, sent another way than the live ingest (Orb backfills)
     requests: int = 0  # ingest requests for this stream (bisecting included)
     retries: int = 0  # requests sent again after a transient failure
     reasons: collections.Counter = field(default_factory=collections.Counter)
@@ -73,6 +77,10 @@ class RunStats:
             entry.already_stored += count
             if mapping in entry.mappings:
                 entry.mappings[mapping].already_stored += count
+
+    def add_channelled(self, stream: str, count: int) -> None:
+        with self.lock:
+            self.streams[stream].channelled += count
 
     def add_request(self, stream: str) -> None:
         with self.lock:

@@ -251,6 +251,8 @@ class TargetUsageBilling(SettingsCheck, Target):
         self._completed = True
         run = self.billing_run
         all_done = run.delivery.wait(deadline)
+        # Orb backfills: closed when everything was delivered (their STATEs go now), else reverted
+        run.delivery.settle_channels(all_done)
         run.delivery.freeze()  # no STATE is written after this point
         lines = summary_lines(run)
         if json_logs.enabled:  # one event whose figures are fields
@@ -264,6 +266,8 @@ class TargetUsageBilling(SettingsCheck, Target):
         log_metrics(run)
         run.close(clean=clean and all_done)
         run.delivery.raise_if_failed()
+        if run.refused is not None:  # also when it was met while stopping
+            raise run.refused
         if not all_done:
             msg = (
                 "stopped before everything received was delivered; the last STATE emitted "

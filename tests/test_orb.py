@@ -165,7 +165,7 @@ def test_the_sandbox_refuses_conflicting_bodies_for_one_key_and_oversized_reques
     assert ingest(sandbox, [event("k"), event("k", event_name="other")]).status_code == 400
     assert ingest(sandbox, [event(f"e{i}") for i in range(501)]).status_code == 400
     assert ingest(sandbox, [event("k")], key="wrong").status_code == 401
-    assert ingest(sandbox, [event("k")], query="?backfill_id=b1").status_code == 400
+    assert ingest(sandbox, [event("k")], query="?backfill_id=b1").status_code == 404  # no such backfill
 
 
 # --- the official SDK as referee ---------------------------------------------------------

@@ -64,6 +64,11 @@ class TimeWindow:
         return None
 
 
+class OutsideWindow(str):
+    """A ``validate_payload`` reason saying the usage is outside the platform's time window
+    (the run counts these per stream and says where they went)."""
+
+
 class Verdict(enum.Enum):
     ACCEPTED = "accepted"
     RETRY = "retry"  # transient: same body again after a wait
@@ -192,6 +197,11 @@ class Destination(abc.ABC):
     url_setting: t.ClassVar[str]
     # Where a payload keeps its id, customer, meter, time and numbers (the run journal).
     journal_fields: t.ClassVar[JournalFields]
+    # How long the platform de-duplicates an id after it first received it (None: for as
+    # long as it keeps the item, or unknown); a re-send after that bills it again.
+    dedup_window: t.ClassVar[dt.timedelta | None] = None
+    # How far back the platform takes usage at all (None: no limit published).
+    max_age: t.ClassVar[dt.timedelta | None] = None
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: HttpTransport):
         self.config = config
@@ -292,6 +302,31 @@ class Destination(abc.ABC):
     @property
     def _envelope_tail(self) -> bytes:
         return b"]}" if self.envelope_key else b"]"
+
+    # --- channels: items that must go another way than the live ingest (Orb backfills) --
+
+    channel_noun: t.ClassVar[str] = "channels"  # what the summary calls them
+    uses_channels = False  # whether delivery asks ``channels`` about each batch
+
+    def channels(self, bodies: Sequence[bytes]) -> list[tuple[str | None, list[int]]] | None:
+        """How a batch splits by the way its items must go: (channel, positions), None as
+        the channel of the live ingest; None when the whole batch goes live (the usual)."""
+        return None
+
+    def channel_request(self, body: bytes, channel: str) -> OutgoingRequest:
+        """The ingest request of ``body`` in ``channel``."""
+        raise NotImplementedError
+
+    def channel_acknowledged(self, channel: str, count: int) -> None:  # noqa: B027 - optional hook
+        """``count`` items were acknowledged in ``channel``."""
+
+    def settle_channels(self, succeeded: bool) -> None:  # noqa: B027 - optional hook
+        """End of the run: make what the channels took count (``succeeded``: everything
+        received was delivered), or undo it. Raises when that fails."""
+
+    def channel_summary(self) -> list[str]:
+        """Summary lines about the channels."""
+        return []
 
     # --- requests --------------------------------------------------------------------
 

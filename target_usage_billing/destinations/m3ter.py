@@ -41,8 +41,14 @@ FUTURE_TOLERANCE = 5
 DATA_FIELD_CODE = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]{0,79}\Z")
 
 
+# m3ter de-duplicates uid for 35 days (its FAQ; unconfirmed on the public site); it takes
+# usage of any past time, so a re-send after that bills it again
+DEDUP_WINDOW = dt.timedelta(days=35)
+
+
 class M3terDestination(Destination):
     name = "m3ter"
+    dedup_window = DEDUP_WINDOW
     envelope_key = "measurements"
     # SubmitMeasurementsResponse: {"result": "accepted"} (checked in judge_acknowledgement)
     acknowledgement = Acknowledgement((200,), "object")

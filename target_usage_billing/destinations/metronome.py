@@ -17,14 +17,18 @@ from target_usage_billing.destinations.base import (
     Acknowledgement,
     BearerKeyDestination,
     OutgoingRequest,
+    OutsideWindow,
     TimeWindow,
 )
 from target_usage_billing.destinations.readback import ItemCheck, Window, read_json
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
+# Metronome's windows: usage at most 34 days old and 24 hours ahead; transaction_id
+# de-duplicated for 34 days after Metronome received it
 MAX_AGE = dt.timedelta(days=34)
 MAX_AHEAD = dt.timedelta(hours=24)
+DEDUP_WINDOW = dt.timedelta(days=34)
 # Compressing tiny bodies costs more than it saves on the wire.
 GZIP_MIN_BYTES = 1024
 
@@ -45,6 +49,8 @@ class MetronomeDestination(BearerKeyDestination):
         "transaction_id", ("customer_id",), "event_type", "timestamp", (("properties", None),)
     )
     default_url = "https://api.metronome.com"
+    dedup_window = DEDUP_WINDOW
+    max_age = MAX_AGE
     probe_path = "/v1/customers?limit=1"
     credential = "API token"
     presets: t.ClassVar[dict[str, Preset]] = {
@@ -113,7 +119,10 @@ class MetronomeDestination(BearerKeyDestination):
         # One event outside the window fails Metronome's whole request: refuse it here.
         where = self._window.outside(payload["timestamp"])
         if where == "past":
-            return f"timestamp {payload['timestamp']} is more than 34 days in the past (Metronome refuses it)"
+            return OutsideWindow(
+                f"timestamp is more than {MAX_AGE.days} days in the past (Metronome refuses usage older "
+                f"than its window), got {payload['timestamp']}"
+            )
         if where == "future":
             return (
                 f"timestamp {payload['timestamp']} is more than 24 hours in the future (Metronome refuses it)"

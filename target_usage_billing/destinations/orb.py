@@ -6,9 +6,12 @@ Contract (confirmed against orb-billing 4.90.0's ``EventIngestParams`` and the
 customer_id | external_customer_id}`` with exactly one of the two customer ids,
 ``properties`` required and flat (numbers, booleans, strings), ``timestamp`` ISO 8601 in
 UTC, at most 5 minutes ahead and no older than the account's ingestion grace period
-(12 hours unless agreed with Orb; older usage goes through Orb's backfill flow, which
-this target does not drive). ``idempotency_key`` de-duplicates: an event is ingested at
-most once. A 4xx answer lists ``validation_failed: [{idempotency_key,
+(12 hours unless agreed with Orb). Older usage goes through Orb's backfill flow
+(``orb_backfill``, confirmed against ``events.backfills`` and its types): a backfill per
+customer and timeframe of at most 31 days (``POST /v1/events/backfills``), its events
+ingested with ``?backfill_id=``, closed at the end of a run that delivered everything
+(``.../close``) and reverted (``.../revert``) when the run fails. ``idempotency_key``
+de-duplicates: an event is ingested at most once. A 4xx answer lists ``validation_failed: [{idempotency_key,
 validation_errors}]`` and ingests nothing of the request; 5xx: resend it all. Orb
 publishes no request-size limit; its own integrations send 500 events per request.
 """
@@ -18,17 +21,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 import typing as t
+import urllib.parse
+from collections.abc import Sequence
 
 from singer_sdk import typing as th
 
 from target_usage_billing.destinations.base import (
     Acknowledgement,
     BearerKeyDestination,
+    OutgoingRequest,
+    OutsideWindow,
     Ruling,
     TimeWindow,
     Verdict,
     json_document,
 )
+from target_usage_billing.destinations.orb_backfills import BACKFILL_DAYS, Backfills
 from target_usage_billing.destinations.readback import ItemCheck, Window, iso, read_json
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
@@ -91,12 +99,37 @@ class OrbDestination(BearerKeyDestination):
             "refused locally (dead-lettered) instead of failing a request; backfill them "
             f"with Orb's backfill flow. Range: more than 0 to {MAX_GRACE_HOURS:,}.",
         ),
+        th.Property(
+            "orb_backfill",
+            th.BooleanType,
+            default=False,
+            description="Send events older than orb_grace_period_hours through Orb's backfill "
+            f"flow instead of dead-lettering them: a backfill per customer and {BACKFILL_DAYS}-day "
+            "timeframe, its events ingested with its id, closed once the run delivered everything "
+            "(only then does Orb bill them, and only then does a STATE cover them), reverted when "
+            "the run fails.",
+        ),
+        th.Property(
+            "orb_backfill_replace_existing_events",
+            th.BooleanType,
+            default=False,
+            description="Create the backfills with replace_existing_events: Orb then drops the "
+            "customer's events already in each backfill's whole timeframe (up to "
+            f"{BACKFILL_DAYS} days) and keeps only this run's. Only for re-sending complete "
+            "history; off, backfilled events are added to what Orb holds.",
+        ),
     ]
 
     def __init__(self, config: t.Mapping[str, t.Any], transport: t.Any):
         super().__init__(config, transport)
         self.grace_hours = float(config.get("orb_grace_period_hours") or DEFAULT_GRACE_HOURS)
         self._window = TimeWindow(dt.timedelta(hours=self.grace_hours), MAX_AHEAD)
+        self.backfills = (
+            Backfills(self, bool(config.get("orb_backfill_replace_existing_events")))
+            if config.get("orb_backfill")
+            else None
+        )
+        self.uses_channels = self.backfills is not None
 
     @classmethod
     def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
@@ -125,10 +158,11 @@ class OrbDestination(BearerKeyDestination):
         if ("customer_id" in payload) == ("external_customer_id" in payload):
             return "give exactly one of customer_id and external_customer_id (Orb requires one, not both)"
         where = self._window.outside(payload["timestamp"])
-        if where == "past":
-            return (
-                f"timestamp {payload['timestamp']} is older than Orb's ingestion grace period "
-                f"({self.grace_hours:g} h, orb_grace_period_hours): send it with Orb's backfill flow"
+        if where == "past" and self.backfills is None:
+            return OutsideWindow(
+                f"timestamp is older than Orb's ingestion grace period ({self.grace_hours:g} h, "
+                "orb_grace_period_hours): turn on orb_backfill to send it through Orb's backfill "
+                f"flow, got {payload['timestamp']}"
             )
         if where == "future":
             return f"timestamp {payload['timestamp']} is more than 5 minutes in the future (Orb refuses it)"
@@ -136,6 +170,31 @@ class OrbDestination(BearerKeyDestination):
             if isinstance(value, dict | list):
                 return f"properties.{key}: Orb takes numbers, booleans and strings only, not nested values"
         return None
+
+    # --- backfills: older usage goes to its backfill, not to the live ingest ------------
+
+    channel_noun = "backfills"
+
+    def channels(self, bodies: Sequence[bytes]) -> list[tuple[str | None, list[int]]] | None:
+        if self.backfills is None:
+            return None
+        return self.backfills.route(bodies)
+
+    def channel_request(self, body: bytes, channel: str) -> OutgoingRequest:
+        request = self.ingest_request(body)
+        url = f"{request.url}?backfill_id={urllib.parse.quote(channel, safe='')}"
+        return OutgoingRequest(request.method, url, request.headers, body)
+
+    def channel_acknowledged(self, channel: str, count: int) -> None:
+        if self.backfills is not None:
+            self.backfills.acknowledged(channel, count)
+
+    def settle_channels(self, succeeded: bool) -> None:
+        if self.backfills is not None:
+            self.backfills.settle(succeeded)
+
+    def channel_summary(self) -> list[str]:
+        return self.backfills.summary() if self.backfills is not None else []
 
     # --- read side: POST /v1/events/search by idempotency key -----------------------
 

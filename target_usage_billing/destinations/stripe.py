@@ -28,6 +28,7 @@ from target_usage_billing.destinations.base import (
     Acknowledgement,
     Destination,
     OutgoingRequest,
+    OutsideWindow,
     Ruling,
     TimeWindow,
     Verdict,
@@ -40,8 +41,11 @@ from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 # What a meter's value may be: a decimal number, as text (as mapping writes numbers).
 NUMBER_TEXT = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)\Z")
+# Stripe's windows: usage at most 35 days old and 5 minutes ahead; identifier
+# de-duplicated for only 24 hours (rolling) after Stripe received it
 MAX_AGE = dt.timedelta(days=35)
 MAX_AHEAD = dt.timedelta(minutes=5)
+DEDUP_WINDOW = dt.timedelta(hours=24)
 SESSION_PATH = "/v2/billing/meter_event_session"
 
 
@@ -56,6 +60,8 @@ class StripeDestination(Destination):
     url_setting = "stripe_meter_events_url"
     journal_fields = JournalFields("identifier", ("payload.stripe_customer_id",), "event_name", "timestamp")
     ingest_path = "/v2/billing/meter_event_stream"
+    dedup_window = DEDUP_WINDOW
+    max_age = MAX_AGE
     max_items_per_request = 100
     max_body_bytes = 4_000_000  # none published: keep requests reasonable
     rate_limits = ()  # 10,000 requests/s in live mode: 429 + Retry-After is honoured instead
@@ -146,7 +152,10 @@ class StripeDestination(Destination):
                 )
         where = self._window.outside(payload["timestamp"])
         if where == "past":
-            return f"timestamp {payload['timestamp']} is more than 35 days in the past (Stripe refuses it)"
+            return OutsideWindow(
+                f"timestamp is more than {MAX_AGE.days} days in the past (Stripe refuses usage older "
+                f"than its window), got {payload['timestamp']}"
+            )
         if where == "future":
             return (
                 f"timestamp {payload['timestamp']} is more than 5 minutes in the future (Stripe refuses it)"

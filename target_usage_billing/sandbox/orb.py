@@ -22,6 +22,7 @@ import typing as t
 import msgspec
 from msgspec import Meta, Struct
 
+from target_usage_billing.sandbox import orb_backfills
 from target_usage_billing.sandbox.readside import Reader, answer, decode, first, iso, parse_time
 from target_usage_billing.sandbox.replies import Reply, json_reply
 
@@ -73,8 +74,6 @@ def authenticate(headers: t.Mapping[str, str], settings: t.Any) -> None:
 
 def items(body: bytes, query: t.Mapping[str, list[str]], settings: t.Any) -> list[tuple[str | None, bytes]]:
     """(idempotency_key, raw event) of a valid request; a Reply in Orb's format otherwise."""
-    if query.get("backfill_id"):
-        raise _error(400, "Request validation error", "backfills are not emulated by the sandbox")
     try:
         events = _body_decoder.decode(body).events
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -83,6 +82,8 @@ def items(body: bytes, query: t.Mapping[str, list[str]], settings: t.Any) -> lis
         raise _error(400, "Request validation error", f"send 1 to {MAX_EVENTS} events, got {len(events)}")
     now = dt.datetime.now(UTC)
     oldest, latest = now - dt.timedelta(hours=settings.orb_grace_period_hours), now + MAX_AHEAD
+    if query.get("backfill_id"):  # older usage goes into a backfill (orb_backfills.ingest)
+        oldest = dt.datetime.min.replace(tzinfo=UTC)
     failed: list[dict[str, t.Any]] = []
     out: list[tuple[str | None, bytes]] = []
     seen: dict[str, bytes] = {}
@@ -122,6 +123,26 @@ def accepted(new: list[str], duplicate: list[str], query: t.Mapping[str, list[st
     return json_reply(200, document)
 
 
+def divert(
+    query: t.Mapping[str, list[str]], items: list[tuple[str | None, bytes]], sandbox: t.Any
+) -> Reply | None:
+    """The answer to an ingest into a backfill (its events wait in it until it is
+    closed; called with the lock held), or None for a live ingest."""
+    if not query.get("backfill_id"):
+        return None
+    return orb_backfills.ingest(query, items, sandbox)
+
+
+def sandbox_route(
+    method: str, path: str, headers: t.Mapping[str, str], body: bytes, sandbox: t.Any
+) -> Reply | None:
+    """The backfill endpoints (sandbox/orb_backfills.py), else None."""
+    if not path.startswith(orb_backfills.PATH):
+        return None
+    authenticate(headers, sandbox.settings)
+    return orb_backfills.route(method, path, body, sandbox, headers.get("Idempotency-Key"))
+
+
 def other_route(method: str, path: str, headers: t.Mapping[str, str], settings: t.Any) -> Reply | None:
     """``GET /v1/customers`` (the target's credentials probe), else None."""
     if method == "GET" and path == "/v1/customers":
@@ -140,7 +161,10 @@ def _event_errors(event: OrbEvent, oldest: dt.datetime, latest: dt.datetime) -> 
         errors.append(f"timestamp {event.timestamp!r} is not an ISO 8601 UTC date-time")
     else:
         if moment < oldest:
-            errors.append(f"timestamp {event.timestamp} is older than the ingestion grace period")
+            errors.append(
+                f"timestamp {event.timestamp} is older than the ingestion grace period: "
+                "ingest it into a backfill (POST /v1/events/backfills, then ?backfill_id=)"
+            )
         elif moment > latest:
             errors.append(f"timestamp {event.timestamp} is more than 5 minutes in the future")
     return errors

@@ -21,7 +21,8 @@ Control endpoints (all under /_sandbox):
   POST /expire-tokens            every issued m3ter token and Stripe session expires now
   POST /reset                    forget everything (items, stats, faults, tokens)
 A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D,
-"headers": {NAME: VALUE}} with
+"headers": {NAME: VALUE}, "path": P} (P: the fault meets not the ingest requests but a
+platform's other requests whose path holds P, e.g. "/close" of Orb's backfills) with
 K one of 401, 403, 413, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
 expire-tokens (every m3ter token and Stripe session expires just before this request is
 checked), html-200 (a captive portal's page), errors-200 (a gateway's 200 {"errors": ...}),
@@ -35,6 +36,10 @@ hold yet (a re-sent id is not counted again), in body order, from the moment the
 set; an item both hit is lost. GET /stats lists, per destination, lost_ids and invalid_ids
 (the platform's item ids, in the order hit, the first 100,000) and counts lost_after_ack,
 invalid_after_ack.
+
+Orb's backfill flow (sandbox/orb_backfills.py): POST /orb/v1/events/backfills,
+POST /orb/v1/ingest?backfill_id=ID, POST /orb/v1/events/backfills/{id}/close and /revert,
+GET /orb/v1/events/backfills[/{id}].
 
 Read endpoints (sandbox/readback.py; authenticated as each platform's ingest; faults do
 not apply to them; read_requests in the stats counts them):
@@ -164,6 +169,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 subpath = path[len(platform.PREFIX) :]
                 if method == "POST" and subpath == platform.INGEST_PATH:
                     self._ingest(platform.NAME, subpath)
+                if hasattr(platform, "sandbox_route"):  # e.g. Orb's backfills
+                    self._other_request(platform, method, subpath)
                 reply = platform.other_route(method, subpath, self.headers, sandbox.settings)
                 raise reply or json_reply(404, {"message": f"no route for {method} {path}"})
             else:
@@ -287,6 +294,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     index = sandbox.stores[destination].index
                     stats.duplicates += sum(1 for key, _raw in items if key in index)  # re-sent ids
                     platform.already_stored(items, index)  # refuses the request if any
+                if platform is not None and hasattr(platform, "divert"):  # e.g. into an Orb backfill
+                    diverted = platform.divert(query, items, sandbox)
+                    if diverted is not None:
+                        raise diverted
                 lost, invalid = sandbox.item_faults(destination, items)
                 new_ids, known_ids = sandbox.stores[destination].add(items, stats, lost, invalid)
             if fault is not None and fault.kind == "stored-500":
@@ -309,6 +320,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with sandbox.lock:
                 stats.statuses["dropped"] += 1
             raise
+
+    def _other_request(self, platform: t.Any, method: str, subpath: str) -> None:
+        """A platform's other endpoints (Orb's backfills), with the faults naming their path:
+        status kinds and drop answer instead; stored-500 and stored-drop after it is done."""
+        sandbox = self.server.sandbox
+        body = self._body()
+        with sandbox.lock:
+            fault = sandbox.take_fault(platform.NAME, path=subpath)
+            if fault is not None:
+                sandbox.stats[platform.NAME].faults_applied += 1
+        kind = fault.kind if fault is not None else None
+        if kind == "drop":
+            raise _Dropped
+        if kind is not None and kind.isdigit():
+            headers = {"Retry-After": fault.retry_after} if fault and fault.retry_after else {}
+            raise json_reply(int(kind), {"message": f"injected {kind}"}, headers)
+        routed = platform.sandbox_route(method, subpath, self.headers, body, sandbox)
+        if routed is None:
+            return
+        if kind == "stored-drop":
+            raise _Dropped
+        if kind == "stored-500":
+            raise json_reply(500, {"message": "injected: done, then failed to answer"})
+        raise routed
 
     def _refuse_marked(self, destination: str, items: list[tuple[str | None, bytes]]) -> None:
         markers = [m.encode() for m in self.server.sandbox.settings.refuse_items_containing]

@@ -86,6 +86,9 @@ class Fault:
     destination: str | None = None  # m3ter, metronome, or both when None
     delay_ms: float = 0.0  # slow: extra delay
     headers: dict[str, str] = field(default_factory=dict)  # status kinds: extra answer headers
+    # None: ingest requests; else only the other requests whose path holds this (Orb's
+    # backfill endpoints: "/close", "/v1/events/backfills")
+    path: str | None = None
     seen: int = 0
     items_seen: dict[str, int] = field(default_factory=dict)  # item faults: per destination
 
@@ -110,6 +113,7 @@ class Fault:
             destination=destination,
             delay_ms=float(spec.get("delay_ms", 0)),
             headers={str(k): str(v) for k, v in dict(spec.get("headers") or {}).items()},
+            path=str(spec["path"]) if spec.get("path") else None,
         )
 
     @classmethod
@@ -174,6 +178,8 @@ class Sandbox:
         self._arrivals: dict[str, collections.deque[float]] = {
             name: collections.deque() for name in DESTINATIONS
         }
+        self.orb_backfills: dict[str, t.Any] = {}  # sandbox/orb_backfills.py
+        self.orb_backfills_by_key: dict[str, str] = {}  # Idempotency-Key -> backfill id
         self.generation = 0  # bumped by reset: requests still in flight then are void
         self._rate_windows: list[collections.deque[float]] = [
             collections.deque() for _ in settings.m3ter_rate_limits
@@ -181,9 +187,16 @@ class Sandbox:
 
     # --- faults and rates (called with the lock held) ----------------------------------
 
-    def take_fault(self, destination: str) -> Fault | None:
+    def take_fault(self, destination: str, path: str | None = None) -> Fault | None:
+        """The fault for the next request: an ingest request (``path`` None), or another
+        request of the platform at ``path``, which only faults naming a part of it meet."""
         for fault in list(self.faults):
             if fault.destination not in (None, destination) or fault.kind in ITEM_FAULTS:
+                continue
+            if fault.path is None:
+                if path is not None:
+                    continue
+            elif path is None or fault.path not in path:
                 continue
             fault.seen += 1
             if fault.every:
@@ -267,6 +280,8 @@ class Sandbox:
         self.generation += 1
         self.faults.clear()
         self.tokens.clear()
+        self.orb_backfills.clear()
+        self.orb_backfills_by_key.clear()
         self.settings.latency_ms = 0.0
         self.settings.refuse_items_containing = []
         self.stats = {name: DestinationStats() for name in DESTINATIONS}

@@ -127,6 +127,26 @@ class Store:
         index = bisect.bisect_right(self.batches, (offset, math.inf)) - 1
         return self.batches[index][1] if index >= 0 else time.time()
 
+    def discard(self, unwanted: t.Callable[[bytes], bool]) -> list[bytes]:
+        """Remove the items ``unwanted`` says so of (Orb's backfills replace and revert
+        events): the file is written again without them. Gives what was removed."""
+        kept: list[bytes] = []
+        removed: list[bytes] = []
+        for item in list(self.scan()):
+            (removed if unwanted(item.raw) else kept).append(item.raw)
+        if removed:
+            self.clear()
+            self._file.write(b"".join(raw + b"\n" for raw in kept))
+            self._file.flush()
+            for raw in kept:
+                item_id = self._id_of(self._id_decoder.decode(raw))
+                if item_id is not None:
+                    self.index[item_id] = _digest(raw) + self.size.to_bytes(8, "big")
+                self.size += len(raw) + 1
+                self.count += 1
+            self.batches.append((0, time.time()))
+        return removed
+
     def dump(self) -> bytes:
         self._file.flush()
         return self.path.read_bytes()
