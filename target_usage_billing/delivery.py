@@ -36,14 +36,10 @@ from target_usage_billing.errors import (
     JournalError,
     UsageBillingError,
 )
-from target_usage_billing.http import (
-    HttpTransport,
-    RateLimiter,
-    RetryableFailure,
-    RetryBudgetExhausted,
-    retryable_status,
-)
+from target_usage_billing.http import HttpTransport
 from target_usage_billing.journal import Journal, Recount, Tally
+from target_usage_billing.ratelimit import RateLimiter
+from target_usage_billing.retry import RetryableFailure, RetryBudgetExhausted, retryable_status
 from target_usage_billing.stats import RunStats
 
 logger = logging.getLogger("target-usage-billing.delivery")

@@ -29,7 +29,7 @@ from target_usage_billing.errors import (
     StreamMappingError,
     UnmatchedStreamError,
 )
-from target_usage_billing.http import HttpTransport, RateLimiter
+from target_usage_billing.http import HttpTransport
 from target_usage_billing.idscheme import accepted, key_change_error
 from target_usage_billing.journal import Journal
 from target_usage_billing.journal_store import open_store
@@ -42,6 +42,7 @@ from target_usage_billing.mapping import (
     compile_rules,
     find_rules,
 )
+from target_usage_billing.ratelimit import RateLimiter
 from target_usage_billing.settings import MIN_CHECKPOINT_SECONDS, Settings
 from target_usage_billing.stats import RunStats
 

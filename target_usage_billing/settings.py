@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from singer_sdk import typing as th
 
+from target_usage_billing.constants import DEFAULT_RETRY_BUDGET_SECONDS, DEFAULT_TIMEOUT_SECONDS
 from target_usage_billing.destinations import DESTINATIONS
 from target_usage_billing.errors import ConfigError
 
@@ -70,13 +71,13 @@ COMMON_SETTINGS = th.PropertiesList(
     th.Property(
         "request_timeout_seconds",
         th.NumberType,
-        default=60,
+        default=DEFAULT_TIMEOUT_SECONDS,
         description="Seconds to wait for an answer before the request counts as failed and is retried.",
     ),
     th.Property(
         "max_retry_seconds",
         th.NumberType,
-        default=600,
+        default=DEFAULT_RETRY_BUDGET_SECONDS,
         description="Retry budget: how long transient failures (429, 5xx, timeouts, dropped "
         "connections) are retried before the run stops with an error.",
     ),

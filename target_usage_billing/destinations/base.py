@@ -22,9 +22,10 @@ from singer_sdk import typing as th
 
 from target_usage_billing.destinations.readback import ItemCheck, TotalKey, Window
 from target_usage_billing.errors import CredentialsError, DeliveryError
-from target_usage_billing.http import HttpTransport, Response, retryable_status, transient
+from target_usage_billing.http import HttpTransport, Response
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldSpec, Preset
+from target_usage_billing.retry import retryable_status, should_retry
 
 _T = t.TypeVar("_T")
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
@@ -323,13 +324,13 @@ class Destination(abc.ABC):
                 f"{location[:200]!r}: ingest requests are never redirected; check {self.url_setting} "
                 "(the API's own URL, not a web page or a proxy's login page)",
             )
-        hint = response.headers.get("x-should-retry", "").strip().lower()
-        if hint == "true":
+        retry = should_retry(status, response.headers)
+        if retry.retry and retry.by_server:
             return Ruling(Verdict.RETRY, f"{self.label} answered {status} (x-should-retry: true)")
         ruling = self.judge_refusal(response)
         if ruling is not None:
             return ruling
-        if transient(response):
+        if retry.retry:
             return Ruling(Verdict.RETRY, f"{self.label} answered {status}")
         if status == 413:  # often a proxy's cap in front of a self-hosted platform
             msg = (
