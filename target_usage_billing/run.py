@@ -69,6 +69,8 @@ class BillingRun:
             config.get("mappings"), specs, destination_class.presets, destination_class.name
         )
         check_id_collisions(self.rules)
+        for rule in self.rules if logger.isEnabledFor(logging.DEBUG) else ():
+            _log_generated(rule.label, rule.apply)
         self.secrets = destination_class.secrets(config)
         self.transport = HttpTransport(
             timeout_seconds=settings.request_timeout_seconds,
@@ -153,6 +155,8 @@ class BillingRun:
         rules = find_rules(self.rules, stream)
         plan = StreamPlan(rules) if rules else None
         self.plan_by_stream[stream] = plan
+        if plan is not None and plan.apply is not None and logger.isEnabledFor(logging.DEBUG):
+            _log_generated(f"Stream '{stream}' (fan-out)", plan.apply)
         if plan is not None:
             self._rules_used.update(rule.index for rule in rules)
             if plan.skip:
@@ -451,3 +455,8 @@ def open_journal(settings: Settings, destination: Destination, run_id: str) -> J
         )
     except JournalError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _log_generated(what: str, function: t.Any) -> None:
+    """The generated code of a rule or fan-out, under the file name tracebacks show."""
+    logger.debug("%s: generated code %s:\n%s", what, function.filename, function.source)
