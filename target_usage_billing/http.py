@@ -167,9 +167,7 @@ class HttpTransport:
         if session is None:
             session = requests.Session()
             session.trust_env = False  # proxies and CA come from _proxies_for / _verify
-            adapter = HTTPAdapter(
-                pool_connections=POOL_CONNECTIONS, pool_maxsize=POOL_MAXSIZE, max_retries=0
-            )
+            adapter = HTTPAdapter(pool_connections=POOL_CONNECTIONS, pool_maxsize=POOL_MAXSIZE, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session

@@ -66,6 +66,8 @@ class TimeWindow:
 
 
 class Verdict(enum.Enum):
+    """What delivery does with an answer (``Destination.judge`` decides which)."""
+
     ACCEPTED = "accepted"
     RETRY = "retry"  # transient: same body again after a wait
     REAUTH = "reauth"  # credentials went stale: refresh once, resend
@@ -369,6 +371,7 @@ class Destination(abc.ABC):
     renewal_checks_credentials: t.ClassVar[bool] = False
 
     def reauth_failed_message(self, status: int) -> str:
+        """The error when credentials are refused again right after renewing them."""
         return f"{self.label} refused the credentials again ({status}) after renewing them"
 
     @abc.abstractmethod
@@ -443,9 +446,11 @@ class BearerKeyDestination(Destination):
         return headers
 
     def ingest_request(self, body: bytes) -> OutgoingRequest:
+        """POST ``body`` to the ingest path with the Bearer key."""
         return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", self._headers(), body)
 
     def judge_refusal(self, response: Response) -> Ruling | None:
+        """401 and 403: the key was refused (DENIED); 400 and 422: the content (REJECTED)."""
         status = response.status
         if status in (401, 403):
             return Ruling(
@@ -464,5 +469,6 @@ class BearerKeyDestination(Destination):
         return response.text()
 
     def check_credentials(self) -> None:
+        """One authenticated GET of ``probe_path``."""
         url = f"{self.api_url}{self.probe_path}"
         self.probe_credentials(url, self._headers(), self.key_setting, credential=self.credential)
