@@ -54,7 +54,7 @@ _INPUT_ERRORS = (
 
 
 class TargetUsageBilling(SettingsCheck, Target):
-    """Loads usage records into billing platforms: m3ter measurements, Metronome events."""
+    """Loads usage records into billing platforms: m3ter, Metronome, Orb, Lago, OpenMeter and Stripe."""
 
     # (The docstring above is the plugin's description in --about and Meltano.) Messages
     # reach the target through its reader's routes (public seam: message_reader_class and
