@@ -96,5 +96,19 @@ class RecordCheck:
             try:
                 self.record_validator.validate(record)
             except InvalidRecord as exc:
-                self.schema_error = str(exc).splitlines()[0]
+                self.schema_error = _validation_error(exc)
         return record
+
+
+def _validation_error(exc: InvalidRecord) -> str:
+    """The record's schema violation on one line.
+
+    singer-sdk 0.54 says the (first) violation itself; 0.55 says how many on the first
+    line and each violation in a note (Python 3.11+) or a line of its own (3.10): the
+    first three are kept after the count.
+    """
+    first, *rest = str(exc).splitlines() or [""]
+    if not first.endswith("schema validation error(s)"):
+        return first
+    details = [*getattr(exc, "__notes__", ()), *rest][:3]
+    return ": ".join([first, "; ".join(details)])[:1000] if details else first

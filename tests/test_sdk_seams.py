@@ -229,3 +229,22 @@ def test_the_targets_stop_handler_replaces_the_sdks(number, config):
         target.billing_run.close()
     finally:
         signal.signal(number, previous)
+
+
+def test_a_validation_error_that_counts_first_keeps_its_violations_on_one_line():
+    # singer-sdk 0.55's shape: the count first, each violation on a line (or a note) after
+    from singer_sdk.exceptions import InvalidRecord
+
+    from target_usage_billing.sdk_overrides import _validation_error
+
+    lines = InvalidRecord("2 schema validation error(s)\n$.a: 1 is not of type 'string'\n$.b: x", {})
+    assert _validation_error(lines) == (
+        "Record Message Validation Error: 2 schema validation error(s): "
+        "$.a: 1 is not of type 'string'; $.b: x"
+    )
+    single = InvalidRecord("12 is not of type 'string'", {})  # 0.54's shape: the violation itself
+    assert _validation_error(single) == "Record Message Validation Error: 12 is not of type 'string'"
+    if hasattr(single, "add_note"):  # Python 3.11+
+        noted = InvalidRecord("1 schema validation error(s)", {})
+        noted.add_note("$.c: 12 is not of type 'string'")
+        assert _validation_error(noted).endswith("error(s): $.c: 12 is not of type 'string'")
