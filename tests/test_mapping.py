@@ -429,7 +429,7 @@ def written_function(expression: str):
     import jmespath
 
     from target_usage_billing.mapping import is_truthy, jmespath_not, jmespath_order
-    from target_usage_billing.mapping.codegen import ExpressionWriter
+    from target_usage_billing.mapping.expression_code import ExpressionWriter
 
     namespace = {
         "is_truthy": is_truthy,

@@ -26,15 +26,11 @@ from collections.abc import Sequence
 import jmespath
 
 from target_usage_billing.errors import ConfigError
-from target_usage_billing.mapping.codegen import (
-    BOOL,
-    ExpressionWriter,
-    FieldCode,
-    compile_source,
-    generate_apply,
-)
+from target_usage_billing.mapping.codegen import compile_source, generate_apply
+from target_usage_billing.mapping.expression_code import BOOL, ExpressionWriter
 from target_usage_billing.mapping.expressions import field_path
 from target_usage_billing.mapping.ids import derive_id
+from target_usage_billing.mapping.plans import FieldCode
 from target_usage_billing.mapping.rules import CODEGEN_HELPERS, CompiledRule
 
 

@@ -9,16 +9,6 @@ import jmespath
 import jmespath.exceptions
 
 from target_usage_billing.errors import ConfigError
-from target_usage_billing.mapping.codegen import (
-    ChildEntry,
-    ChildrenPlan,
-    ExpressionPlan,
-    InlinePlan,
-    KeyedEntry,
-    KeyedPlan,
-    ObjectPlan,
-    PlainPlan,
-)
 from target_usage_billing.mapping.coerce import (
     describe,
     kept_as_is,
@@ -28,6 +18,16 @@ from target_usage_billing.mapping.coerce import (
     to_utc_timestamp,
 )
 from target_usage_billing.mapping.expressions import Expression, compile_expression, field_path
+from target_usage_billing.mapping.plans import (
+    ChildEntry,
+    ChildrenPlan,
+    ExpressionPlan,
+    InlinePlan,
+    KeyedEntry,
+    KeyedPlan,
+    ObjectPlan,
+    PlainPlan,
+)
 from target_usage_billing.mapping.spec import FieldKind, FieldSpec, MappingRejection
 
 

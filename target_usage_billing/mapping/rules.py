@@ -14,7 +14,7 @@ import jmespath.exceptions
 import jmespath.visitor as _jp
 
 from target_usage_billing.errors import ConfigError
-from target_usage_billing.mapping.codegen import FieldCode, generate_apply
+from target_usage_billing.mapping.codegen import generate_apply
 from target_usage_billing.mapping.expressions import (
     Expression,
     compile_expression,
@@ -25,6 +25,7 @@ from target_usage_billing.mapping.expressions import (
 )
 from target_usage_billing.mapping.fields import CompiledField, compile_field
 from target_usage_billing.mapping.ids import derive_id
+from target_usage_billing.mapping.plans import FieldCode
 from target_usage_billing.mapping.spec import FieldKind, FieldSpec, MappingRejection, Preset
 
 CODEGEN_HELPERS = {
