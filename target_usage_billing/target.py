@@ -158,7 +158,7 @@ class TargetUsageBilling(SettingsCheck, Target):
         sink = self._direct_sinks.get(stream)  # type: ignore[arg-type]
         record = message_dict.get("record")
         if sink is not None and type(record) is dict:  # nearly every record
-            sink.process_record(record, None)
+            sink.process_direct(record)
         elif type(record) is not dict and stream in self.mapper.stream_maps:
             # Not a record at all (null, a list, a number): kept and counted, not mapped.
             got = "null" if record is None else type(record).__name__

@@ -248,3 +248,17 @@ def test_a_validation_error_that_counts_first_keeps_its_violations_on_one_line()
         noted = InvalidRecord("1 schema validation error(s)", {})
         noted.add_note("$.c: 12 is not of type 'string'")
         assert _validation_error(noted).endswith("error(s): $.c: 12 is not of type 'string'")
+
+
+@pytest.mark.parametrize("sdk_path", [False, True])
+def test_the_direct_path_checks_key_properties_as_the_sdks_path_does(config, sdk_path):
+    from singer_sdk.exceptions import MissingKeyPropertiesError
+
+    settings = {"add_record_metadata": True} if sdk_path else {}
+    target = TargetUsageBilling(config={**config, **settings}, validate_config=True)
+    keyed = {**SCHEMA, "key_properties": ["id"]}
+    record = {"type": "RECORD", "stream": "usage", "record": {"c": "acct", "t": "2026-11-20T00:00:00Z"}}
+    with pytest.raises(MissingKeyPropertiesError, match=r"Record is missing one or more key_properties"):
+        _listen(target, [keyed, record])
+    assert bool(target._direct_sinks) is not sdk_path  # the path the record took
+    target.billing_run.close()
