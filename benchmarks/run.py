@@ -447,31 +447,39 @@ def main() -> None:
     destinations = DESTINATIONS if args.destination == "all" else [args.destination]
     compile_package()
     if args.journal_cost:
-        for latency in args.latency_ms:
-            for destination in destinations:
-                with_journal, without = [], []
-                for _ in range(max(1, args.repeat)):  # interleaved: both see the same machine
-                    with_journal.append(bench(destination, args.events, latency, None, args.in_flight))
-                    without.append(
-                        bench(destination, args.events, latency, None, args.in_flight, journal=False)
-                    )
-                on = min(run["cpu_seconds"] for run in with_journal)
-                off = min(run["cpu_seconds"] for run in without)
-                print(
-                    json.dumps(
-                        {
-                            "destination": destination,
-                            "events": args.events,
-                            "latency_ms": latency,
-                            "cpu_seconds_with_journal": on,
-                            "cpu_seconds_without_journal": off,
-                            "cpu_seconds_all_runs": [r["cpu_seconds"] for r in with_journal + without],
-                            "journal_share_of_cpu": round((on - off) / on, 3),
-                        }
-                    ),
-                    flush=True,
-                )
+        journal_cost(args, destinations)
         return
+    throughput(args, destinations)
+
+
+def journal_cost(args: argparse.Namespace, destinations: list[str]) -> None:
+    """CPU of runs with and without the run journal, interleaved ``--repeat`` times."""
+    for latency in args.latency_ms:
+        for destination in destinations:
+            with_journal, without = [], []
+            for _ in range(max(1, args.repeat)):  # interleaved: both see the same machine
+                with_journal.append(bench(destination, args.events, latency, None, args.in_flight))
+                without.append(bench(destination, args.events, latency, None, args.in_flight, journal=False))
+            on = min(run["cpu_seconds"] for run in with_journal)
+            off = min(run["cpu_seconds"] for run in without)
+            print(
+                json.dumps(
+                    {
+                        "destination": destination,
+                        "events": args.events,
+                        "latency_ms": latency,
+                        "cpu_seconds_with_journal": on,
+                        "cpu_seconds_without_journal": off,
+                        "cpu_seconds_all_runs": [r["cpu_seconds"] for r in with_journal + without],
+                        "journal_share_of_cpu": round((on - off) / on, 3),
+                    }
+                ),
+                flush=True,
+            )
+
+
+def throughput(args: argparse.Namespace, destinations: list[str]) -> None:
+    """Each target against the sandbox (and the baseline), with its stage costs."""
     baseline = None
     repeat = max(1, args.repeat)
     if not args.no_baseline:

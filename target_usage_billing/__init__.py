@@ -1,4 +1,4 @@
-"""Singer target that loads usage into billing platforms (m3ter, Metronome)."""
+"""Singer target that loads usage into billing platforms (m3ter, Metronome, Orb, Lago, OpenMeter, Stripe)."""
 
 from __future__ import annotations
 

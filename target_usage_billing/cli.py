@@ -26,6 +26,7 @@ class RedactSecrets(logging.Filter):
         self._secrets = secrets
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Replace every secret in the record's message with ``***``; the record is kept."""
         secrets = [s for s in self._secrets() if s]
         if secrets:
             message = record.getMessage()

@@ -36,14 +36,10 @@ from target_usage_billing.errors import (
     JournalError,
     UsageBillingError,
 )
-from target_usage_billing.http import (
-    HttpTransport,
-    RateLimiter,
-    RetryableFailure,
-    RetryBudgetExhausted,
-    retryable_status,
-)
+from target_usage_billing.http import HttpTransport
 from target_usage_billing.journal import Journal, Recount, Tally
+from target_usage_billing.ratelimit import RateLimiter
+from target_usage_billing.retry import RetryableFailure, RetryBudgetExhausted, retryable_status
 from target_usage_billing.stats import RunStats
 
 logger = logging.getLogger("target-usage-billing.delivery")
@@ -65,7 +61,6 @@ LINE_NUMBER: t.Final = 2
 MAPPING: t.Final = 3
 
 
-
 class _Bodies(t.Sequence[bytes]):
     """The bodies of a batch's items, read only where the journal samples one."""
 
@@ -85,6 +80,7 @@ class _Bodies(t.Sequence[bytes]):
         if isinstance(index, slice):
             return [item[BODY] for item in self._items[index]]
         return self._items[index][BODY]
+
 
 def original_record(item: Item) -> tuple[t.Any, dict[str, t.Any]]:
     """The record as the tap sent it, decoded again from the input line (rare path), and

@@ -1,13 +1,14 @@
-"""HTTP transport: requests sessions, the retry policy, Retry-After, rate limiting.
+"""HTTP transport: requests sessions, sending with retries, answers read within a deadline.
 
 All HTTP goes through ``requests`` (one Session per delivery thread, see HttpTransport),
 which brings what enterprise networks use: HTTP(S)_PROXY, ALL_PROXY, NO_PROXY with CIDR
 ranges, ``https://`` proxies and, with the ``socks`` extra, ``socks5h://`` ones; CA
 bundles from REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or SSL_CERT_FILE (else certifi's).
 
-The policy follows the billing vendors' SDKs: retry connection errors, timeouts, 408,
-409, 429 and 5xx with capped exponential backoff plus jitter, honour Retry-After
-(seconds or HTTP date), resend the identical body, never retry other 4xx unchanged.
+The retry policy (retry.py) follows the billing vendors' SDKs: retry connection errors,
+timeouts, 408, 409, 429 and 5xx with capped exponential backoff plus jitter, honour
+Retry-After (seconds or HTTP date), resend the identical body, never retry other 4xx
+unchanged; its numbers are in constants.py, the rate limiter in ratelimit.py.
 What an answer *means* (accepted, re-authenticate, content rejected, ...) is decided by
 the destination; this module only carries bytes and waits.
 """
@@ -15,11 +16,8 @@ the destination; this module only carries bytes and waits.
 from __future__ import annotations
 
 import collections
-import email.utils
 import logging
-import math
 import os
-import random
 import ssl
 import threading
 import time
@@ -48,11 +46,21 @@ from urllib3.exceptions import (
 from urllib3.util import Retry, Timeout
 
 from target_usage_billing import __version__
+from target_usage_billing.constants import (
+    CONNECT_TIMEOUT_SECONDS,
+    DEFAULT_RETRY_BUDGET_SECONDS,
+    DEFAULT_TIMEOUT_SECONDS,
+    INITIAL_RETRY_DELAY_SECONDS,
+    MAX_ANSWER_BYTES,
+    MAX_RETRY_DELAY_SECONDS,
+    POOL_CONNECTIONS,
+    POOL_MAXSIZE,
+)
 from target_usage_billing.errors import DeliveryError
+from target_usage_billing.retry import RetryableFailure, RetryBudgetExhausted, backoff_waits
 
 logger = logging.getLogger("target-usage-billing.http")
 
-RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 USER_AGENT = f"target-usage-billing/{__version__}"
 _DEFAULT_HEADERS = {
     "User-Agent": USER_AGENT,
@@ -71,115 +79,6 @@ class Response:
     def text(self, limit: int = 500) -> str:
         text = self.body[:limit].decode("utf-8", "replace").strip()
         return text + ("..." if len(self.body) > limit else "")
-
-
-class RetryableFailure(Exception):
-    """A transient failure: the request is sent again after a wait."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RetryBudgetExhausted(DeliveryError):
-    """Transient failures went on for longer than the retry budget."""
-
-
-def transient(response: Response) -> bool:
-    """Whether an error answer is worth sending again unchanged: the vendors' SDKs' rule.
-
-    ``x-should-retry: true|false`` from the server decides; otherwise 408, 409, 429 and
-    5xx are transient and every other status is not.
-    """
-    hint = response.headers.get("x-should-retry")
-    if hint is not None and hint.strip().lower() in ("true", "false"):
-        return hint.strip().lower() == "true"
-    return response.status in RETRY_STATUSES or response.status >= 500
-
-
-def retry_after_seconds(headers: t.Mapping[str, str], now: float | None = None) -> float | None:
-    """The wait a server asked for: ``retry-after-ms`` first, then ``Retry-After``."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            value = float(millis) / 1000
-            if math.isfinite(value):
-                return max(0.0, value)
-        except ValueError:
-            pass
-    return parse_retry_after(headers.get("Retry-After"), now)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def backoff_waits(base: float = 0.5, cap: float = 30.0) -> t.Generator[float, t.Any, None]:
-    """Wait generator for ``backoff``: it is sent the exception of each failed try.
-
-    Capped exponential with equal jitter; a server's wait (Retry-After, retry-after-ms),
-    when given and above zero, wins. A wait of 0 gets the backoff delay, so a server
-    answering "now" cannot cause a hot loop; backoff itself cuts any wait at what is left
-    of the retry budget.
-    """
-    attempt = 0
-    failure = yield 0.0  # backoff primes the generator with send(None) and drops this
-    while True:
-        ceiling = min(cap, base * (2**attempt))
-        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
-        retry_after = getattr(failure, "retry_after", None)
-        if retry_after is not None and retry_after > 0:
-            delay = retry_after
-        attempt += 1
-        failure = yield delay
-
-
-class RateLimiter:
-    """Sliding-window client-side limit: at most ``count`` requests per ``seconds``.
-
-    Several windows may apply at once (m3ter: 50/s per org and 5,000 per 5 min per IP).
-    """
-
-    def __init__(self, windows: t.Sequence[tuple[int, float]]):
-        self.windows = [(count, seconds) for count, seconds in windows if count > 0]
-        self._sent: list[collections.deque[float]] = [collections.deque() for _ in self.windows]
-        self._lock = threading.Lock()
-
-    def acquire(self) -> float:
-        """Block until a request may be sent; returns the seconds waited."""
-        if not self.windows:
-            return 0.0
-        waited = 0.0
-        with self._lock:  # waiters queue on the lock: first come, first served
-            while True:
-                now = time.monotonic()
-                wait = 0.0
-                for (count, seconds), sent in zip(self.windows, self._sent):
-                    while sent and sent[0] <= now - seconds:
-                        sent.popleft()
-                    if len(sent) >= count:
-                        wait = max(wait, sent[0] + seconds - now)
-                if wait <= 0:
-                    for sent in self._sent:
-                        sent.append(now)
-                    return waited
-                time.sleep(wait)
-                waited += wait
 
 
 @dataclass
@@ -229,11 +128,11 @@ class HttpTransport:
     def __init__(
         self,
         *,
-        timeout_seconds: float = 60.0,
-        connect_timeout_seconds: float = 10.0,
-        retry_budget_seconds: float = 600.0,
-        backoff_base_seconds: float = 0.5,
-        backoff_cap_seconds: float = 30.0,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS,
+        retry_budget_seconds: float = DEFAULT_RETRY_BUDGET_SECONDS,
+        backoff_base_seconds: float = INITIAL_RETRY_DELAY_SECONDS,
+        backoff_cap_seconds: float = MAX_RETRY_DELAY_SECONDS,
     ):
         self.retry_budget_seconds = retry_budget_seconds
         self.backoff_base_seconds = backoff_base_seconds
@@ -268,7 +167,7 @@ class HttpTransport:
         if session is None:
             session = requests.Session()
             session.trust_env = False  # proxies and CA come from _proxies_for / _verify
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2, max_retries=0)
+            adapter = HTTPAdapter(pool_connections=POOL_CONNECTIONS, pool_maxsize=POOL_MAXSIZE, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session
@@ -345,7 +244,7 @@ class HttpTransport:
         """Close the calling thread's kept-alive connections (each thread, when it is done)."""
         session = getattr(self._local, "session", None)
         if session is not None:
-            # a pool the manager no longer holds (it keeps 4) is still this thread's route
+            # a pool the manager no longer holds (it keeps POOL_CONNECTIONS) is still this thread's route
             for route in self._local.routes.values():
                 route.pool.close()
             session.close()
@@ -380,10 +279,6 @@ class HttpTransport:
         logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], wait)
 
 
-# An answer larger than this is no platform's acknowledgement or refusal: cut off.
-MAX_ANSWER_BYTES = 4 << 20
-
-
 def _read_within(reply: t.Any, deadline: float, what: str) -> bytes:
     """The answer's body, read before ``deadline`` (time.monotonic): each read waits at
     most the time left, so a server that trickles bytes cannot hold the request open."""
@@ -410,13 +305,6 @@ def _read_within(reply: t.Any, deadline: float, what: str) -> bytes:
         raise
     reply.release_conn()
     return b"".join(chunks) if len(chunks) != 1 else chunks[0]
-
-
-def retryable_status(response: Response, what: str) -> RetryableFailure | None:
-    """A RetryableFailure for a transient error answer (see ``transient``), else None."""
-    if response.status >= 300 and transient(response):
-        return RetryableFailure(f"{what} answered {response.status}", retry_after_seconds(response.headers))
-    return None
 
 
 def _call(attempt: t.Callable[[], t.Any], what: str) -> t.Any:

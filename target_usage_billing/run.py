@@ -31,7 +31,7 @@ from target_usage_billing.errors import (
     StreamMappingError,
     UnmatchedStreamError,
 )
-from target_usage_billing.http import HttpTransport, RateLimiter
+from target_usage_billing.http import HttpTransport
 from target_usage_billing.idscheme import accepted, key_change_error
 from target_usage_billing.journal import Journal
 from target_usage_billing.journal_store import open_store
@@ -44,6 +44,7 @@ from target_usage_billing.mapping import (
     compile_rules,
     find_rules,
 )
+from target_usage_billing.ratelimit import RateLimiter
 from target_usage_billing.settings import MIN_CHECKPOINT_SECONDS, Settings
 from target_usage_billing.stats import RunStats
 
@@ -70,6 +71,8 @@ class BillingRun:
             config.get("mappings"), specs, destination_class.presets, destination_class.name
         )
         check_id_collisions(self.rules)
+        for rule in self.rules if logger.isEnabledFor(logging.DEBUG) else ():
+            _log_generated(rule.label, rule.apply)
         self.secrets = destination_class.secrets(config)
         self.transport = HttpTransport(
             timeout_seconds=settings.request_timeout_seconds,
@@ -163,6 +166,8 @@ class BillingRun:
         rules = find_rules(self.rules, stream)
         plan = StreamPlan(rules) if rules else None
         self.plan_by_stream[stream] = plan
+        if plan is not None and plan.apply is not None and logger.isEnabledFor(logging.DEBUG):
+            _log_generated(f"Stream '{stream}' (fan-out)", plan.apply)
         if plan is not None:
             self._rules_used.update(rule.index for rule in rules)
             if plan.skip:
@@ -477,3 +482,8 @@ def open_journal(settings: Settings, destination: Destination, run_id: str) -> J
         )
     except JournalError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _log_generated(what: str, function: t.Any) -> None:
+    """The generated code of a rule or fan-out, under the file name tracebacks show."""
+    logger.debug("%s: generated code %s:\n%s", what, function.filename, function.source)

@@ -4,7 +4,19 @@ Everything else goes through the SDK's public API: the message reader (``message
 and the callbacks it is handed), ``get_sink``/``sink_exists``, ``tally_record_read``,
 ``get_validator``, ``print_about``. ``tests/test_sdk_seams.py`` fails if a later SDK
 renames either method below, changes its signature or stops calling it where this
-module expects, so an SDK upgrade that breaks them is a red test, not a silent change.
+module expects (it drives the SDK and watches each override being called), so an SDK
+upgrade that breaks them is a red test, not a silent change.
+
+What each override waits for upstream (meltano/sdk), to be dropped when it lands:
+
+- ``_validate_config``: meltano/sdk#1310, "--config ENV does not work for non-string
+  config properties" (closed as stale, not fixed): environment values are validated as
+  the strings they arrive as. No SDK issue found for keeping a mistyped secret out of
+  the ConfigValidationError message, the override's other half.
+- ``_validate_and_parse``: meltano/sdk#133, "Error Handling and dead letter queues for
+  targets" (open): no public hook takes a record that fails validation, or a date-time
+  the SDK cannot parse (as in meltano/sdk#2711), without stopping the run or logging a
+  traceback.
 """
 
 from __future__ import annotations
@@ -84,5 +96,19 @@ class RecordCheck:
             try:
                 self.record_validator.validate(record)
             except InvalidRecord as exc:
-                self.schema_error = str(exc).splitlines()[0]
+                self.schema_error = _validation_error(exc)
         return record
+
+
+def _validation_error(exc: InvalidRecord) -> str:
+    """The record's schema violation on one line.
+
+    singer-sdk 0.54 says the (first) violation itself; 0.55 says how many on the first
+    line and each violation in a note (Python 3.11+) or a line of its own (3.10): the
+    first three are kept after the count.
+    """
+    first, *rest = str(exc).splitlines() or [""]
+    if not first.endswith("schema validation error(s)"):
+        return first
+    details = [*getattr(exc, "__notes__", ()), *rest][:3]
+    return ": ".join([first, "; ".join(details)])[:1000] if details else first

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from singer_sdk import typing as th
 
+from target_usage_billing.constants import DEFAULT_RETRY_BUDGET_SECONDS, DEFAULT_TIMEOUT_SECONDS
 from target_usage_billing.destinations import DESTINATIONS
 from target_usage_billing.errors import ConfigError
 
@@ -71,13 +72,13 @@ COMMON_SETTINGS = th.PropertiesList(
     th.Property(
         "request_timeout_seconds",
         th.NumberType,
-        default=60,
+        default=DEFAULT_TIMEOUT_SECONDS,
         description="Seconds to wait for an answer before the request counts as failed and is retried.",
     ),
     th.Property(
         "max_retry_seconds",
         th.NumberType,
-        default=600,
+        default=DEFAULT_RETRY_BUDGET_SECONDS,
         description="Retry budget: how long transient failures (429, 5xx, timeouts, dropped "
         "connections) are retried before the run stops with an error.",
     ),
@@ -242,6 +243,7 @@ DESTINATION_SETTINGS = {prop.name for d in DESTINATIONS.values() for prop in d.s
 
 
 def config_schema() -> dict:
+    """The whole settings JSON Schema: common settings, each destination's, their ranges."""
     schema = COMMON_SETTINGS.to_dict()
     for name in RANGES.keys() & schema["properties"].keys():  # the documented range is the one checked
         schema["properties"][name]["description"] += f" Range: {describe_range(name)}."
@@ -293,6 +295,9 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any], defaults: t.Mapping[str, t.Any]) -> Settings:
+        """The settings of ``config`` (``defaults`` where unset or empty), converted and
+        checked: ConfigError names the first setting that is wrong."""
+
         def get(name: str) -> t.Any:
             value = config.get(name)
             return defaults.get(name) if value is None or value == "" else value
@@ -323,6 +328,8 @@ class Settings:
         return settings
 
     def check(self) -> None:
+        """ConfigError for a missing destination, a setting outside its documented range, a
+        load_method other than append-only or an unknown unmatched_streams."""
         if not self.destination:
             known = ", ".join(DESTINATIONS)
             raise ConfigError(f"destination: required, one of {known}")
@@ -367,6 +374,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
 
 
 def describe_range(name: str) -> str:
+    """A numeric setting's range as the documentation says it."""
     low, high, low_included = RANGES[name]
     lowest = f"{low:,}" if low_included else f"more than {low:,}"
     return f"a finite number from {lowest} to {high:,}"

@@ -32,6 +32,10 @@ _encode = payload_encoder.encode  # mapping.encode_payload without its call fram
 ITEM_OVERHEAD = 170
 
 
+# the context process_direct hands process_record (the SDK's is an empty dict too)
+_DIRECT: dict = {}
+
+
 class UsageSink(RecordCheck, BatchSink):
     """One per stream: record -> payload (or rejection) -> batch."""
 
@@ -98,27 +102,30 @@ class UsageSink(RecordCheck, BatchSink):
             return super().get_validator()
         return None
 
-    def process_record(self, record: dict, context: dict | None) -> None:
+    def process_direct(self, record: dict) -> None:
+        """The target's direct path for one record (target._on_record: no stream maps,
+        flattening or record metadata): the checks and bookkeeping of the SDK's path (key
+        properties, validation when on, the count its record_count metric is fed), without
+        the per-record copies, metadata handling and metrics that cost more than the
+        mapping itself; then mapped as ``process_record`` maps it."""
+        for key in self._keys:
+            if key not in record:
+                msg = (  # the SDK's own words for it
+                    "Record is missing one or more key_properties. \n"
+                    f"Key Properties: {list(self._keys)}, Record Keys: {list(record.keys())}"
+                )
+                raise MissingKeyPropertiesError(msg)
+        if self.record_validator is not None:
+            self._validate_and_parse(record)
+        self._direct_uncounted += 1
+        self.process_record(record, _DIRECT)
+
+    def process_record(self, record: dict, context: dict) -> None:
         """Map one record and buffer its payload (or dead-letter the record).
 
-        The SDK calls this with a context (a dict) after its own checks. The target's
-        direct path (target._on_record: no stream maps, flattening or record metadata)
-        calls it with None: the same checks and bookkeeping as the SDK's path (key
-        properties, validation when on, the batch tally its drains rely on) are made
-        here, without the per-record copies, metadata handling and metrics that cost
-        more than the mapping itself.
+        The SDK calls this after its own checks (``context`` is the SDK's, unused);
+        ``process_direct`` after the same checks made for the direct path.
         """
-        if context is None:
-            for key in self._keys:
-                if key not in record:
-                    msg = (  # the SDK's own words for it
-                        "Record is missing one or more key_properties. \n"
-                        f"Key Properties: {list(self._keys)}, Record Keys: {list(record.keys())}"
-                    )
-                    raise MissingKeyPropertiesError(msg)
-            if self.record_validator is not None:
-                self._validate_and_parse(record)
-            self._direct_uncounted += 1
         counts = self.counts
         counts.read += 1
         rule = self.rule

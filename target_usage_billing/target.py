@@ -60,7 +60,7 @@ _INPUT_ERRORS = (
 
 
 class TargetUsageBilling(SettingsCheck, Target):
-    """Loads usage records into billing platforms: m3ter measurements, Metronome events."""
+    """Loads usage records into billing platforms: m3ter, Metronome, Orb, Lago, OpenMeter and Stripe."""
 
     # (The docstring above is the plugin's description in --about and Meltano.) Messages
     # reach the target through its reader's routes (public seam: message_reader_class and
@@ -166,7 +166,7 @@ class TargetUsageBilling(SettingsCheck, Target):
         sink = self._direct_sinks.get(stream)  # type: ignore[arg-type]
         record = message_dict.get("record")
         if sink is not None and type(record) is dict:  # nearly every record
-            sink.process_record(record, None)
+            sink.process_direct(record)
         elif type(record) is not dict and stream in self.mapper.stream_maps:
             # Not a record at all (null, a list, a number): kept and counted, not mapped.
             got = "null" if record is None else type(record).__name__

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from target_usage_billing.http import Response, backoff_waits, retry_after_seconds, transient
+from target_usage_billing.http import Response
+from target_usage_billing.retry import backoff_waits, retry_after_seconds, should_retry
 from tests.conftest import (
     DEFAULT_DEAD_LETTERS,
     DESTINATIONS_UNDER_TEST,
@@ -489,6 +490,9 @@ def test_an_absurd_retry_after_is_cut_to_the_retry_budget_and_said(sandbox, tmp_
 def test_retry_decisions_follow_the_vendor_sdks():
     def answer(status: int, **headers: str) -> Response:
         return Response(status, headers, b"")
+
+    def transient(response: Response) -> bool:
+        return should_retry(response.status, response.headers).retry
 
     assert transient(answer(503)) and transient(answer(429)) and transient(answer(409))
     assert not transient(answer(400)) and not transient(answer(404))

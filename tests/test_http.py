@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import email.utils
+import ssl
+import subprocess
 import time
 
 import pytest
 
-from target_usage_billing.http import (
-    HttpTransport,
-    RateLimiter,
+from target_usage_billing.http import HttpTransport
+from target_usage_billing.ratelimit import RateLimiter
+from target_usage_billing.retry import (
     RetryableFailure,
     RetryBudgetExhausted,
     backoff_waits,
@@ -86,16 +88,18 @@ class _Server:
     closed without saying so: a kept-alive connection gone stale), "silent" (reads the
     request, never answers)."""
 
-    def __init__(self, behaviour: str):
+    def __init__(self, behaviour: str, tls: ssl.SSLContext | None = None):
         import socket
         import threading
 
         self.behaviour = behaviour
+        self.tls = tls
         self.requests: list[bytes] = []
         self.connections = 0
         self.closed_by_client = 0
         self._socket = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._socket.getsockname()[1]}"
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -112,6 +116,12 @@ class _Server:
             threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
 
     def _answer(self, connection) -> None:
+        if self.tls is not None:
+            try:
+                connection = self.tls.wrap_socket(connection, server_side=True)
+            except (ssl.SSLError, OSError):  # the client refused our certificate
+                connection.close()
+                return
         with connection:
             buffered = b""
             while True:
@@ -147,8 +157,8 @@ class _Server:
 def server_factory():
     servers: list[_Server] = []
 
-    def start(behaviour: str = "ok") -> _Server:
-        servers.append(_Server(behaviour))
+    def start(behaviour: str = "ok", tls: ssl.SSLContext | None = None) -> _Server:
+        servers.append(_Server(behaviour, tls))
         return servers[-1]
 
     yield start
@@ -234,3 +244,80 @@ def test_failures_outside_the_transport_categories_are_not_hidden():
     from target_usage_billing.http import _failure
 
     assert _failure(KeyError("bug"), "GET /") is None
+
+
+# --- the requests internals http.py builds on ---------------------------------------------
+# HttpTransport asks requests' HTTPAdapter for a request's pool
+# (get_connection_with_tls_context), its TLS settings (cert_verify), its request target
+# (request_url) and its retry setting (max_retries), then calls the pool's urlopen as
+# HTTPAdapter.send does. These tests send through that path for real, over loopback, and
+# fail by name if a requests release changes what any of them does.
+
+
+def test_requests_adapter_pools_are_the_ones_requests_itself_uses(server_factory):
+    server = server_factory("ok")
+    transport = HttpTransport()
+    url = f"{server.url}/v1/ingest?x=1"
+    assert transport.send_once("POST", url, {}, b"[]").status == 200
+    route = transport._local.routes[url]
+    # requests' own send, on the same session, finds the connection ours left in the pool
+    own = transport._session().post(url, data=b"[]", verify=transport._verify, timeout=5)
+    assert own.status_code == 200
+    assert server.connections == 1, (
+        "HTTPAdapter.get_connection_with_tls_context no longer gives the pool requests' own "
+        "send uses for the URL"
+    )
+    assert route.target == "/v1/ingest?x=1", "HTTPAdapter.request_url no longer gives the path"
+    assert server.requests[-1].startswith(b"POST /v1/ingest?x=1 HTTP/1.1\r\n")
+    assert route.retries.total == 0, "HTTPAdapter(max_retries=0) no longer means no urllib3 retries"
+
+
+def test_requests_adapter_gives_the_absolute_url_through_a_plain_http_proxy(server_factory, monkeypatch):
+    proxy = server_factory("ok")  # answers as a forward proxy would, and records what came
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    transport = HttpTransport()
+    answer = transport.send_once("POST", "http://billing.invalid:8080/v1/ingest?x=1", {}, b"[]")
+    assert answer.status == 200
+    head = proxy.requests[-1].decode()
+    assert head.startswith("POST http://billing.invalid:8080/v1/ingest?x=1 HTTP/1.1\r\n"), (
+        "HTTPAdapter.request_url / get_connection_with_tls_context(proxies=...) no longer send "
+        f"a plain-HTTP request to the proxy with the whole URL: {head.splitlines()[0]!r}"
+    )
+    assert "\r\nHost: billing.invalid:8080" in head
+
+
+def _certificate(directory) -> tuple[str, str]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+def test_requests_adapter_verifies_tls_with_the_ca_bundle_given(server_factory, monkeypatch, tmp_path):
+    from target_usage_billing.errors import DeliveryError
+
+    cert, key = _certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = server_factory("ok", tls=context)
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DeliveryError, match="TLS certificate is not trusted"):
+        HttpTransport().send_once("GET", f"{server.url}/", {}, None)  # certifi's bundle only
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    trusting = HttpTransport()
+    answer = trusting.send_once("GET", f"{server.url}/", {}, None)
+    assert (answer.status, answer.body) == (200, b"ok"), (
+        "HTTPAdapter.cert_verify no longer gives the pool the CA bundle"
+    )
+    pool = trusting._local.routes[f"{server.url}/"].pool
+    assert (pool.cert_reqs, pool.ca_certs) == ("CERT_REQUIRED", cert)

@@ -429,7 +429,7 @@ def written_function(expression: str):
     import jmespath
 
     from target_usage_billing.mapping import is_truthy, jmespath_not, jmespath_order
-    from target_usage_billing.mapping.codegen import ExpressionWriter
+    from target_usage_billing.mapping.expression_code import ExpressionWriter
 
     namespace = {
         "is_truthy": is_truthy,
@@ -702,3 +702,40 @@ def test_a_large_expression_falls_back_to_the_field_by_field_path_with_the_same_
         compared += 1
     assert compared == 300
     assert "_filter(record)" in rule.apply.source  # the closure, not 200 conditionals
+
+
+# --- generated code: named in tracebacks -----------------------------------------------
+
+
+def test_a_traceback_through_a_rule_names_and_shows_its_generated_code():
+    import re
+    import traceback
+
+    rule = m3ter_rule()
+    with pytest.raises(MappingRejection) as raised:
+        apply(rule, {"ts": "2026-11-20T14:15:22Z"})  # the account is required
+    frame = traceback.extract_tb(raised.value.__traceback__)[-1]
+    assert re.fullmatch(r"<mapping rule 0( #\d+)?>", frame.filename), frame.filename
+    assert frame.filename == rule.apply.filename
+    assert frame.name == "apply"
+    # the line comes from linecache: the generated source, as written
+    assert frame.line == "raise MappingRejection('required value is missing or empty', 'account', 'acct')"
+    assert frame.line in rule.apply.source
+    shown = "".join(traceback.format_exception(raised.value))
+    assert f'File "{rule.apply.filename}", line {frame.lineno}, in apply' in shown
+    assert "raise MappingRejection('required value is missing or empty'" in shown
+
+
+def test_each_distinct_generated_source_has_its_own_file_name():
+    import linecache
+
+    first = m3ter_rule({"meter": "'a'"})
+    second = m3ter_rule({"meter": "'b'"})  # rule 0 again, another source
+    again = m3ter_rule({"meter": "'a'"})
+    assert first.apply.filename != second.apply.filename
+    assert again.apply.filename == first.apply.filename  # registered once
+    for rule in (first, second):
+        lines = linecache.getlines(rule.apply.filename)
+        assert "".join(lines).rstrip("\n") == rule.apply.source
+    linecache.checkcache()  # what tracebacks call: the sources stay
+    assert linecache.getlines(first.apply.filename)

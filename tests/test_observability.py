@@ -117,3 +117,16 @@ def test_dry_run_still_reports_rejections(sandbox, tmp_path):
     assert [d["record"]["id"] for d in dead] == [0]
     body = json.loads((tmp_path / "dry-run-requests.jsonl").read_text())["body"]
     assert sorted(event["transaction_id"] for event in body) == ["1", "2", "3", "4"]
+
+
+def test_debug_logging_shows_each_rule_s_generated_code_under_its_file_name(sandbox, tmp_path):
+    second = {**USAGE_RULE_M3TER, "name": "again", "fields": {**USAGE_RULE_M3TER["fields"], "meter": "'b'"}}
+    config = m3ter_config(sandbox, dry_run=True, mappings=[USAGE_RULE_M3TER, second])
+    records = [{"id": 1, "account": "acme", "at": "2026-11-20T10:00:00Z", "tokens": 3, "note": "n"}]
+    result = run_target(tmp_path, config, singer("usage", records), args=["--log-level", "DEBUG"])
+    assert result.returncode == 0, result.stderr
+    assert "mappings[0]: generated code <mapping rule 0>:\n" in result.stderr
+    assert "again: generated code <mapping rule 1>:\n" in result.stderr
+    assert "def apply(record, stream, key_properties=()):" in result.stderr
+    assert "Stream 'usage' (fan-out): generated code <stream mappings 0, 1>:\n" in result.stderr
+    assert "def apply_all(record, stream, key_properties=()):" in result.stderr

@@ -19,7 +19,8 @@ from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.delivery import Delivery
 from target_usage_billing.destinations.metronome import MetronomeDestination
 from target_usage_billing.errors import DeliveryError
-from target_usage_billing.http import HttpTransport, RateLimiter
+from target_usage_billing.http import HttpTransport
+from target_usage_billing.ratelimit import RateLimiter
 from target_usage_billing.stats import RunStats
 from target_usage_billing.target import TargetUsageBilling
 from tests.conftest import METRONOME_TOKEN, RECENT, wait_until

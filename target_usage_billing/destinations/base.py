@@ -22,9 +22,10 @@ from singer_sdk import typing as th
 
 from target_usage_billing.destinations.readback import ItemCheck, TotalKey, Window
 from target_usage_billing.errors import CredentialsError, DeliveryError
-from target_usage_billing.http import HttpTransport, Response, retryable_status, transient
+from target_usage_billing.http import HttpTransport, Response
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldSpec, Preset
+from target_usage_billing.retry import retryable_status, should_retry
 
 _T = t.TypeVar("_T")
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
@@ -70,6 +71,8 @@ class OutsideWindow(str):
 
 
 class Verdict(enum.Enum):
+    """What delivery does with an answer (``Destination.judge`` decides which)."""
+
     ACCEPTED = "accepted"
     RETRY = "retry"  # transient: same body again after a wait
     REAUTH = "reauth"  # credentials went stale: refresh once, resend
@@ -358,13 +361,13 @@ class Destination(abc.ABC):
                 f"{location[:200]!r}: ingest requests are never redirected; check {self.url_setting} "
                 "(the API's own URL, not a web page or a proxy's login page)",
             )
-        hint = response.headers.get("x-should-retry", "").strip().lower()
-        if hint == "true":
+        retry = should_retry(status, response.headers)
+        if retry.retry and retry.by_server:
             return Ruling(Verdict.RETRY, f"{self.label} answered {status} (x-should-retry: true)")
         ruling = self.judge_refusal(response)
         if ruling is not None:
             return ruling
-        if transient(response):
+        if retry.retry:
             return Ruling(Verdict.RETRY, f"{self.label} answered {status}")
         if status == 413:  # often a proxy's cap in front of a self-hosted platform
             msg = (
@@ -403,6 +406,7 @@ class Destination(abc.ABC):
     renewal_checks_credentials: t.ClassVar[bool] = False
 
     def reauth_failed_message(self, status: int) -> str:
+        """The error when credentials are refused again right after renewing them."""
         return f"{self.label} refused the credentials again ({status}) after renewing them"
 
     @abc.abstractmethod
@@ -477,9 +481,11 @@ class BearerKeyDestination(Destination):
         return headers
 
     def ingest_request(self, body: bytes) -> OutgoingRequest:
+        """POST ``body`` to the ingest path with the Bearer key."""
         return OutgoingRequest("POST", f"{self.api_url}{self.ingest_path}", self._headers(), body)
 
     def judge_refusal(self, response: Response) -> Ruling | None:
+        """401 and 403: the key was refused (DENIED); 400 and 422: the content (REJECTED)."""
         status = response.status
         if status in (401, 403):
             return Ruling(
@@ -498,5 +504,6 @@ class BearerKeyDestination(Destination):
         return response.text()
 
     def check_credentials(self) -> None:
+        """One authenticated GET of ``probe_path``."""
         url = f"{self.api_url}{self.probe_path}"
         self.probe_credentials(url, self._headers(), self.key_setting, credential=self.credential)

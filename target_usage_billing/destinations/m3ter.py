@@ -30,9 +30,9 @@ from target_usage_billing.destinations.base import (
 from target_usage_billing.destinations.readback import TotalKey, Window, iso, read_json
 from target_usage_billing.destinations.tokens import ExpiringToken
 from target_usage_billing.errors import DeliveryError
-from target_usage_billing.http import RetryableFailure
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
+from target_usage_billing.retry import RetryableFailure
 
 # Organization ids are UUIDs; anything outside this set would change the request path.
 ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")

@@ -18,7 +18,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from target_usage_billing.errors import CredentialsError, DeliveryError
-from target_usage_billing.http import retryable_status
+from target_usage_billing.retry import retryable_status
 
 if t.TYPE_CHECKING:
     from target_usage_billing.destinations.base import Destination

@@ -35,9 +35,9 @@ from target_usage_billing.destinations.base import (
 )
 from target_usage_billing.destinations.readback import TotalKey, Window, read_json
 from target_usage_billing.destinations.tokens import ExpiringToken
-from target_usage_billing.http import RetryableFailure
 from target_usage_billing.journal import JournalFields
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
+from target_usage_billing.retry import RetryableFailure
 
 # What a meter's value may be: a decimal number, as text (as mapping writes numbers).
 NUMBER_TEXT = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)\Z")

@@ -9,47 +9,42 @@ object once, whole numbers and strings are kept without a call, and everything e
 calls the field's own closure. Answers and rejections are those of ``apply_generic``
 (the test suite compares the two on generated rules and records).
 
-Pure: no I/O; the generated source holds only names and ``repr()`` literals.
+Pure: no I/O; the generated source holds only names and ``repr()`` literals. Each
+function's source is kept in ``linecache`` under its file name (``<mapping rule N>``,
+N the rule's index in ``mappings``), so a traceback through it shows its lines; the
+function carries it as ``apply.source`` and ``apply.filename`` (the run logs both at
+DEBUG).
 """
 
 from __future__ import annotations
 
+import collections
+import linecache
+import threading
 import typing as t
 
 from target_usage_billing.mapping.coerce import describe
-from target_usage_billing.mapping.expressions import is_truthy
+from target_usage_billing.mapping.expression_code import ANY, BOOL, ExpressionWriter
+from target_usage_billing.mapping.plans import (
+    ChildrenPlan,
+    ExpressionPlan,
+    FieldCode,
+    FilterCode,
+    Kept,
+    KeyedPlan,
+    ObjectPlan,
+    PlainPlan,
+)
 
 INDENT = "        "
-
-
-class FieldCode(t.NamedTuple):
-    """What the generator needs of one payload field."""
-
-    name: str
-    source: str | None  # the expression, for rejections
-    required: bool
-    is_id: bool
-    compute: t.Callable[[t.Any], t.Any]  # the field's closure: the general case
-    # ("plain", keys, convert, is_text) | ("expression", parsed JMESPath, convert, is_text)
-    # | ("keyed", [(key, keys, source, label)], kept, convert)
-    # | ("children", parent, [(key, child, source, label)], kept, convert)
-    # | ("object", keys, key_pattern, kept, convert) | None
-    inline: tuple | None
-    default: t.Any = None  # sent when the rule yields no value (None: the field is left out)
-
-
-class FilterCode(t.Protocol):
-    """What the generator needs of a rule's filter (a mapping.Expression)."""
-
-    source: str
-    search: t.Callable[[t.Any], t.Any]
-    tree: t.Any  # the parsed expression, or None
 
 
 def generate_apply(
     fields: list[FieldCode],
     filter_expression: FilterCode | None,
     helpers: dict[str, t.Any],
+    *,
+    name: str = "mapping rule",
 ) -> t.Callable[..., t.Any]:
     """The rule as one function ``apply(record, stream, key_properties=())``.
 
@@ -59,12 +54,49 @@ def generate_apply(
     An expression written out may be more than Python's compiler takes (a filter of 200
     alternatives nests 200 conditionals: "too many nested parentheses"): then the
     function calls each field's and the filter's own closures instead (the field-by-field
-    path, same answers).
+    path, same answers). ``name``: what its file name says (``<name>``, see register_source).
     """
     try:
-        return _generate(fields, filter_expression, helpers, inline=True)
+        return _generate(fields, filter_expression, helpers, inline=True, name=name)
     except (SyntaxError, RecursionError, MemoryError):
-        return _generate(fields, filter_expression, helpers, inline=False)
+        return _generate(fields, filter_expression, helpers, inline=False, name=name)
+
+
+_filenames: dict[tuple[str, str], str] = {}  # (name, source) -> its file name
+_variants: collections.Counter[str] = collections.Counter()  # sources registered per name
+_registry_lock = threading.Lock()
+
+
+def register_source(name: str, source: str) -> str:
+    """The file name ``source`` is compiled under, its lines kept in ``linecache``.
+
+    ``<name>``; another source under a name already taken (another configuration in the
+    same process) gets ``<name #2>`` and so on, so a traceback never shows another
+    function's lines. The same source under the same name is registered once: memory
+    grows with distinct rules, not with how often they are compiled (once per stream
+    under fan-out). The entry has no modification time, so ``linecache.checkcache``
+    (which tracebacks call) keeps it.
+    """
+    with _registry_lock:
+        filename = _filenames.get((name, source))
+        if filename is None:
+            _variants[name] += 1
+            count = _variants[name]
+            filename = f"<{name}>" if count == 1 else f"<{name} #{count}>"
+            _filenames[(name, source)] = filename
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        return filename
+
+
+def compile_source(name: str, source: str, namespace: dict[str, t.Any], function: str) -> t.Any:
+    """``function`` defined by ``source`` (built from names and repr() literals only),
+    compiled under its registered file name; it carries ``source`` and ``filename``."""
+    filename = register_source(name, source)
+    exec(compile(source + "\n", filename, "exec"), namespace)
+    defined = namespace[function]
+    defined.source = source  # for debugging: print(rule.apply.source)
+    defined.filename = filename
+    return defined
 
 
 def _generate(
@@ -73,6 +105,7 @@ def _generate(
     helpers: dict[str, t.Any],
     *,
     inline: bool,
+    name: str,
 ) -> t.Callable[..., t.Any]:
     namespace: dict[str, t.Any] = dict(helpers)
     writer = ExpressionWriter(namespace)
@@ -98,21 +131,21 @@ def _generate(
         position = len(where)
         where.append((field.name, field.source))
         lines.append(f"{INDENT}at = {position}")
-        shape = field.inline if inline else None
-        if shape is not None and shape[0] == "children":
-            lines += _children_code(number, field, shape, namespace)
+        plan = field.inline if inline else None
+        if isinstance(plan, ChildrenPlan):
+            lines += _children_code(number, field, plan, namespace)
             continue
-        if shape is not None and shape[0] == "keyed":
-            lines += _keyed_code(number, field, shape, namespace)
+        if isinstance(plan, KeyedPlan):
+            lines += _keyed_code(number, field, plan, namespace)
             continue
-        written = writer.write(shape[1]) if shape is not None and shape[0] == "expression" else None
-        if shape is not None and shape[0] == "plain":
-            lines += _plain_code(number, field, shape, namespace)
-        elif shape is not None and shape[0] == "object":
-            lines += _object_code(number, field, shape, namespace)
-        elif written is not None:
+        written = writer.write(plan.tree) if isinstance(plan, ExpressionPlan) else None
+        if isinstance(plan, PlainPlan):
+            lines += _plain_code(number, field, plan, namespace)
+        elif isinstance(plan, ObjectPlan):
+            lines += _object_code(number, field, plan, namespace)
+        elif isinstance(plan, ExpressionPlan) and written is not None:
             lines.append(f"{INDENT}value = {written[0]}")
-            lines += _converted(number, field, shape[2], shape[3], namespace)  # type: ignore[index]
+            lines += _converted(number, field, plan.convert, plan.is_text, namespace)
         else:
             namespace[f"_compute{number}"] = field.compute
             lines.append(f"{INDENT}value = _compute{number}(record)")
@@ -144,11 +177,7 @@ def _generate(
         "        raise MappingRejection(f'expression failed: {exc}', name, source) from None",
     ]
     namespace["_where"] = where
-    compiled = compile("\n".join(lines) + "\n", "<mapping rule>", "exec")
-    exec(compiled, namespace)  # the source is built above from names and repr() literals only
-    apply = namespace["apply"]
-    apply.source = "\n".join(lines)  # for debugging: print(rule.apply.source)
-    return apply
+    return t.cast(t.Callable[..., t.Any], compile_source(name, "\n".join(lines), namespace, "apply"))
 
 
 def _converting(
@@ -165,12 +194,12 @@ def _converting(
     ]
 
 
-def _plain_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
-    _kind, keys, convert, is_text = inline
+def _plain_code(number: int, field: FieldCode, plan: PlainPlan, namespace: dict) -> list[str]:
+    keys = plan.keys
     lines = [f"{INDENT}value = record.get({keys[0]!r})"]
     if len(keys) == 2:
         lines.append(f"{INDENT}value = value.get({keys[1]!r}) if type(value) is dict else None")
-    return lines + _converted(number, field, convert, is_text, namespace)
+    return lines + _converted(number, field, plan.convert, plan.is_text, namespace)
 
 
 def _converted(
@@ -198,7 +227,7 @@ def _store_item(
     indent: str,
     key: str,
     helper: str,
-    kept: tuple[frozenset, bool],
+    kept: Kept,
     namespace: dict,
     rejection: tuple[str, str | None],
 ) -> list[str]:
@@ -232,11 +261,11 @@ def _missing_map(indent: str, field: FieldCode) -> list[str]:
     ]
 
 
-def _keyed_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
+def _keyed_code(number: int, field: FieldCode, plan: KeyedPlan, namespace: dict) -> list[str]:
     """A map whose every key reads a plain path (``{"user": "userId"}``)."""
-    _kind, entries, kept, convert = inline
+    kept, convert = plan.kept, plan.convert
     lines = [f"{INDENT}out = {{}}"]
-    for index, (key, path, source, label) in enumerate(entries):
+    for index, (key, path, source, label) in enumerate(plan.entries):
         helper = f"_convert{number}_{index}"
         namespace[helper] = convert
         lines.append(f"{INDENT}item = record.get({path[0]!r})")
@@ -250,9 +279,9 @@ def _keyed_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -
     return lines
 
 
-def _children_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
+def _children_code(number: int, field: FieldCode, plan: ChildrenPlan, namespace: dict) -> list[str]:
     """A map whose every key reads a field of one object (``properties.*``)."""
-    _kind, parent, children, kept, convert = inline
+    parent, children, kept, convert = plan
     lines = [
         f"{INDENT}base = record.get({parent!r})",
         f"{INDENT}if isinstance(base, dict):",
@@ -270,11 +299,11 @@ def _children_code(number: int, field: FieldCode, inline: tuple, namespace: dict
     return lines
 
 
-def _object_code(number: int, field: FieldCode, inline: tuple, namespace: dict) -> list[str]:
+def _object_code(number: int, field: FieldCode, plan: ObjectPlan, namespace: dict) -> list[str]:
     """``value``: a map given as one plain path to an object (``properties``), its keys
     copied in a loop, each value converted as the field's closure (fields._object) would;
     None when absent or empty."""
-    _kind, keys, key_pattern, kept, convert = inline
+    keys, key_pattern, kept, convert = plan
     helper = f"_convert{number}"
     namespace[helper] = convert
     namespace["describe"] = describe
@@ -307,112 +336,3 @@ def _object_code(number: int, field: FieldCode, inline: tuple, namespace: dict) 
 def _braces(text: str) -> str:
     """``text`` as the literal part of an f-string."""
     return text.replace("{", "{{").replace("}", "}}")
-
-
-# Static kinds of written expressions: BOOL is always True or False, so its truth is
-# itself; ANY needs JMESPath's truthiness (is_truthy).
-BOOL, ANY = "bool", "any"
-_PLAIN_LITERALS = (str, int, bool, type(None))
-
-
-class ExpressionWriter:
-    """Writes the JMESPath subset mapping._compile_node covers as one Python expression.
-
-    Field paths become dict lookups, comparisons against a string literal plain ``==``,
-    ``&&``/``||`` conditional expressions (``:=`` keeps a value that is both tested and
-    returned), so a rule like ``event == 'X' && 'a' || 'b'`` costs no call at all.
-    Answers are JMESPath's: the operators' own helpers decide what is not plain.
-    """
-
-    def __init__(self, namespace: dict[str, t.Any]):
-        self._namespace = namespace
-        self._names = 0
-
-    def write(self, node: t.Any) -> tuple[str, str] | None:
-        """(Python expression over ``record``, BOOL or ANY), or None outside the subset."""
-        return self._write(node, "record", True)
-
-    def _name(self, prefix: str) -> str:
-        self._names += 1
-        return f"_{prefix}{self._names}"
-
-    def _write(self, node: t.Any, subject: str, subject_is_dict: bool) -> tuple[str, str] | None:
-        kind = node["type"]
-        children = node.get("children", [])
-        if kind == "field":
-            key = node["value"]
-            if subject_is_dict:
-                return f"{subject}.get({key!r})", ANY
-            return f"({subject}.get({key!r}) if type({subject}) is dict else None)", ANY
-        if kind == "subexpression":
-            if not all(child["type"] in ("field", "current") for child in children):
-                return None  # e.g. (a || b).c: left to the field's closure
-            code, is_dict = subject, subject_is_dict
-            for child in children:
-                if child["type"] == "current":
-                    continue  # @.a is a
-                key = child["value"]
-                if is_dict:
-                    code = f"{code}.get({key!r})"
-                else:
-                    step = self._name("t")
-                    code = f"({step}.get({key!r}) if type({step} := {code}) is dict else None)"
-                is_dict = False
-            return code, ANY
-        if kind == "current":
-            return subject, ANY
-        if kind == "literal":
-            value = node["value"]
-            if type(value) in _PLAIN_LITERALS:
-                return repr(value), (BOOL if type(value) is bool else ANY)
-            name = self._name("literal")
-            self._namespace[name] = value
-            return name, ANY
-        parts = [self._write(child, subject, subject_is_dict) for child in children]
-        if any(part is None for part in parts):
-            return None
-        if kind == "comparator":
-            (left, _), (right, _) = parts  # type: ignore[misc]
-            operator = node["value"]
-            if operator in ("eq", "ne"):
-                texts = [c["value"] for c in children if c["type"] == "literal" and type(c["value"]) is str]
-                if texts:  # against a string, JMESPath equality is Python's
-                    return f"({left} {'==' if operator == 'eq' else '!='} {right})", BOOL
-                test = f"jmespath_equals({left}, {right})"
-                return (test if operator == "eq" else f"(not {test})"), BOOL
-            return f"jmespath_order({operator!r}, {left}, {right})", ANY
-        if kind == "not_expression":
-            ((inner, inner_kind),) = parts  # type: ignore[misc]
-            return (f"(not {inner})" if inner_kind is BOOL else f"jmespath_not({inner})"), BOOL
-        if kind in ("and_expression", "or_expression"):
-            (left, left_kind), (right, right_kind) = parts  # type: ignore[misc]
-            ternary = (
-                self._ternary(children[0], subject, subject_is_dict) if kind == "or_expression" else None
-            )
-            if ternary is not None:  # `test && 'a' || b`: JMESPath's if-then-else
-                test, chosen = ternary
-                return f"({chosen} if {test} else {right})", ANY
-            both_bool = BOOL if left_kind is BOOL and right_kind is BOOL else ANY
-            if left_kind is BOOL:
-                if kind == "and_expression":
-                    return f"({right} if {left} else False)", both_bool
-                return f"(True if {left} else {right})", both_bool
-            kept = self._name("t")
-            if kind == "and_expression":
-                return f"({right} if is_truthy({kept} := {left}) else {kept})", ANY
-            return f"({kept} if is_truthy({kept} := {left}) else {right})", ANY
-        return None
-
-    def _ternary(self, node: t.Any, subject: str, subject_is_dict: bool) -> tuple[str, str] | None:
-        """(test, value) when ``node`` is ``test && literal`` with a boolean test and a
-        truthy literal: its truth is the test's, so ``|| b`` needs no truthiness call."""
-        if node["type"] != "and_expression":
-            return None
-        test_node, value_node = node["children"]
-        if value_node["type"] != "literal" or not is_truthy(value_node["value"]):
-            return None
-        test = self._write(test_node, subject, subject_is_dict)
-        value = self._write(value_node, subject, subject_is_dict)
-        if test is None or value is None or test[1] is not BOOL:
-            return None
-        return test[0], value[0]

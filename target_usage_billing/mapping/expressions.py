@@ -123,27 +123,7 @@ def _compile_node(node: Node) -> Callable[[t.Any], t.Any] | None:
         return chain
     if kind == "comparator":
         left, right = parts
-        compare = _jp.TreeInterpreter.COMPARATOR_FUNC[node["value"]]
-        if node["value"] in ("eq", "ne"):
-            text = _string_literal(node["children"])
-            if text is not None:
-                # Against a string, JMESPath equality is plain equality (its special case
-                # only concerns 0/1 against booleans), so skip its number checks.
-                other_node = node["children"][0 if node["children"][1]["type"] == "literal" else 1]
-                other = left if other_node is node["children"][0] else right
-                key_path = field_path(other_node)
-                if key_path is not None and len(key_path) == 1:
-                    (key,) = key_path  # `field == 'text'`: the most common filter of all
-                    if node["value"] == "eq":
-                        return lambda value: type(value) is dict and value.get(key) == text
-                    return lambda value: not (type(value) is dict and value.get(key) == text)
-                if node["value"] == "eq":
-                    return lambda value: other(value) == text  # type: ignore[misc]
-                return lambda value: other(value) != text  # type: ignore[misc]
-            return lambda value: compare(left(value), right(value))  # type: ignore[misc]
-
-        operator = node["value"]
-        return lambda value: jmespath_order(operator, left(value), right(value))  # type: ignore[misc]
+        return _comparator(node, left, right)  # type: ignore[arg-type]
     if kind == "and_expression":
         left, right = parts
 
@@ -165,6 +145,32 @@ def _compile_node(node: Node) -> Callable[[t.Any], t.Any] | None:
 
         return lambda value: jmespath_not(inner(value))  # type: ignore[misc]
     return None
+
+
+def _comparator(
+    node: Node, left: Callable[[t.Any], t.Any], right: Callable[[t.Any], t.Any]
+) -> Callable[[t.Any], t.Any]:
+    """A comparison's closure, over its two sides' closures."""
+    operator = node["value"]
+    if operator not in ("eq", "ne"):
+        return lambda value: jmespath_order(operator, left(value), right(value))
+    text = _string_literal(node["children"])
+    if text is None:
+        compare = _jp.TreeInterpreter.COMPARATOR_FUNC[operator]
+        return lambda value: compare(left(value), right(value))
+    # Against a string, JMESPath equality is plain equality (its special case only
+    # concerns 0/1 against booleans), so skip its number checks.
+    other_node = node["children"][0 if node["children"][1]["type"] == "literal" else 1]
+    other = left if other_node is node["children"][0] else right
+    key_path = field_path(other_node)
+    if key_path is not None and len(key_path) == 1:
+        (key,) = key_path  # `field == 'text'`: the most common filter of all
+        if operator == "eq":
+            return lambda value: type(value) is dict and value.get(key) == text
+        return lambda value: not (type(value) is dict and value.get(key) == text)
+    if operator == "eq":
+        return lambda value: other(value) == text
+    return lambda value: other(value) != text
 
 
 def compile_expression(source: t.Any, where: str) -> Expression:

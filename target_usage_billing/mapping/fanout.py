@@ -26,9 +26,11 @@ from collections.abc import Sequence
 import jmespath
 
 from target_usage_billing.errors import ConfigError
-from target_usage_billing.mapping.codegen import BOOL, ExpressionWriter, FieldCode, generate_apply
+from target_usage_billing.mapping.codegen import compile_source, generate_apply
+from target_usage_billing.mapping.expression_code import BOOL, ExpressionWriter
 from target_usage_billing.mapping.expressions import field_path
 from target_usage_billing.mapping.ids import derive_id
+from target_usage_billing.mapping.plans import FieldCode
 from target_usage_billing.mapping.rules import CODEGEN_HELPERS, CompiledRule
 
 
@@ -71,7 +73,8 @@ def generate_fanout(
     shared = _shared_fields(rules)
     if shared is not None:
         keys, shared_code = shared
-        namespace["_shared"] = generate_apply(shared_code, None, dict(CODEGEN_HELPERS))
+        shared_name = "shared fields of mapping rules " + ", ".join(str(rule.index) for rule in rules)
+        namespace["_shared"] = generate_apply(shared_code, None, dict(CODEGEN_HELPERS), name=shared_name)
     lines = ["def apply_all(record, stream, key_properties=()):"]
     body: list[str] = []
     results = []
@@ -114,10 +117,8 @@ def generate_fanout(
         lines.append("    shared = None  # the distinct fields' values; False: they failed on this record")
     lines += body
     lines.append(f"    return ({', '.join(results)},)")
-    source_text = "\n".join(lines)
-    exec(compile(source_text + "\n", "<stream mappings>", "exec"), namespace)  # built from names and repr()
-    apply_all = namespace["apply_all"]
-    apply_all.source = source_text  # for debugging: print(plan.apply.source)
+    name = "stream mappings " + ", ".join(str(rule.index) for rule in rules)
+    apply_all = compile_source(name, "\n".join(lines), namespace, "apply_all")
     return t.cast(t.Callable[..., tuple[t.Any, ...]], apply_all)
 
 

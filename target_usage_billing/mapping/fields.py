@@ -18,6 +18,16 @@ from target_usage_billing.mapping.coerce import (
     to_utc_timestamp,
 )
 from target_usage_billing.mapping.expressions import Expression, compile_expression, field_path
+from target_usage_billing.mapping.plans import (
+    ChildEntry,
+    ChildrenPlan,
+    ExpressionPlan,
+    InlinePlan,
+    KeyedEntry,
+    KeyedPlan,
+    ObjectPlan,
+    PlainPlan,
+)
 from target_usage_billing.mapping.spec import FieldKind, FieldSpec, MappingRejection
 
 
@@ -31,7 +41,7 @@ class CompiledField:
         spec: FieldSpec,
         compute: Callable[[t.Any], t.Any],
         source: str | None,
-        inline: tuple | None = None,
+        inline: InlinePlan | None = None,
     ):
         self.spec = spec
         self.compute = compute
@@ -46,7 +56,7 @@ _SCALAR_CONVERTERS: dict[FieldKind, Callable[[t.Any], t.Any]] = {
 }
 
 
-def _shared_parent(source: dict, name: str) -> tuple[str, list[tuple[str, str, str, str]]] | None:
+def _shared_parent(source: dict, name: str) -> tuple[str, list[ChildEntry]] | None:
     """For keys that all read ``parent.child`` of one parent: (parent, [(key, child, ...)])."""
     parent = None
     children = []
@@ -60,7 +70,7 @@ def _shared_parent(source: dict, name: str) -> tuple[str, list[tuple[str, str, s
         if path is None or len(path) != 2 or (parent is not None and path[0] != parent):
             return None
         parent = path[0]
-        children.append((key, path[1], expression_source, f"{name}.{key}"))
+        children.append(ChildEntry(key, path[1], expression_source, f"{name}.{key}"))
     return (parent, children) if parent is not None else None
 
 
@@ -110,8 +120,8 @@ def _keyed_map(spec: FieldSpec, source: dict, where: str) -> CompiledField:
                     raise MappingRejection(str(exc), field_name, expression_source) from None
             return out or None
 
-        inline = ("children", parent, children, kept_as_is(spec), convert)
-        return CompiledField(spec, compute_children, None, inline)
+        plan = ChildrenPlan(parent, children, kept_as_is(spec), convert)
+        return CompiledField(spec, compute_children, None, plan)
 
     def compute_keyed(record: dict) -> t.Any:
         out = {}
@@ -129,11 +139,14 @@ def _keyed_map(spec: FieldSpec, source: dict, where: str) -> CompiledField:
                 raise MappingRejection(str(exc), field_name, expression_source) from None
         return out or None
 
-    keyed_inline: tuple | None = None
+    keyed_plan: KeyedPlan | None = None
     if all(path is not None and len(path) <= 2 for path in paths):
-        entries = [(key, path, text, label) for (key, _get, text, label), path in zip(keyed, paths)]
-        keyed_inline = ("keyed", entries, kept_as_is(spec), convert)
-    return CompiledField(spec, compute_keyed, None, keyed_inline)
+        entries = [
+            KeyedEntry(key, t.cast(list, path), text, label)
+            for (key, _get, text, label), path in zip(keyed, paths)
+        ]
+        keyed_plan = KeyedPlan(entries, kept_as_is(spec), convert)
+    return CompiledField(spec, compute_keyed, None, keyed_plan)
 
 
 def _object(spec: FieldSpec, expression: Expression) -> CompiledField:
@@ -172,10 +185,10 @@ def _object(spec: FieldSpec, expression: Expression) -> CompiledField:
         return out or None
 
     path = expression.path
-    inline = None
+    plan = None
     if path is not None and len(path) <= 2:  # e.g. properties: codegen loops over it inline
-        inline = ("object", list(path), key_pattern, (keep, ints_as_text), convert)
-    return CompiledField(spec, compute_object, expression.source, inline)
+        plan = ObjectPlan(list(path), key_pattern, (keep, ints_as_text), convert)
+    return CompiledField(spec, compute_object, expression.source, plan)
 
 
 def _scalar(spec: FieldSpec, expression: Expression) -> CompiledField:
@@ -186,8 +199,8 @@ def _scalar(spec: FieldSpec, expression: Expression) -> CompiledField:
     path = expression.path
     if path is not None and len(path) <= 2:
         compute = _plain_scalar(path, convert, name, expression.source)
-        inline = ("plain", list(path), convert, convert is to_text)
-        return CompiledField(spec, compute, expression.source, inline)
+        plain = PlainPlan(list(path), convert, convert is to_text)
+        return CompiledField(spec, compute, expression.source, plain)
 
     def compute_scalar(record: dict) -> t.Any:
         value = get(record)
@@ -198,7 +211,7 @@ def _scalar(spec: FieldSpec, expression: Expression) -> CompiledField:
         except ValueError as exc:
             raise MappingRejection(str(exc), name, expression.source) from None
 
-    written = ("expression", expression.tree, convert, convert is to_text) if expression.tree else None
+    written = ExpressionPlan(expression.tree, convert, convert is to_text) if expression.tree else None
     return CompiledField(spec, compute_scalar, expression.source, written)
 
 

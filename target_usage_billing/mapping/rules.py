@@ -14,7 +14,7 @@ import jmespath.exceptions
 import jmespath.visitor as _jp
 
 from target_usage_billing.errors import ConfigError
-from target_usage_billing.mapping.codegen import FieldCode, generate_apply
+from target_usage_billing.mapping.codegen import generate_apply
 from target_usage_billing.mapping.expressions import (
     Expression,
     compile_expression,
@@ -25,6 +25,7 @@ from target_usage_billing.mapping.expressions import (
 )
 from target_usage_billing.mapping.fields import CompiledField, compile_field
 from target_usage_billing.mapping.ids import derive_id
+from target_usage_billing.mapping.plans import FieldCode
 from target_usage_billing.mapping.spec import FieldKind, FieldSpec, MappingRejection, Preset
 
 CODEGEN_HELPERS = {
@@ -95,6 +96,7 @@ class CompiledRule:
             self.code,
             self.filter if filtered else None,
             {**CODEGEN_HELPERS, "derive_id": derive},
+            name=f"mapping rule {self.index}" + ("" if filtered else " in fan-out"),
         )
 
     @property
@@ -162,94 +164,128 @@ def compile_rules(
     if not isinstance(raw_rules, list) or not raw_rules:
         msg = 'mappings: give at least one rule, e.g. [{"stream": "*", "fields": {...}}]'
         raise ConfigError(msg)
-    by_name = {spec.name: spec for spec in specs}
     rules: list[CompiledRule] = []
     names: dict[str, int] = {}
     for index, raw in enumerate(raw_rules):
-        where = f"mappings[{index}]"
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: a rule must be an object, got {raw!r}")
-        unknown = sorted(set(raw) - {"name", "stream", "filter", "fields", "preset", "skip"})
-        if unknown:
-            msg = (
-                f"{where}: unknown key(s) {', '.join(unknown)} "
-                "(allowed: name, stream, preset, filter, fields, skip)"
-            )
-            raise ConfigError(msg)
-        name = raw.get("name")
-        if name is not None:
-            if not isinstance(name, str) or not _NAME.fullmatch(name):
-                msg = (
-                    f"{where}.name: give a short name of letters, digits, '_', '-', '.' or ':' "
-                    f"(e.g. 'api_requests'), got {name!r}"
-                )
-                raise ConfigError(msg)
-            if name in names:
-                msg = f"{where}.name: {name!r} already names mappings[{names[name]}]; names must differ"
-                raise ConfigError(msg)
-            names[name] = index
-        stream = raw.get("stream")
-        if not isinstance(stream, str) or not stream:
-            raise ConfigError(f"{where}.stream: give a stream name or glob pattern")
-        skip = raw.get("skip", False)
-        if not isinstance(skip, bool):
-            raise ConfigError(f"{where}.skip: must be true or false, got {skip!r}")
-        if skip:
-            if set(raw) - {"stream", "skip", "name"}:
-                msg = f"{where}: a rule with skip: true maps nothing; give it only stream and skip"
-                raise ConfigError(msg)
-            rules.append(CompiledRule(index, stream, None, [], skip=True, name=name))
-            continue
-        fields_raw = raw.get("fields", {})
-        if not isinstance(fields_raw, dict):
-            raise ConfigError(f"{where}.fields: must be an object of field -> expression")
-        filter_source = raw.get("filter")
-        preset_name = raw.get("preset")
-        if preset_name is not None:
-            if preset_name not in presets:
-                known = ", ".join(sorted(presets)) or "none"
-                msg = f"{where}.preset: unknown preset {preset_name!r} for {destination} (known: {known})"
-                raise ConfigError(msg)
-            preset = presets[preset_name]
-            fields_raw = {**preset.fields, **fields_raw}
-            if "filter" not in raw:
-                filter_source = preset.filter
-        bad = sorted(set(fields_raw) - set(by_name))
-        if bad:
-            msg = (
-                f"{where}.fields: unknown field(s) {', '.join(bad)} for {destination} "
-                f"(fields: {', '.join(by_name)})"
-            )
-            raise ConfigError(msg)
-        compiled_fields = []
-        for spec in specs:
-            source = fields_raw.get(spec.name)
-            fwhere = f"{where}.fields.{spec.name}"
-            if source is None:
-                if spec.required:
-                    msg = f"{fwhere}: {destination} requires this field; give an expression"
-                    raise ConfigError(msg)
-                if spec.kind is FieldKind.ID or spec.default is not None:  # derived or defaulted by apply()
-                    compiled_fields.append(CompiledField(spec, lambda _record: None, None))
-                continue
-            compiled_fields.append(compile_field(spec, source, fwhere))
-        filter_expression = (
-            compile_expression(filter_source, f"{where}.filter") if filter_source is not None else None
-        )
-        rule = CompiledRule(index, stream, filter_expression, compiled_fields, name=name)
-        # what each field computes, as given: fields alike in several rules of one stream
-        # are computed once (mapping.fanout)
-        rule.field_sources = [
-            json.dumps(fields_raw.get(f.spec.name), sort_keys=True) for f in compiled_fields
-        ]
-        rule.reads = [
-            FieldRead(label, text, path, spec.required)
-            for spec in specs
-            if fields_raw.get(spec.name) is not None
-            for label, text, path in _reads(spec.name, fields_raw[spec.name])
-        ]
-        rules.append(rule)
+        rules.append(_compile_rule(index, raw, names, specs, presets, destination))
     return rules
+
+
+_RULE_KEYS = {"name", "stream", "filter", "fields", "preset", "skip"}
+
+
+def _compile_rule(
+    index: int,
+    raw: t.Any,
+    names: dict[str, int],
+    specs: Sequence[FieldSpec],
+    presets: Mapping[str, Preset],
+    destination: str,
+) -> CompiledRule:
+    """One rule of ``mappings``; ``names`` holds the names given so far (and gets this one's)."""
+    where = f"mappings[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a rule must be an object, got {raw!r}")
+    unknown = sorted(set(raw) - _RULE_KEYS)
+    if unknown:
+        msg = (
+            f"{where}: unknown key(s) {', '.join(unknown)} "
+            "(allowed: name, stream, preset, filter, fields, skip)"
+        )
+        raise ConfigError(msg)
+    name = _rule_name(raw.get("name"), where, names, index)
+    stream = raw.get("stream")
+    if not isinstance(stream, str) or not stream:
+        raise ConfigError(f"{where}.stream: give a stream name or glob pattern")
+    skip = raw.get("skip", False)
+    if not isinstance(skip, bool):
+        raise ConfigError(f"{where}.skip: must be true or false, got {skip!r}")
+    if skip:
+        if set(raw) - {"stream", "skip", "name"}:
+            msg = f"{where}: a rule with skip: true maps nothing; give it only stream and skip"
+            raise ConfigError(msg)
+        return CompiledRule(index, stream, None, [], skip=True, name=name)
+    fields_raw, filter_source = _fields_and_filter(raw, where, presets, destination)
+    by_name = {spec.name: spec for spec in specs}
+    bad = sorted(set(fields_raw) - set(by_name))
+    if bad:
+        msg = (
+            f"{where}.fields: unknown field(s) {', '.join(bad)} for {destination} "
+            f"(fields: {', '.join(by_name)})"
+        )
+        raise ConfigError(msg)
+    compiled_fields = _compile_fields(fields_raw, specs, where, destination)
+    filter_expression = (
+        compile_expression(filter_source, f"{where}.filter") if filter_source is not None else None
+    )
+    rule = CompiledRule(index, stream, filter_expression, compiled_fields, name=name)
+    # what each field computes, as given: fields alike in several rules of one stream
+    # are computed once (mapping.fanout)
+    rule.field_sources = [json.dumps(fields_raw.get(f.spec.name), sort_keys=True) for f in compiled_fields]
+    rule.reads = [
+        FieldRead(label, text, path, spec.required)
+        for spec in specs
+        if fields_raw.get(spec.name) is not None
+        for label, text, path in _reads(spec.name, fields_raw[spec.name])
+    ]
+    return rule
+
+
+def _rule_name(name: t.Any, where: str, names: dict[str, int], index: int) -> str | None:
+    """The rule's ``name``, checked: short, and no other rule's."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        msg = (
+            f"{where}.name: give a short name of letters, digits, '_', '-', '.' or ':' "
+            f"(e.g. 'api_requests'), got {name!r}"
+        )
+        raise ConfigError(msg)
+    if name in names:
+        msg = f"{where}.name: {name!r} already names mappings[{names[name]}]; names must differ"
+        raise ConfigError(msg)
+    names[name] = index
+    return name
+
+
+def _fields_and_filter(
+    raw: dict, where: str, presets: Mapping[str, Preset], destination: str
+) -> tuple[dict, t.Any]:
+    """The rule's fields and filter, a preset's given first (the rule's own win)."""
+    fields_raw = raw.get("fields", {})
+    if not isinstance(fields_raw, dict):
+        raise ConfigError(f"{where}.fields: must be an object of field -> expression")
+    filter_source = raw.get("filter")
+    preset_name = raw.get("preset")
+    if preset_name is not None:
+        if preset_name not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            msg = f"{where}.preset: unknown preset {preset_name!r} for {destination} (known: {known})"
+            raise ConfigError(msg)
+        preset = presets[preset_name]
+        fields_raw = {**preset.fields, **fields_raw}
+        if "filter" not in raw:
+            filter_source = preset.filter
+    return fields_raw, filter_source
+
+
+def _compile_fields(
+    fields_raw: dict, specs: Sequence[FieldSpec], where: str, destination: str
+) -> list[CompiledField]:
+    """Each field the rule gives, compiled; a required one it does not give is an error."""
+    compiled_fields = []
+    for spec in specs:
+        source = fields_raw.get(spec.name)
+        fwhere = f"{where}.fields.{spec.name}"
+        if source is None:
+            if spec.required:
+                msg = f"{fwhere}: {destination} requires this field; give an expression"
+                raise ConfigError(msg)
+            if spec.kind is FieldKind.ID or spec.default is not None:  # derived or defaulted by apply()
+                compiled_fields.append(CompiledField(spec, lambda _record: None, None))
+            continue
+        compiled_fields.append(compile_field(spec, source, fwhere))
+    return compiled_fields
 
 
 class FieldRead(t.NamedTuple):

@@ -108,34 +108,34 @@ def m3ter_items(body: bytes) -> list[tuple[str | None, bytes]]:
     for index, (item, raw) in enumerate(zip(items, envelope.measurements)):
         for name in ("ts", "ets"):
             value = getattr(item, name)
-            if value is None:
-                continue
-            if not _ISO_WITH_OFFSET.match(value):
-                raise ItemError(
-                    f"measurements[{index}].{name}: {value!r} is not an ISO 8601 date-time with an offset"
-                )
-            try:
-                dt.datetime.fromisoformat(value[:19])  # digits in range, a real date
-            except ValueError:
-                raise ItemError(f"measurements[{index}].{name}: {value!r} is not a valid time") from None
-            if value[-1] == "Z":  # UTC to the second: comparing text compares times
-                future = value[:19] > latest
-            else:
-                moment = dt.datetime.fromisoformat(value[:19] + value[-6:])
-                future = moment.replace(microsecond=0) > latest_moment
-            if future:
-                raise ItemError(f"measurements[{index}].{name}: {value} is in the future")
+            if value is not None:
+                _check_m3ter_time(f"measurements[{index}].{name}", value, latest, latest_moment)
         for category in CATEGORIES:
-            fields = getattr(item, category)
-            if fields:
-                for code in fields:
-                    if code not in good_codes:
-                        if not _DATA_FIELD_CODE.match(code):
-                            msg = f"measurements[{index}].{category}: {code!r} is not a valid data-field code"
-                            raise ItemError(msg)
-                        good_codes.add(code)
+            for code in getattr(item, category) or ():
+                if code not in good_codes:
+                    if not _DATA_FIELD_CODE.match(code):
+                        msg = f"measurements[{index}].{category}: {code!r} is not a valid data-field code"
+                        raise ItemError(msg)
+                    good_codes.add(code)
         out.append((item.uid, bytes(raw)))
     return out
+
+
+def _check_m3ter_time(where: str, value: str, latest: str, latest_moment: dt.datetime) -> None:
+    """An ISO 8601 date-time with an offset, a real one, not in the future."""
+    if not _ISO_WITH_OFFSET.match(value):
+        raise ItemError(f"{where}: {value!r} is not an ISO 8601 date-time with an offset")
+    try:
+        dt.datetime.fromisoformat(value[:19])  # digits in range, a real date
+    except ValueError:
+        raise ItemError(f"{where}: {value!r} is not a valid time") from None
+    if value[-1] == "Z":  # UTC to the second: comparing text compares times
+        future = value[:19] > latest
+    else:
+        moment = dt.datetime.fromisoformat(value[:19] + value[-6:])
+        future = moment.replace(microsecond=0) > latest_moment
+    if future:
+        raise ItemError(f"{where}: {value} is in the future")
 
 
 def metronome_items(body: bytes) -> list[tuple[str | None, bytes]]:

@@ -253,37 +253,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if latency:
                 time.sleep(latency / 1000)
             if fault is not None:
-                with sandbox.lock:
-                    stats.faults_applied += 1
-                if fault.kind == "slow":
-                    time.sleep(fault.delay_ms / 1000)
-                elif fault.kind == "expire-tokens":  # this request already meets an expired token
-                    with sandbox.lock:
-                        sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
-                    stripe.expire_sessions()
-                elif fault.kind == "drop":
-                    raise _Dropped
-                elif fault.kind in MIDDLEBOX_ANSWERS:
-                    raise MIDDLEBOX_ANSWERS[fault.kind]()
-                elif fault.kind == "trickle":
-                    self._trickle_seconds = fault.delay_ms / 1000
-                elif fault.kind in ("401", "403", "413", "429", "500", "502", "503", "504"):
-                    headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-                    headers.update(fault.headers)
-                    raise json_reply(int(fault.kind), {"message": f"injected {fault.kind}"}, headers)
+                self._apply_fault(fault, stats)
             platform = PLATFORMS.get(destination)
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-            if platform is not None:
-                platform.authenticate(self.headers, sandbox.settings)
-                if hasattr(platform, "check_request"):
-                    platform.check_request(self.headers)
-                with sandbox.lock:
-                    stats.max_body_bytes = max(stats.max_body_bytes, len(raw_body))
-                items = platform.items(raw_body, query, sandbox.settings)
-            elif destination == "m3ter":
-                items = self._m3ter_items(raw_body, stats)
-            else:
-                items = self._metronome_items(raw_body, stats)
+            items = self._items(destination, platform, raw_body, query, stats)
             self._refuse_marked(destination, items)
             with sandbox.lock:
                 if generation != sandbox.generation:  # reset while this request waited
@@ -344,6 +317,44 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if kind == "stored-500":
             raise json_reply(500, {"message": "injected: done, then failed to answer"})
         raise routed
+
+    def _apply_fault(self, fault: t.Any, stats: t.Any) -> None:
+        """What an injected fault does before the request is read (some answer for it)."""
+        sandbox = self.server.sandbox
+        with sandbox.lock:
+            stats.faults_applied += 1
+        if fault.kind == "slow":
+            time.sleep(fault.delay_ms / 1000)
+        elif fault.kind == "expire-tokens":  # this request already meets an expired token
+            with sandbox.lock:
+                sandbox.tokens = dict.fromkeys(sandbox.tokens, 0.0)
+            stripe.expire_sessions()
+        elif fault.kind == "drop":
+            raise _Dropped
+        elif fault.kind in MIDDLEBOX_ANSWERS:
+            raise MIDDLEBOX_ANSWERS[fault.kind]()
+        elif fault.kind == "trickle":
+            self._trickle_seconds = fault.delay_ms / 1000
+        elif fault.kind in ("401", "403", "413", "429", "500", "502", "503", "504"):
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            headers.update(fault.headers)
+            raise json_reply(int(fault.kind), {"message": f"injected {fault.kind}"}, headers)
+
+    def _items(
+        self, destination: str, platform: t.Any, raw_body: bytes, query: dict, stats: t.Any
+    ) -> list[tuple[str | None, bytes]]:
+        """The request's items (id, raw JSON), authenticated and checked by the contract."""
+        sandbox = self.server.sandbox
+        if platform is not None:
+            platform.authenticate(self.headers, sandbox.settings)
+            if hasattr(platform, "check_request"):
+                platform.check_request(self.headers)
+            with sandbox.lock:
+                stats.max_body_bytes = max(stats.max_body_bytes, len(raw_body))
+            return t.cast(list[tuple[str | None, bytes]], platform.items(raw_body, query, sandbox.settings))
+        if destination == "m3ter":
+            return self._m3ter_items(raw_body, stats)
+        return self._metronome_items(raw_body, stats)
 
     def _refuse_marked(self, destination: str, items: list[tuple[str | None, bytes]]) -> None:
         markers = [m.encode() for m in self.server.sandbox.settings.refuse_items_containing]
