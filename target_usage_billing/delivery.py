@@ -1,6 +1,6 @@
 """Delivery: batches in flight, content rejections isolated, STATE only when safe.
 
-The sink hands over batches of encoded payloads. Up to ``max_in_flight`` batches are
+The sink hands over batches of encoded payloads. Up to the current level (concurrency.py) of batches are
 sent at once by worker threads, so reading never waits on a round trip unless that many
 are outstanding (which also bounds memory).
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import msgspec
 
 from target_usage_billing import outputs
+from target_usage_billing.concurrency import CONGESTION_STATUSES, AdaptiveLimit, Answer
 from target_usage_billing.deadletter import DeadLetters
 from target_usage_billing.destinations.base import Destination, Ruling, Verdict
 from target_usage_billing.errors import (
@@ -61,27 +62,6 @@ LINE_NUMBER: t.Final = 2
 MAPPING: t.Final = 3
 
 
-class _Bodies(t.Sequence[bytes]):
-    """The bodies of a batch's items, read only where the journal samples one."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: list[Item]):
-        self._items = items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @t.overload
-    def __getitem__(self, index: int) -> bytes: ...
-    @t.overload
-    def __getitem__(self, index: slice) -> list[bytes]: ...
-    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
-        if isinstance(index, slice):
-            return [item[BODY] for item in self._items[index]]
-        return self._items[index][BODY]
-
-
 def original_record(item: Item) -> tuple[t.Any, dict[str, t.Any]]:
     """The record as the tap sent it, decoded again from the input line (rare path), and
     where it came from when that was a BATCH file (``batch_file``, ``batch_row``).
@@ -110,6 +90,7 @@ class Batch:
     # all of it, and the journal holds it before that STATE is written
     epoch: int
     tally: Tally | None = None  # the journal's count of it, made by the sink
+    held_bytes: int = 0  # what its items hold in memory (the in-flight budget)
 
 
 class DryRunWriter:
@@ -144,6 +125,7 @@ class Delivery:
         stats: RunStats,
         *,
         max_in_flight: int,
+        adaptive_in_flight: bool = True,
         on_states: t.Callable[[list[dict]], None],
         on_api_rejection: t.Callable[[], None] = lambda: None,
         key_properties: t.Mapping[str, t.Sequence[str]] | None = None,
@@ -161,7 +143,7 @@ class Delivery:
         # called after each item the API refused; raises to stop splitting (rejection limits)
         self._on_api_rejection = on_api_rejection
         self._key_properties = key_properties if key_properties is not None else {}
-        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self.limit = AdaptiveLimit(max_in_flight, adaptive=adaptive_in_flight)
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._all_done = threading.Condition(self._lock)
@@ -196,17 +178,24 @@ class Delivery:
             self._buffer_epoch[buffer] = self._states_received
 
     def submit(
-        self, stream: str, items: list[Item], buffer: int, first_index: int, tally: Tally | None = None
+        self,
+        stream: str,
+        items: list[Item],
+        buffer: int,
+        first_index: int,
+        tally: Tally | None = None,
+        held_bytes: int = 0,
     ) -> None:
-        """Queue a batch; blocks while ``max_in_flight`` batches are outstanding."""
+        """Queue a batch; blocks while as many batches are outstanding as the current
+        level of requests in flight allows (see concurrency.py)."""
         self.raise_if_failed()
-        while not self._slots.acquire(timeout=0.2):
+        while not self.limit.acquire(timeout=0.2, size=held_bytes):
             self.raise_if_failed()
             if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
                 raise InterruptedRun("the shutdown grace period ended while requests were still failing")
         with self._lock:
             epoch = self._buffer_epoch.pop(buffer, self._states_received)
-            batch = Batch(self._next_seq, stream, items, first_index, epoch, tally)
+            batch = Batch(self._next_seq, stream, items, first_index, epoch, tally, held_bytes)
             self._next_seq += 1
             self.in_flight += 1
             self._in_flight_first[batch.seq] = first_index
@@ -301,7 +290,7 @@ class Delivery:
             finally:
                 with self._lock:
                     self.in_flight -= 1
-                self._slots.release()
+                self.limit.release(batch.held_bytes)
 
     def _deliver(self, batch: Batch, items: list[Item], channel: str | None = None) -> None:
         """Send items (in ``channel``, see Destination.channels); on a content rejection,
@@ -376,8 +365,7 @@ class Delivery:
             return
         if items is batch.items and batch.tally is not None:  # delivered whole: as the sink counted it
             try:
-                whole = _Bodies(items)
-                journal.acknowledged_tally(batch.stream, batch.tally, batch.epoch, batch.first_index, whole)
+                journal.acknowledged_tally(batch.stream, batch.tally, batch.epoch, batch.first_index)
                 return
             except Recount:
                 pass
@@ -395,12 +383,29 @@ class Delivery:
             tries += 1
             if tries > 1:
                 self.stats.add_retry(stream)
-            self.transport.stats.throttled(self.limiter.acquire())
+            waited = self.limiter.acquire()
+            self.transport.stats.throttled(waited)
             if channel is None:
                 request = destination.ingest_request(body)
             else:
                 request = destination.channel_request(body, channel)
-            response = self.transport.send_once(request.method, request.url, request.headers, request.body)
+            saturated = self.limit.saturated()
+            started = time.monotonic()
+            try:
+                response = self.transport.send_once(
+                    request.method, request.url, request.headers, request.body
+                )
+            except RetryableFailure:  # a timeout or a dropped connection: the platform is struggling
+                self.limit.observe(Answer(time.monotonic() - started, congested=True))
+                raise
+            self.limit.observe(
+                Answer(
+                    time.monotonic() - started,
+                    congested=response.status in CONGESTION_STATUSES or "retry-after" in response.headers,
+                    rate_limited=waited > 0,
+                    saturated=saturated,
+                )
+            )
             ruling = destination.judge(response)
             if ruling.verdict is Verdict.RETRY:
                 raise retryable_status(response, what) or RetryableFailure(ruling.message)

@@ -42,7 +42,6 @@ from target_usage_billing.journal_tally import (
     Layout,
     Tally,
     _body_decoder,
-    _text,
 )
 
 __all__ = ["SAMPLE_RATE", "SAMPLE_SIZE", "Journal", "JournalFields", "Recount", "Tally"]
@@ -110,24 +109,28 @@ class Journal:
             tally.add(payload, body)
             counted.append(body)
         with self._lock:
-            tally.settle(counted, self._first_sampled, self._sample_rate, self._random)
+            # a part of a batch: its own first ids are sampled (the batch's may be elsewhere)
+            tally.settle(counted, set(), self._sample_rate, self._random)
             self._take(stream, tally, epoch, first_index, resent)
 
     def tally(self, stream: str) -> Tally:
         """A new batch's tally (see Tally): the sink files each item it buffers."""
         return Tally(self._layout, stream)
 
-    def acknowledged_tally(
-        self, stream: str, tally: Tally, epoch: int, first_index: int, bodies: t.Sequence[bytes]
-    ) -> None:
-        """Take the tally of a batch delivered whole (called by delivery workers; ``bodies``
-        its items' bodies); Recount when it holds ids the last run counted (then
-        ``acknowledged`` sorts them out)."""
-        known = self._known(stream)
-        if known and not known.isdisjoint(map(_text, tally.ids)):
-            raise Recount
+    def seal(self, tally: Tally, bodies: t.Sequence[bytes]) -> None:
+        """Settle a batch's tally as it is handed over (``bodies``: its items' bodies), in
+        input order, so the first id of each bucket sampled is the run's first."""
         with self._lock:
             tally.settle(bodies, self._first_sampled, self._sample_rate, self._random)
+
+    def acknowledged_tally(self, stream: str, tally: Tally, epoch: int, first_index: int) -> None:
+        """Take the sealed tally of a batch delivered whole (called by delivery workers);
+        Recount when it holds ids the last run counted (then ``acknowledged`` sorts them
+        out)."""
+        known = self._known(stream)
+        if known and not known.isdisjoint(tally.ids):
+            raise Recount
+        with self._lock:
             self._take(stream, tally, epoch, first_index, 0)
 
     def known_tail(self, stream: str) -> set[str]:

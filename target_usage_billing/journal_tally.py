@@ -255,3 +255,25 @@ def _add_number(whole: dict[str, int], decimals: dict[str, t.Any], name: str, va
         whole[name] = whole.get(name, 0) + number
     elif number is not None:
         decimals[name] = EXACT.add(decimals.get(name, 0), number)
+
+
+class Bodies(t.Sequence[bytes]):
+    """The bodies of a batch's items (tuples whose first element is the body), read only
+    where the journal samples one."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: t.Sequence[tuple]):
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @t.overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @t.overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            return [item[0] for item in self._items[index]]
+        return t.cast(bytes, self._items[index][0])

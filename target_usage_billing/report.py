@@ -38,7 +38,8 @@ def progress_line(run: BillingRun) -> str:
     return (
         f"progress: read {read}, mapped {stats.total('mapped')}, sent {stats.total('sent')}, "
         f"rejected {stats.total('rejected')}, requests {stats.total('requests')}, "
-        f"retries {stats.total('retries')}, {rate:,.0f} records/s, in flight {run.delivery.in_flight}"
+        f"retries {stats.total('retries')}, {rate:,.0f} records/s, in flight {run.delivery.in_flight} "
+        f"(level {run.delivery.limit.describe()})"
     )
 
 
@@ -104,6 +105,7 @@ def summary_lines(run: BillingRun) -> list[str]:
     if transport.statuses:
         answers = ", ".join(f"{status} x {n}" for status, n in sorted(transport.statuses.items()))
         lines.append(f"  HTTP answers (authentication included): {answers}")
+    lines += [] if dry else _in_flight_lines(run)
     lines += run.destination.channel_summary()
     if run.dead_letters.count:
         lines.append(f"  dead letters: {run.dead_letters.count} in {run.dead_letters.path}")
@@ -120,6 +122,15 @@ def summary_lines(run: BillingRun) -> list[str]:
     if dry:
         lines.append(f"  request bodies written to {run.settings.dry_run_path}")
     return lines
+
+
+def _in_flight_lines(run: BillingRun) -> list[str]:
+    """How many requests were in flight (the adaptive level, concurrency.py)."""
+    limit = run.delivery.limit
+    if not run.stats.total("requests"):
+        return []
+    lowered = f", lowered {limit.decreases} times" if limit.decreases else ""
+    return [f"  requests in flight: up to {limit.peak} (level now {limit.describe()}{lowered})"]
 
 
 def _history_lines(run: BillingRun, s: t.Any, sent: str) -> list[str]:

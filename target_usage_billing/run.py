@@ -128,6 +128,7 @@ class BillingRun:
             self.dead_letters,
             self.stats,
             max_in_flight=settings.max_requests_in_flight,
+            adaptive_in_flight=settings.adaptive_requests_in_flight,
             on_states=self._emit_states,
             on_api_rejection=lambda: self.check_rejection_limits(final=False),
             key_properties=self.key_properties,

@@ -60,8 +60,18 @@ COMMON_SETTINGS = th.PropertiesList(
     th.Property(
         "max_requests_in_flight",
         th.IntegerType,
-        default=8,
-        description="Requests sent concurrently while reading goes on; bounds memory too.",
+        default=64,
+        description="The most requests sent at once while reading goes on. The level adapts "
+        "below it: it starts at 8, grows while every request in flight is busy and answers "
+        "stay fast, and shrinks on 429/503, Retry-After, timeouts or slowing answers; batches "
+        "in flight never hold more than 128 MB. Range: 1 to 64.",
+    ),
+    th.Property(
+        "adaptive_requests_in_flight",
+        th.BooleanType,
+        default=True,
+        description="Adapt the requests in flight to the platform's answers (see "
+        "max_requests_in_flight); false: always max_requests_in_flight.",
     ),
     th.Property(
         "max_requests_per_second",
@@ -271,6 +281,7 @@ class Settings:
     batch_max_bytes: int | None
     batch_size_rows: int | None
     max_requests_in_flight: int
+    adaptive_requests_in_flight: bool
     max_requests_per_second: float | None
     request_timeout_seconds: float
     max_retry_seconds: float

@@ -16,6 +16,7 @@ from singer_sdk.sinks import BatchSink
 from target_usage_billing.delivery import Item
 from target_usage_billing.destinations.base import Destination, OutsideWindow
 from target_usage_billing.diagnostics import SampleWatch, check_schema
+from target_usage_billing.journal_tally import Bodies
 from target_usage_billing.ledger import DUPLICATE
 from target_usage_billing.mapping import MappingRejection, payload_encoder
 from target_usage_billing.sdk_overrides import RecordCheck
@@ -289,10 +290,12 @@ class UsageSink(RecordCheck, BatchSink):
         tally = self._tally
         if self._journal is not None:
             self._tally = self._journal.tally(self.stream_name)
-        self.billing_run.buffered_bytes -= self._held_bytes
-        self._held_bytes = 0
+        held, self._held_bytes = self._held_bytes, 0
+        self.billing_run.buffered_bytes -= held
         if items:
             del self.billing_run.open_buffers[id(self)]
+            if tally is not None and self._journal is not None:  # in input order, before the horizon
+                self._journal.seal(tally, Bodies(items))
             if tally is not None and self.billing_run.horizon is not None:
                 # raises before sending (the buffer stays unfinished: no STATE passes it)
                 known = self.billing_run.check_resend(self.stream_name, tally)
@@ -302,7 +305,8 @@ class UsageSink(RecordCheck, BatchSink):
                     if not items:
                         self.billing_run.delivery.buffer_done(id(self))
                         return
-            self.billing_run.delivery.submit(self.stream_name, items, id(self), self._first_index, tally)
+            delivery = self.billing_run.delivery
+            delivery.submit(self.stream_name, items, id(self), self._first_index, tally, held)
 
     def process_batch(self, context: dict) -> None:
         # The SDK drains at end of input, at checkpoints and on schema changes.
