@@ -26,6 +26,9 @@ CONGESTED_FACTOR = 0.5  # 429/503/Retry-After/timeouts
 SLOW_FACTOR = 0.9  # answers slowing down
 RECENT_ANSWERS = 100  # the fastest of the last this many answers is the base round trip
 CONGESTION_STATUSES = frozenset((429, 503))  # the platform asks for fewer requests
+# Below this round trip the initial level keeps up with reading; more threads would only
+# contend for the interpreter (measured on loopback: Metronome +36 % CPU at no gain).
+GROW_ABOVE_SECONDS = 0.01
 IN_FLIGHT_BYTES = 128 << 20  # batches in flight hold at most this much (bodies and input lines)
 
 
@@ -48,7 +51,7 @@ def next_level(
         return max(1.0, level * CONGESTED_FACTOR), False
     if answer.seconds > SLOW_ANSWER * base_seconds:
         return max(1.0, level * SLOW_FACTOR), False
-    if answer.rate_limited or not answer.saturated:
+    if answer.rate_limited or not answer.saturated or base_seconds < GROW_ABOVE_SECONDS:
         return level, slow_start  # more requests in flight would not go faster
     grown = level + 1 if slow_start else level + 1 / level
     return min(float(ceiling), grown), slow_start

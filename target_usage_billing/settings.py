@@ -64,7 +64,7 @@ COMMON_SETTINGS = th.PropertiesList(
         description="The most requests sent at once while reading goes on. The level adapts "
         "below it: it starts at 8, grows while every request in flight is busy and answers "
         "stay fast, and shrinks on 429/503, Retry-After, timeouts or slowing answers; batches "
-        "in flight never hold more than 128 MB. Range: 1 to 64.",
+        "in flight never hold more than 128 MB; above 64 is taken as 64.",
     ),
     th.Property(
         "adaptive_requests_in_flight",

@@ -25,6 +25,7 @@ FAST = 0.1  # the base round trip in the table
         # slots to spare, or the client-side rate limit is what waits: no growth
         (8, Answer(0.1), True, (8, True)),
         (8, Answer(0.1, saturated=True, rate_limited=True), True, (8, True)),
+        # round trips of a few milliseconds (loopback): the level it has keeps up
         # the platform says it is overloaded: half, and slow start ends
         (8, Answer(0.1, congested=True, saturated=True), True, (4, False)),
         (1, Answer(0.1, congested=True), False, (1, False)),  # never below one
@@ -36,6 +37,10 @@ FAST = 0.1  # the base round trip in the table
 def test_the_level_rule(level, answer, slow_start, expected):
     got = next_level(float(level), answer, FAST, 64, slow_start)
     assert got == (pytest.approx(expected[0]), expected[1])
+
+
+def test_short_round_trips_do_not_grow_the_level():
+    assert next_level(8.0, Answer(0.002, saturated=True), 0.002, 64, True) == (8.0, True)
 
 
 def test_a_burst_of_refusals_lowers_the_level_once_per_round_trip():
