@@ -201,6 +201,7 @@ def bench(
     journal: bool = True,
     mappings: int = 1,
     streams: int = 1,
+    faults: t.Sequence[str] = (),
 ) -> dict:
     input_path = events_file(count, streams)
     rate_limited = (
@@ -210,6 +211,8 @@ def bench(
         work = Path(tmp)
         options = ["--latency-ms", str(latency_ms), "--orb-grace-period-hours", "96"]
         options += [] if rate_limited else ["--no-rate-limit"]
+        for fault in faults:
+            options += ["--fault", fault]
         sandbox = launch(work / "sandbox", *options)
         url = sandbox.url
         try:
@@ -245,6 +248,7 @@ def bench(
         "items_sent": stats["accepted"],
         "items_per_s": round(stats["accepted"] / seconds),
         "requests": stats["requests"],
+        "statuses": stats.get("statuses", {}),
         "requests_per_s": round(stats["requests"] / seconds, 1),
         "max_requests_in_1s": stats["max_requests_in_1s"],
         "peak_rss_mb": round(rss / 2**20, 1),
@@ -421,6 +425,20 @@ def main() -> None:
     parser.add_argument("--fanout-map-cost", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, default=1, help="spread the events over this many streams")
     parser.add_argument(
+        "--official-sdk",
+        action="store_true",
+        help="m3ter and Metronome: the target beside benchmarks/official_sdk.py (the vendor's SDK "
+        "in a plain script) on the same input, interleaved --repeat times, CPU ratio",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="the sandbox's --fault (repeatable): runs with and without it, interleaved --repeat times, "
+        "and the requests each made, e.g. --fault 429:after=1000:seconds=3:retry_after=1",
+    )
+    parser.add_argument(
         "--memory",
         action="store_true",
         help="dry runs only (request bodies to /dev/null), no baseline: peak RSS and CPU of "
@@ -449,6 +467,12 @@ def main() -> None:
     if args.journal_cost:
         journal_cost(args, destinations)
         return
+    if args.fault:
+        fault_cost(args, destinations)
+        return
+    if args.official_sdk:
+        sdk_comparison(args, destinations)
+        return
     throughput(args, destinations)
 
 
@@ -472,6 +496,102 @@ def journal_cost(args: argparse.Namespace, destinations: list[str]) -> None:
                         "cpu_seconds_without_journal": off,
                         "cpu_seconds_all_runs": [r["cpu_seconds"] for r in with_journal + without],
                         "journal_share_of_cpu": round((on - off) / on, 3),
+                    }
+                ),
+                flush=True,
+            )
+
+
+def sdk_script_run(destination: str, count: int, latency_ms: float) -> dict:
+    """benchmarks/official_sdk.py (the vendor's SDK, as a user's script) over the same
+    input against a fresh sandbox: items, seconds and CPU time."""
+    input_path = events_file(count)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        options = ["--latency-ms", str(latency_ms)] + ([] if latency_ms > 0 else ["--no-rate-limit"])
+        sandbox = launch(work / "sandbox", *options)
+        try:
+            command = [sys.executable, str(HERE / "official_sdk.py"), destination, "--url", sandbox.url]
+            seconds, code, rss, cpu = run_child(command, input_path, work / "sdk.log")
+            if code != 0:
+                sys.exit(
+                    f"benchmark: the SDK script exited {code}:\n{(work / 'sdk.log').read_text()[-3000:]}"
+                )
+            stats = fetch(f"{sandbox.url}/_sandbox/stats")[destination]
+        finally:
+            sandbox.stop()
+    return {
+        "run": f"official SDK script ({destination})",
+        "events": count,
+        "seconds": round(seconds, 2),
+        "items_sent": stats["accepted"],
+        "requests": stats["requests"],
+        "peak_rss_mb": round(rss / 2**20, 1),
+        "cpu_seconds": round(cpu, 2),
+        "cpu_us_per_record": round(cpu / count * 1e6, 1),
+    }
+
+
+def sdk_comparison(args: argparse.Namespace, destinations: list[str]) -> None:
+    """The target and the official-SDK script on the same input, interleaved ``--repeat``
+    times: the least CPU time of each and their ratio."""
+    for latency in args.latency_ms:
+        for destination in [d for d in destinations if d in ("m3ter", "metronome")]:
+            target_runs, sdk_runs = [], []
+            for _ in range(max(1, args.repeat)):
+                target_runs.append(bench(destination, args.events, latency, None, args.in_flight))
+                sdk_runs.append(sdk_script_run(destination, args.events, latency))
+            target = min(target_runs, key=lambda run: run["cpu_seconds"])
+            sdk = min(sdk_runs, key=lambda run: run["cpu_seconds"])
+            print(
+                json.dumps(
+                    {
+                        "destination": destination,
+                        "events": args.events,
+                        "latency_ms": latency,
+                        "target": {
+                            k: target[k] for k in ("seconds", "items_sent", "requests", "cpu_seconds")
+                        },
+                        "official_sdk_script": {
+                            k: sdk[k] for k in ("seconds", "items_sent", "requests", "cpu_seconds")
+                        },
+                        "target_cpu_seconds_all_runs": [run["cpu_seconds"] for run in target_runs],
+                        "sdk_cpu_seconds_all_runs": [run["cpu_seconds"] for run in sdk_runs],
+                        "cpu_ratio_sdk_to_target": round(sdk["cpu_seconds"] / target["cpu_seconds"], 2),
+                    }
+                ),
+                flush=True,
+            )
+
+
+def fault_cost(args: argparse.Namespace, destinations: list[str]) -> None:
+    """Requests of runs with and without the faults (a 429 storm), interleaved ``--repeat`` times:
+    what the faults cost beyond the requests they refused themselves shows here."""
+    for latency in args.latency_ms:
+        for destination in destinations:
+            clean, faulted = [], []
+            for _ in range(max(1, args.repeat)):
+                clean.append(bench(destination, args.events, latency, None, args.in_flight))
+                faulted.append(
+                    bench(destination, args.events, latency, None, args.in_flight, faults=args.fault)
+                )
+            most = max(run["requests"] for run in faulted)
+            least = min(run["requests"] for run in clean)
+            print(
+                json.dumps(
+                    {
+                        "destination": destination,
+                        "events": args.events,
+                        "latency_ms": latency,
+                        "faults": args.fault,
+                        "requests_without_faults": [run["requests"] for run in clean],
+                        "requests_with_faults": [run["requests"] for run in faulted],
+                        "statuses_with_faults": [run["statuses"] for run in faulted],
+                        "items_sent_with_faults": [run["items_sent"] for run in faulted],
+                        "seconds_without_faults": [run["seconds"] for run in clean],
+                        "seconds_with_faults": [run["seconds"] for run in faulted],
+                        # the worst faulted run against the best clean one
+                        "extra_requests": round(most / least - 1, 3),
                     }
                 ),
                 flush=True,

@@ -40,7 +40,12 @@ from target_usage_billing.errors import (
 from target_usage_billing.http import HttpTransport
 from target_usage_billing.journal import Journal, Recount, Tally
 from target_usage_billing.ratelimit import RateLimiter
-from target_usage_billing.retry import RetryableFailure, RetryBudgetExhausted, retryable_status
+from target_usage_billing.retry import (
+    RetryableFailure,
+    RetryBudgetExhausted,
+    retry_after_seconds,
+    retryable_status,
+)
 from target_usage_billing.stats import RunStats
 
 logger = logging.getLogger("target-usage-billing.delivery")
@@ -143,7 +148,10 @@ class Delivery:
         # called after each item the API refused; raises to stop splitting (rejection limits)
         self._on_api_rejection = on_api_rejection
         self._key_properties = key_properties if key_properties is not None else {}
-        self.limit = AdaptiveLimit(max_in_flight, adaptive=adaptive_in_flight)
+        # a pause the platform asks for is cut, as each retry's wait is, to the retry budget
+        self.limit = AdaptiveLimit(
+            max_in_flight, adaptive=adaptive_in_flight, max_pause_seconds=transport.retry_budget_seconds
+        )
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._all_done = threading.Condition(self._lock)
@@ -383,29 +391,37 @@ class Delivery:
             tries += 1
             if tries > 1:
                 self.stats.add_retry(stream)
-            waited = self.limiter.acquire()
-            self.transport.stats.throttled(waited)
-            if channel is None:
-                request = destination.ingest_request(body)
-            else:
-                request = destination.channel_request(body, channel)
-            saturated = self.limit.saturated()
-            started = time.monotonic()
+            # the platform is refusing and a probe is out: wait for its answer (a stop's grace
+            # period is the reading thread's to end, as during any retry's wait)
+            while not self.limit.clear_to_send(timeout=0.2):
+                self.raise_if_failed()
             try:
-                response = self.transport.send_once(
-                    request.method, request.url, request.headers, request.body
+                waited = self.limiter.acquire()
+                self.transport.stats.throttled(waited)
+                if channel is None:
+                    request = destination.ingest_request(body)
+                else:
+                    request = destination.channel_request(body, channel)
+                saturated = self.limit.saturated()
+                started = time.monotonic()
+                try:
+                    response = self.transport.send_once(
+                        request.method, request.url, request.headers, request.body
+                    )
+                except RetryableFailure:  # a timeout or a dropped connection: the platform is struggling
+                    self.limit.observe(Answer(time.monotonic() - started, congested=True))
+                    raise
+                self.limit.observe(
+                    Answer(
+                        time.monotonic() - started,
+                        congested=response.status in CONGESTION_STATUSES or "retry-after" in response.headers,
+                        rate_limited=waited > 0,
+                        saturated=saturated,
+                        retry_after=retry_after_seconds(response.headers),
+                    )
                 )
-            except RetryableFailure:  # a timeout or a dropped connection: the platform is struggling
-                self.limit.observe(Answer(time.monotonic() - started, congested=True))
-                raise
-            self.limit.observe(
-                Answer(
-                    time.monotonic() - started,
-                    congested=response.status in CONGESTION_STATUSES or "retry-after" in response.headers,
-                    rate_limited=waited > 0,
-                    saturated=saturated,
-                )
-            )
+            finally:
+                self.limit.sent()
             ruling = destination.judge(response)
             if ruling.verdict is Verdict.RETRY:
                 raise retryable_status(response, what) or RetryableFailure(ruling.message)

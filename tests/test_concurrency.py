@@ -65,6 +65,43 @@ def test_a_fixed_level_does_not_move():
     assert limit.current == 5 and limit.describe() == "5"
 
 
+def test_while_refused_one_probe_at_a_time_and_none_before_retry_after():
+    limit = AdaptiveLimit(64)
+    assert limit.clear_to_send(timeout=0)  # no episode: at once
+    limit.observe(Answer(0.1, congested=True, retry_after=0.5))
+    limit.sent()
+    started = time.monotonic()
+    assert not limit.clear_to_send(timeout=0.05)  # the platform asked for half a second
+    assert limit.clear_to_send(timeout=10)  # the probe
+    assert time.monotonic() - started >= 0.45
+    assert not limit.clear_to_send(timeout=0.05)  # the others wait for the probe's answer
+    limit.observe(Answer(0.1, saturated=True))  # it passed: the episode is over
+    limit.sent()
+    assert all(limit.clear_to_send(timeout=0) for _ in range(5))
+    for _ in range(5):
+        limit.sent()
+
+
+def test_answers_of_requests_already_out_do_not_lengthen_the_pause():
+    limit = AdaptiveLimit(64)
+    for _ in range(30):  # a wave: every request in flight refused, no Retry-After
+        limit.observe(Answer(0.1, congested=True))
+    started = time.monotonic()
+    assert limit.clear_to_send(timeout=10)  # one pause of the first backoff, not 2**30 of them
+    assert time.monotonic() - started < 5
+    limit.observe(Answer(0.1, congested=True))  # the probe refused: the pause doubles
+    limit.sent()
+    assert not limit.clear_to_send(timeout=0.6)
+    assert limit.clear_to_send(timeout=10)
+    limit.sent()
+
+
+def test_a_fixed_level_has_no_pause():
+    limit = AdaptiveLimit(8, adaptive=False)
+    limit.observe(Answer(0.1, congested=True, retry_after=60))
+    assert limit.clear_to_send(timeout=0)
+
+
 def test_slots_hold_to_the_level_and_the_memory_budget():
     limit = AdaptiveLimit(64, initial=2, budget_bytes=1000)
     assert limit.acquire(0.01, size=5000)  # one batch always goes, whatever its size
@@ -117,3 +154,22 @@ def test_a_429_storm_lowers_the_level_and_loses_nothing(sandbox, tmp_path):
     assert re.search(r"lowered \d+ times", result.stderr), result.stderr
     assert stats["requests"] == 30 + 12  # each refused request sent once more, nothing else
     assert result.states == [{"done": 3000}]
+
+
+def test_a_storm_costs_the_requests_already_out_and_one_probe_a_retry_interval(sandbox, tmp_path):
+    # everything refused for 1.5 s, Retry-After 0.3 s, after the first 5 requests
+    sandbox.faults(
+        {"kind": "429", "after": 5, "seconds": 1.5, "retry_after": "0.3", "destination": "lago"},
+        latency_ms=20,
+    )
+    config = config_for("lago", sandbox, batch_size_rows=100, max_requests_in_flight=8)
+    result = run_target(tmp_path, config, singer("usage", usage(6000), state={"done": 6000}))
+    assert result.returncode == 0, result.stderr
+    stats = sandbox.stats("lago")
+    assert stats["stored"] == 6000
+    refused = stats["statuses"].get("429", 0)
+    # at most the 8 in flight when it began, then one probe each 0.3 s of the 1.5 s (and
+    # the one that finds it over); each batch retrying on its own would be about 8 x 6
+    assert 1 <= refused <= 8 + 1.5 / 0.3 + 1, stats
+    assert stats["requests"] == 60 + refused  # each refusal sent once more, nothing else
+    assert result.states == [{"done": 6000}]

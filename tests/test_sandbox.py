@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import gzip
 import json
+import time
 
 import pytest
 import requests
@@ -205,6 +206,19 @@ def test_injected_faults_then_recovery(sandbox):
     assert (first.status_code, first.headers.get("Retry-After")) == (429, "2")
     assert post_events(sandbox, [event(1)]).status_code == 503
     assert post_events(sandbox, [event(1)]).status_code == 200
+
+
+def test_a_storm_refuses_everything_for_its_seconds_after_letting_some_through(sandbox):
+    sandbox.faults({"kind": "429", "after": 2, "seconds": 2, "retry_after": "1", "destination": "metronome"})
+    assert [post_events(sandbox, [event(i)]).status_code for i in range(2)] == [200, 200]
+    started = time.monotonic()
+    during = []
+    while time.monotonic() - started < 0.5:  # well inside the storm's two seconds
+        during.append(post_events(sandbox, [event(9)]))
+    assert during and {(r.status_code, r.headers.get("Retry-After")) for r in during} == {(429, "1")}
+    time.sleep(max(0.0, 2.1 - (time.monotonic() - started)))
+    assert post_events(sandbox, [event(9)]).status_code == 200
+    assert sandbox.stats("metronome")["statuses"]["429"] == len(during)
 
 
 def test_stored_then_500_keeps_the_items(sandbox):

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fault",
         action="append",
         default=[],
-        metavar="KIND[:count=N][:every=N][:retry_after=S][:destination=D]",
+        metavar="KIND[:count=N][:every=N][:after=N][:seconds=S][:retry_after=S][:destination=D]",
         help=f"inject a fault; KIND is one of {', '.join(FAULT_KINDS)} (repeatable)",
     )
     parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")

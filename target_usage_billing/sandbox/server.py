@@ -21,7 +21,9 @@ Control endpoints (all under /_sandbox):
   POST /expire-tokens            every issued m3ter token and Stripe session expires now
   POST /reset                    forget everything (items, stats, faults, tokens)
 A FAULT is {"kind": K, "count": N, "every": N, "retry_after": S, "destination": D,
-"headers": {NAME: VALUE}, "path": P} (P: the fault meets not the ingest requests but a
+"headers": {NAME: VALUE}, "path": P, "after": N, "seconds": S} (after: let N matching
+requests through first; seconds: a storm, every matching request for S seconds from
+the first it meets) (P: the fault meets not the ingest requests but a
 platform's other requests whose path holds P, e.g. "/close" of Orb's backfills) with
 K one of 401, 403, 413, 429, 500, 502, 503, 504, drop, stored-500, stored-drop, slow (uses "delay_ms"),
 expire-tokens (every m3ter token and Stripe session expires just before this request is

@@ -89,7 +89,11 @@ class Fault:
     # None: ingest requests; else only the other requests whose path holds this (Orb's
     # backfill endpoints: "/close", "/v1/events/backfills")
     path: str | None = None
+    after: int = 0  # let this many matching requests through first
+    # a storm: every matching request for this many seconds from the first one it meets
+    seconds: float | None = None
     seen: int = 0
+    started: float | None = None  # monotonic time of the storm's first request
     items_seen: dict[str, int] = field(default_factory=dict)  # item faults: per destination
 
     @classmethod
@@ -104,16 +108,19 @@ class Fault:
             raise ValueError(f"{destination} validates in the request: invalid-after-ack does not apply")
         count = spec.get("count")
         every = spec.get("every")
+        storm = spec.get("seconds") is not None
         retry_after = spec.get("retry_after")
         return cls(
             kind=kind,
-            count=int(count) if count is not None else (None if every else 1),
+            count=int(count) if count is not None else (None if every or storm else 1),
             every=int(every) if every else None,
             retry_after=str(retry_after) if retry_after is not None else None,
             destination=destination,
             delay_ms=float(spec.get("delay_ms", 0)),
             headers={str(k): str(v) for k, v in dict(spec.get("headers") or {}).items()},
             path=str(spec["path"]) if spec.get("path") else None,
+            after=int(spec.get("after", 0)),
+            seconds=float(spec["seconds"]) if spec.get("seconds") is not None else None,
         )
 
     @classmethod
@@ -199,6 +206,16 @@ class Sandbox:
             elif path is None or fault.path not in path:
                 continue
             fault.seen += 1
+            if fault.seen <= fault.after:
+                continue
+            if fault.seconds is not None:
+                now = time.monotonic()
+                if fault.started is None:
+                    fault.started = now
+                if now - fault.started < fault.seconds:
+                    return fault
+                self.faults.remove(fault)
+                continue
             if fault.every:
                 if fault.seen % fault.every == 0:
                     return fault
