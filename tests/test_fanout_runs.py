@@ -296,3 +296,32 @@ def test_the_in_run_conflict_check_stays_the_last_line_of_defence(sandbox, tmp_p
         ("conflict", "tokens", str(n)) for n in range(3)
     ]
     assert result.states == [{"n": 3}]
+
+
+@pytest.mark.parametrize("destination", ["m3ter", "metronome"])
+def test_reconcile_reads_back_each_mappings_usage_apart(sandbox, tmp_path, destination):
+    config = config_for(destination, sandbox, mappings=two_meters(destination), journal_sample_rate=1)
+    records = usage(20)
+    result = run_target(tmp_path, config, singer("usage", records, key_properties=["id"]))
+    assert result.returncode == 0, result.stderr
+    confirmed = run_target(tmp_path, config, "", args=["--reconcile"])
+    assert confirmed.returncode == 0, confirmed.stdout + confirmed.stderr
+    assert "every item checked is confirmed" in confirmed.stdout
+
+    sandbox.reset()
+    (tmp_path / "again").mkdir()  # a fresh journal
+    sandbox.faults({"kind": "lost-after-ack", "every": 7, "destination": destination})
+    run_target(tmp_path / "again", config, singer("usage", records, key_properties=["id"]))
+    lost = set(sandbox.stats(destination)["lost_ids"])
+    meter_of = {derive_id("usage", r, ["id"]): ("requests", r["account"]) for r in records}
+    meter_of |= {derive_id("usage", r, ["id"], mapping="tokens"): ("tokens", r["account"]) for r in records}
+    assert {meter_of[item_id][0] for item_id in lost} == {"requests", "tokens"}  # both mappings lost some
+    found = run_target(tmp_path / "again", config, "", args=["--reconcile"])
+    assert found.returncode == 8, found.stdout + found.stderr
+    if destination == "metronome":  # read back by id: each lost id is named
+        assert all(item_id in found.stdout for item_id in lost)
+    else:  # totals per customer and meter: exactly the rows of the lost items are short
+        rows = [line.split() for line in found.stdout.splitlines() if line.strip().startswith("a")]
+        short = {(row[1], row[0]) for row in rows if row[-1] != "0"}
+        assert short == {meter_of[item_id] for item_id in lost}
+        assert {row[1] for row in rows} == {"requests", "tokens"}
