@@ -306,3 +306,30 @@ def test_null_drops_a_presets_id_so_the_second_mapping_derives_its_own():
     first, second = plan(rules, "segment_events").apply(event, "segment_events", ())
     assert first["transaction_id"] == "m-1"
     assert second["transaction_id"] == derive_id("segment_events", event, (), mapping="copy")
+
+
+@pytest.mark.parametrize(
+    "filter_source",
+    [
+        " || ".join(f"type == 'e{i}'" for i in range(200)),  # too deep for Python's compiler inline
+        "!" * 250 + "(type == 'x')",
+    ],
+)
+def test_a_filter_too_large_to_write_inline_is_tested_by_its_closure_with_the_same_answers(filter_source):
+    import jmespath
+
+    rules = m3ter_rules(
+        meter("requests", filter="type == 'e3'"), meter("tokens", name="tokens", filter=filter_source)
+    )
+    fanned = plan(rules)
+    assert "_filter1(record)" in fanned.apply.source  # type: ignore[union-attr]
+    rng = random.Random(25)
+    kinds = [f"e{i}" for i in range(0, 400, 7)] + ["e3", "x", None]
+    fired = 0
+    for _ in range(300):
+        record = {**RECORD, "type": rng.choice(kinds)}
+        first, second = fanned.apply(record, "usage", ("id",))
+        assert (first is not None) == (record["type"] == "e3")
+        assert (second is not None) == (jmespath.search(filter_source, record) is True), record
+        fired += second is not None
+    assert 0 < fired < 300

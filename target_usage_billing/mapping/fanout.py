@@ -58,7 +58,19 @@ class StreamPlan:
 def generate_fanout(
     rules: Sequence[CompiledRule], id_tags: Sequence[str | int | None]
 ) -> t.Callable[..., tuple[t.Any, ...]]:
-    """One function over a stream's mappings; see StreamPlan.apply.
+    """One function over a stream's mappings; see StreamPlan.apply. A filter too large
+    for Python's compiler (e.g. 200 ``||`` alternatives) is tested by its own closure
+    instead of inline code, as a lone mapping's is (codegen.generate_apply)."""
+    try:
+        return _generate_fanout(rules, id_tags, inline=True)
+    except (SyntaxError, RecursionError, MemoryError):
+        return _generate_fanout(rules, id_tags, inline=False)
+
+
+def _generate_fanout(
+    rules: Sequence[CompiledRule], id_tags: Sequence[str | int | None], *, inline: bool
+) -> t.Callable[..., tuple[t.Any, ...]]:
+    """See generate_fanout.
 
     Fields that several mappings compute alike (same field, same expression) are computed
     once, by one generated function over the distinct fields, the first time a mapping
@@ -83,7 +95,7 @@ def generate_fanout(
         result = f"r{position}"
         results.append(result)
         tests = []
-        for key, code in _terms(rule, writer, namespace, position):
+        for key, code in _terms(rule, writer if inline else None, namespace, position):
             number = terms.setdefault(key, len(terms))
             tests.append(f"((c{number} := {code}) if c{number} is None else c{number})")
         source = rule.filter.source if rule.filter is not None else None
@@ -196,15 +208,16 @@ def _assembled(
 
 
 def _terms(
-    rule: CompiledRule, writer: ExpressionWriter, namespace: dict[str, t.Any], position: int
+    rule: CompiledRule, writer: ExpressionWriter | None, namespace: dict[str, t.Any], position: int
 ) -> list[tuple[str, str]]:
     """(canonical key, Python test giving True or False) for each ``&&`` term of the
     rule's filter: the filter is truthy exactly when each term is, tested left to right
-    as JMESPath does. A filter outside the written subset is one term, its own closure."""
+    as JMESPath does. A filter outside the written subset (or with no ``writer``: not
+    inline) is one term, its own closure."""
     expression = rule.filter
     if expression is None:
         return []
-    if expression.tree is not None:
+    if expression.tree is not None and writer is not None:
         terms = []
         for node in _conjuncts(expression.tree):
             written = writer.write(node)
