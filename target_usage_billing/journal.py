@@ -146,6 +146,10 @@ class Journal:
 
     def _take(self, stream: str, tally: Tally, epoch: int, first_index: int, resent: int) -> None:
         """Add a settled tally to its epoch (the caller holds the lock)."""
+        scheme = self._schemes.pop(stream, None)
+        if scheme is not None:  # the stream's first acknowledgement: its id scheme is used now,
+            # whether or not a STATE ever follows (a run killed before its first STATE billed it)
+            self.store.commit(self.scope, self.run_id, {}, {}, {}, {}, {}, _now(), {stream: scheme}, ())
         self._resent[stream] += resent
         bucket = self._epochs[epoch]
         latest = bucket.tails.get(stream)
@@ -217,7 +221,8 @@ class Journal:
         return None if scheme is None else json.loads(scheme)
 
     def remember_keys(self, stream: str, keys: t.Sequence[str]) -> None:
-        """Keep ``stream``'s key properties for later runs (written with the next commit)."""
+        """Keep ``stream``'s key properties for later runs (written when the platform first
+        acknowledges its usage, or with the next commit)."""
         with self._lock:
             self._schemes[stream] = json.dumps(list(keys))
 

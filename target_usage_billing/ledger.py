@@ -14,8 +14,9 @@ budget; once that generation is full it becomes the *old* generation (the one be
 is dropped) and a new one of the same size starts. Lookups see both generations: the
 most recent ``remembered`` ids at least (1.4 million with 64 MB), up to twice that, are
 checked; older ids have left the ledger. A re-send of such an id is sent again (the
-platform de-duplicates it), and a second body for it is not caught here (the run
-journal, which remembers what was delivered, checks beyond it).
+platform de-duplicates it), and a second body for it is not caught at all: the run
+journal keeps aggregates and samples, not every id (the README's Ids section says what
+it does recognise).
 
 The hashes are Python's (salted per process), so the digests in a conflict's dead letter
 compare bodies within one run only. Two different ids sharing a 64-bit hash would be a

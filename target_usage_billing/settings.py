@@ -57,6 +57,13 @@ COMMON_SETTINGS = th.PropertiesList(
         description="Largest request body in bytes; the destination's hard cap always applies "
         "(m3ter: under 512,000).",
     ),
+    th.Property(  # the SDK's built-in setting, declared here so its range is documented too
+        "batch_size_rows",
+        th.IntegerType,
+        title="Batch Size Rows",
+        description="Maximum number of rows in each batch (each request; the destination's own "
+        "limit per request always applies).",
+    ),
     th.Property(
         "max_requests_in_flight",
         th.IntegerType,

@@ -8,6 +8,9 @@ import time
 import typing as t
 from dataclasses import dataclass, field
 
+# distinct rejection reasons kept per stream and mapping (the summary shows the top ones)
+MAX_REASONS = 100
+OTHER_REASONS = f"other reasons (past the first {MAX_REASONS} distinct ones)"
 MAPPING = 3  # delivery.Item's mapping label (not imported: delivery imports this module)
 
 
@@ -97,11 +100,11 @@ class RunStats:
             if stage == "api":
                 entry.rejected_by_api += 1
             why = f"{stage}: {_generic(reason)}"
-            entry.reasons[why] += 1
+            _count_reason(entry.reasons, why)
             if mapping in entry.mappings:
                 share = entry.mappings[mapping]
                 share.rejected += 1
-                share.reasons[why] += 1
+                _count_reason(share.reasons, why)
 
     def total(self, attribute: str) -> int:
         with self.lock:
@@ -115,4 +118,13 @@ class RunStats:
 def _generic(reason: str) -> str:
     # Group reasons that differ only in the offending value, so the top-N stays readable.
     cut = reason.split(", got ", 1)[0]
+    if cut.startswith("id ") and " was already sent in this run with a different body" in cut:
+        cut = "an id already sent in this run with a different body"  # one reason, not one an id
     return cut if len(cut) <= 120 else cut[:117] + "..."
+
+
+def _count_reason(reasons: collections.Counter[str], why: str) -> None:
+    # memory bounded whatever the run: reasons past the first MAX_REASONS are counted together
+    if why not in reasons and len(reasons) >= MAX_REASONS:
+        why = OTHER_REASONS
+    reasons[why] += 1

@@ -284,12 +284,17 @@ def test_bad_settings_stop_before_input_with_exit_2(sandbox, tmp_path, overrides
         ("max_rejected_records", "1e400", "max_rejected_records"),
         ("shutdown_grace_seconds", "NaN", "NaN is not valid JSON; settings take finite numbers"),
         ("request_timeout_seconds", "Infinity", "Infinity is not valid JSON; settings take finite numbers"),
+        (
+            "metronome_max_property_bytes",
+            "-5",
+            "metronome_max_property_bytes: must be 0 (no check) to 1,048,576",
+        ),
     ],
 )
 def test_non_finite_numbers_in_a_config_file_are_one_line_and_exit_2(
     sandbox, tmp_path, setting, written, expected
 ):
-    destination = "orb" if setting.startswith("orb_") else "m3ter"
+    destination = setting.split("_", 1)[0] if setting.startswith(("orb_", "metronome_")) else "m3ter"
     text = json.dumps(config_for(destination, sandbox, **{setting: "PLACEHOLDER"}))
     path = tmp_path / "config.json"
     path.write_text(text.replace('"PLACEHOLDER"', written))
@@ -560,7 +565,7 @@ def test_the_fatal_line_is_also_logged_at_error_level(sandbox, tmp_path):
 # --- outputs and answers that are named, not "unexpected" (issue 20) ----------------------
 
 
-def test_stdout_closed_early_is_named_exit_8_without_a_traceback(sandbox, tmp_path):
+def test_stdout_closed_early_is_named_exit_9_without_a_traceback(sandbox, tmp_path):
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config_for("m3ter", sandbox)))
     lines = "\n".join(singer("usage", usage(20), state={"p": 1})) + "\n"

@@ -131,3 +131,19 @@ def test_a_later_run_with_an_explicit_id_is_not_stopped(sandbox, tmp_path):
     second = run_target(tmp_path, config, singer("usage", usage(5), key_properties=["account"]))
     assert first.returncode == 0 and second.returncode == 0, second.stderr
     assert sandbox.stats("m3ter")["stored"] == 5
+
+
+def test_a_run_that_failed_before_its_first_state_still_remembers_the_keys_it_billed(sandbox, tmp_path):
+    # a backfill whose tap writes STATE only at the end: the first batch is billed, then the run fails
+    sandbox.faults({"kind": "503", "every": 2, "headers": {"x-should-retry": "false"}})
+    config = config_for("m3ter", sandbox, batch_size_rows=2, max_requests_in_flight=1)
+    first = run_target(tmp_path, config, singer("usage", usage(6), key_properties=["id"], state={"p": 1}))
+    assert first.returncode == 4, first.stderr
+    assert first.states == [] and sandbox.stats("m3ter")["stored"] == 2
+    sandbox.faults()
+
+    rekeyed = run_target(tmp_path, config, singer("usage", usage(6), key_properties=["id", "account"]))
+
+    assert rekeyed.returncode == 2, rekeyed.stderr
+    assert "changed its key properties from ['id'] to ['id', 'account']" in rekeyed.error_lines[0]
+    assert sandbox.stats("m3ter")["stored"] == 2  # the billed rows are not billed again under new ids

@@ -112,7 +112,7 @@ def test_the_same_record_rejected_by_a_later_run_is_recognisable(sandbox, tmp_pa
     assert first["keys"] == {"id": 50}
 
 
-def test_a_full_disk_for_dead_letters_is_one_line_exit_8_and_no_state_past_it(sandbox, tmp_path):
+def test_a_full_disk_for_dead_letters_is_one_line_exit_9_and_no_state_past_it(sandbox, tmp_path):
     rows = usage(5)
     lines = [
         *singer("usage", rows, key_properties=["id"], state={"p": 1}),

@@ -238,3 +238,18 @@ def test_the_sink_dead_letters_a_record_it_cannot_map_and_goes_on(tmp_path):
     assert [event["transaction_id"] for event in requests[0]["body"]] == ["r0", "r2"]
     (letter,) = [json.loads(line) for line in (tmp_path / "dead-letters.jsonl").read_text().splitlines()]
     assert letter["stage"] == "mapping" and letter["field"] == "timestamp" and letter["line"] == 3
+
+
+def test_rejection_reasons_kept_per_stream_are_bounded_whatever_the_run():
+    stats = RunStats()
+    stats.stream("usage")
+    for n in range(5000):  # each conflict names its id; each bad value its own field
+        stats.add_rejected(
+            "usage", "conflict", f"id '{n}' was already sent in this run with a different body: ..."
+        )
+        stats.add_rejected("usage", "mapping", f"field 'f{n}' is not a number, got 'x'")
+    reasons = stats.streams["usage"].reasons
+    assert reasons["conflict: an id already sent in this run with a different body"] == 5000
+    assert len(reasons) == 101  # 100 kept, and the rest together
+    assert sum(reasons.values()) == 10_000  # every rejection still counted
+    assert reasons["other reasons (past the first 100 distinct ones)"] == 5000 - 99

@@ -31,6 +31,8 @@ MAX_AHEAD = dt.timedelta(hours=24)
 DEDUP_WINDOW = dt.timedelta(days=34)
 # Compressing tiny bodies costs more than it saves on the wire.
 GZIP_MIN_BYTES = 1024
+# metronome_max_property_bytes at most: a value longer than this is no property a request carries
+MAX_PROPERTY_BYTES_LIMIT = 1_048_576
 
 
 class MetronomeDestination(BearerKeyDestination):
@@ -88,7 +90,7 @@ class MetronomeDestination(BearerKeyDestination):
             default=256,
             description="Longest property value (UTF-8 bytes) an event may carry; a longer one is "
             "dead-lettered, not sent (users report Metronome dropping such events; the limit is not "
-            "in its docs). 0: no check.",
+            f"in its docs). 0: no check. Range: 0 to {MAX_PROPERTY_BYTES_LIMIT:,}.",
         ),
         th.Property(
             "metronome_gzip",
@@ -103,6 +105,15 @@ class MetronomeDestination(BearerKeyDestination):
         self.gzip = bool(config.get("metronome_gzip", True))
         self._window = TimeWindow(MAX_AGE, MAX_AHEAD)
         self.max_property_bytes = int(config.get("metronome_max_property_bytes", 256) or 0)
+
+    @classmethod
+    def config_errors(cls, config: t.Mapping[str, t.Any], *, dry_run: bool) -> list[str]:
+        problems = super().config_errors(config, dry_run=dry_run)
+        limit = config.get("metronome_max_property_bytes")
+        if limit is not None and not 0 <= limit <= MAX_PROPERTY_BYTES_LIMIT:  # an int: the schema says so
+            most = f"{MAX_PROPERTY_BYTES_LIMIT:,}"
+            problems.append(f"metronome_max_property_bytes: must be 0 (no check) to {most}, got {limit}")
+        return problems
 
     @classmethod
     def field_specs(cls, config: t.Mapping[str, t.Any]) -> list[FieldSpec]:
