@@ -139,3 +139,79 @@ def test_what_the_platform_would_drop_later_is_dead_lettered_not_sent(
     for letter in letters:
         assert letter["stage"] in ("validation", "mapping")
         assert reason in letter["reason"]
+
+
+# A gateway's own JSON "success": only platforms whose answer has a shape can tell it apart
+# (Metronome's SDK casts its answer to None, Stripe's stream answers an empty object).
+STRAY_JSON_OK = {
+    "m3ter": False,
+    "metronome": True,
+    "orb": False,
+    "lago": False,
+    "openmeter": False,
+    "stripe": True,
+}
+
+
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
+def test_a_gateways_own_json_ok_is_no_acknowledgement_where_the_answer_has_a_shape(sandbox, destination):
+    from target_usage_billing.destinations import DESTINATIONS
+    from target_usage_billing.destinations.base import Verdict
+    from target_usage_billing.http import HttpTransport, Response
+
+    platform = DESTINATIONS[destination](config_for(destination, sandbox), HttpTransport())
+    status = platform.acknowledgement.statuses[0]
+    ruling = platform.judge(Response(status, {"content-type": "application/json"}, b'{"status": "ok"}'))
+    if STRAY_JSON_OK[destination]:
+        assert ruling.verdict is Verdict.ACCEPTED
+    else:
+        assert ruling.verdict is Verdict.RETRY, ruling
+        assert f"not {LABELS[destination]}'s acknowledgement" in ruling.message
+
+
+@pytest.mark.parametrize(
+    ("destination", "bad", "overrides", "reason"),
+    [
+        # OpenMeter validates a CloudEvent after taking it: an empty subject is refused here
+        ("openmeter", {"account": ""}, {}, "subject"),
+        ("openmeter", {"account": None}, {}, "subject"),
+        # every one of the meter's value keys, not only the first
+        (
+            "stripe",
+            {"cost": "a lot"},
+            {
+                "stripe_value_keys": ["value", "cost"],
+                "mappings": [
+                    {
+                        "stream": "usage",
+                        "fields": {
+                            "event_name": "'tokens'",
+                            "timestamp": "at",
+                            "payload": {"stripe_customer_id": "account", "value": "tokens", "cost": "cost"},
+                        },
+                    }
+                ],
+            },
+            "payload.cost: 'a lot' is not a number",
+        ),
+    ],
+)
+def test_fields_checked_later_by_openmeter_and_stripe_are_checked_before_sending(
+    sandbox, tmp_path, destination, bad, overrides, reason
+):
+    config = config_for(destination, sandbox, max_rejected_ratio=1, **overrides)
+    rows = usage(20)
+    for row in rows:
+        row.setdefault("cost", "1.5")
+    for index in (3, 11):
+        rows[index].update(bad)
+
+    result = run_target(tmp_path, config, singer("usage", rows, state={"bookmark": 20}))
+
+    assert result.returncode == 0, result.stderr
+    assert result.states == [{"bookmark": 20}]
+    assert sandbox.stats(destination)["stored"] == 18, result.stderr
+    letters = dead_letters(tmp_path)
+    assert [letter["line"] for letter in letters] == [5, 13]
+    for letter in letters:
+        assert reason in letter["reason"], letter["reason"]

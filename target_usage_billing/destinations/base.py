@@ -110,6 +110,8 @@ class Acknowledgement:
     # "object": a JSON object with a JSON content type; "empty": no body at all;
     # "empty or object": either (an SDK that casts the answer to None)
     body: t.Literal["object", "empty", "empty or object"] = "object"
+    # keys the object always holds as JSON arrays (Lago's "events"): a gateway's own JSON lacks them
+    lists: tuple[str, ...] = ()
 
     def problem(self, response: Response) -> str | None:
         """Why ``response`` (a 2xx) is not this acknowledgement, or None when it is."""
@@ -130,6 +132,9 @@ class Acknowledgement:
         for key in ("error", "errors"):
             if document.get(key):  # a gateway's error dressed as a success
                 return f"a body reporting {key}"
+        for key in self.lists:
+            if not isinstance(document.get(key), list):
+                return f"a JSON object without its {key!r} list"
         return None
 
 

@@ -40,7 +40,7 @@ class LagoDestination(BearerKeyDestination):
     key_setting = "lago_api_key"
     url_setting = "lago_api_url"
     # Lago answers a stored batch with {"events": [...]}
-    acknowledgement = Acknowledgement((200,), "object")
+    acknowledgement = Acknowledgement((200,), "object", lists=("events",))  # the events it took
     journal_fields = JournalFields(
         "transaction_id", ("external_subscription_id",), "code", "timestamp", (("properties", None),)
     )
