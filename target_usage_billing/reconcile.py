@@ -66,6 +66,7 @@ class Reconciliation:
         self.unchecked: dict[str, str] = {}  # id -> why it could not be checked
         self.totals: dict[TotalKey, decimal.Decimal] = {}
         self.invalid: dict[str, str] = {}  # id -> the platform's reason
+        self.volume: dict[str, int] | None = None  # events the platform holds per day (Orb)
 
     def run(self, window: Window) -> None:
         destination = self.destination
@@ -79,6 +80,7 @@ class Reconciliation:
             }
             self.totals = destination.platform_totals(wanted, window)
         self.invalid = destination.invalid_items(window)
+        self.volume = destination.daily_volume(window)
 
     def _check_ids(self, window: Window) -> None:
         destination = self.destination
@@ -137,9 +139,32 @@ class Reconciliation:
                 totals[sum_key] = totals.get(sum_key, zero) + value
         return totals
 
+    def _journal_days(self) -> dict[str, int]:
+        days: dict[str, int] = collections.Counter()
+        for _stream, _customer, _meter, day, items, _sums in self.buckets:
+            days[day] += items
+        return days
+
+    def volume_shortfalls(self) -> list[tuple[str, int, int]]:
+        """(day, journal, platform) where the platform holds fewer events than the journal
+        says were acknowledged that day. More is no mismatch: other senders share the account."""
+        if self.volume is None:
+            return []
+        sent = self._journal_days()
+        return [
+            (day, count, self.volume.get(day, 0))
+            for day, count in sorted(sent.items())
+            if self.volume.get(day, 0) < count
+        ]
+
     @property
     def confirmed(self) -> bool:
-        return not self.missing_ids and not self.invalid_ids and not self.total_differences()
+        return (
+            not self.missing_ids
+            and not self.invalid_ids
+            and not self.total_differences()
+            and not self.volume_shortfalls()
+        )
 
     # --- what the operator reads ------------------------------------------------------
 
@@ -190,6 +215,12 @@ class Reconciliation:
                     f"  {customer[:24]:<24} {meter[:20]:<20} {day:<10} {name[:22]:<22} "
                     f"{_number(journal_total):>16} {shown:>16} {difference:>12}"
                 )
+        if self.volume is not None:
+            lines.append(f"  {'day':<10} {'sent':>9} {'platform':>9}  (every event of the account that day)")
+            short = {day for day, _sent, _held in self.volume_shortfalls()}
+            for day, count in sorted(self._journal_days().items()):
+                mark = "  SHORT" if day in short else ""
+                lines.append(f"  {day:<10} {count:>9} {self.volume.get(day, 0):>9}{mark}")
         missing = self.missing_ids
         if missing:
             more = " ..." if len(missing) > SHOWN else ""
@@ -274,16 +305,19 @@ def reconcile(
             missing=len(check.missing_ids),
             invalid=len(invalid),
             totals_differ=len(check.total_differences()),
+            days_short=len(check.volume_shortfalls()),
             confirmed=check.confirmed,
         )
     if invalid:
         _dead_letter(settings, destination, check, invalid)
     if not check.confirmed:
         differences = len(check.total_differences())
+        short = check.volume_shortfalls()
+        days_short = f", {len(short)} days short in its event volume" if short else ""
         raise ReconcileMismatch(
             f"{destination.label} does not hold everything the journal says it acknowledged "
-            f"({len(check.missing_ids)} missing, {len(invalid)} invalid, {differences} totals differ, "
-            f"{window.first} to {window.last})",
+            f"({len(check.missing_ids)} missing, {len(invalid)} invalid, {differences} totals differ"
+            f"{days_short}, {window.first} to {window.last})",
             lines,
         )
     return lines

@@ -186,3 +186,33 @@ def test_a_sample_says_how_much_it_checked_and_finds_what_it_holds(sandbox, tmp_
     assert result.returncode == 8, result.stdout + result.stderr
     assert f"checked 7 of {ROWS} ids" in result.stdout
     assert lost in result.stdout
+
+
+def test_orb_s_event_volume_finds_losses_no_sampled_id_shows(sandbox, tmp_path):
+    # only each bucket's first id is sampled (rows 0..6, one a customer); the lost ones are
+    # others: every 8th in order (one request at a time)
+    config = config_for("orb", sandbox, journal_sample_rate=0, batch_size_rows=10, max_requests_in_flight=1)
+    clean = run_target(tmp_path, config, singer("usage", usage(ROWS), state={"bookmark": ROWS}))
+    assert clean.returncode == 0, clean.stderr
+    confirmed = reconcile(tmp_path, config)
+    assert confirmed.returncode == 0, confirmed.stdout + confirmed.stderr
+    (day_row,) = [line.split() for line in confirmed.stdout.splitlines() if line.strip().startswith("20")]
+    assert day_row[1:] == [str(ROWS), str(ROWS)]  # sent, and the platform's count for the day
+
+    sandbox.reset()
+    (tmp_path / "again").mkdir()
+    sandbox.faults({"kind": "lost-after-ack", "every": 8, "destination": "orb"})
+    lossy = run_target(tmp_path / "again", config, singer("usage", usage(ROWS, start=100), state={"b": 1}))
+    assert lossy.returncode == 0, lossy.stderr
+    lost = sandbox.stats("orb")["lost_ids"]
+    store = SqliteJournalStore(str(tmp_path / "again" / DEFAULT_JOURNAL_NAME))
+    sampled = {row[0] for row in store.samples(only_scope(store), "0000", "9999")}
+    assert lost and not sampled & set(lost)  # the ids checked show nothing wrong
+
+    found = reconcile(tmp_path / "again", config)
+
+    assert found.returncode == 8, found.stdout + found.stderr
+    (day_row,) = [line.split() for line in found.stdout.splitlines() if line.strip().startswith("20")]
+    assert day_row[1:] == [str(ROWS), str(ROWS - len(lost)), "SHORT"]
+    (line,) = found.error_lines
+    assert "0 missing" in line and "1 days short in its event volume" in line

@@ -282,6 +282,12 @@ class Destination(abc.ABC):
         """The platform's totals for the journal's (customer, meter, day, field) keys."""
         raise NotImplementedError
 
+    def daily_volume(self, window: Window) -> dict[str, int] | None:
+        """Events the platform holds per UTC day ("YYYY-MM-DD") of their time, the
+        account's whole volume (other senders' too), for platforms that publish it (Orb);
+        None: no such read. It finds losses outside the sampled ids."""
+        return None
+
     def invalid_items(self, window: Window) -> dict[str, str]:
         """Ids the platform accepted, then reported invalid through its own channel, with
         its reason (platforms that validate after acknowledging)."""

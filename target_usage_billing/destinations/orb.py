@@ -206,6 +206,25 @@ class OrbDestination(BearerKeyDestination):
         events = found.get("data", []) if isinstance(found, dict) else []
         return {str(event.get("id")): ItemCheck(True) for event in events if not event.get("deprecated")}
 
+    def daily_volume(self, window: Window) -> dict[str, int] | None:
+        """``GET /v1/events/volume`` (the SDK's ``events.volume.list``): counts per hour,
+        paged, summed per day."""
+        days: dict[str, int] = {}
+        cursor = None
+        while True:
+            query = {"timeframe_start": iso(window.start), "timeframe_end": iso(window.end), "limit": 500}
+            if cursor:
+                query["cursor"] = cursor
+            url = f"{self.api_url}/v1/events/volume?{urllib.parse.urlencode(query)}"
+            page = read_json(self, "GET", url, self._headers(), setting=self.key_setting)
+            page = page if isinstance(page, dict) else {}
+            for hour in page.get("data") or []:
+                day = str(hour.get("timeframe_start", ""))[:10]
+                days[day] = days.get(day, 0) + int(hour.get("count") or 0)
+            cursor = (page.get("pagination_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return days
+
     def refusal_detail(self, response: t.Any) -> str:
         return _validation_failures(response)
 
