@@ -14,19 +14,9 @@ from lago_python_client.client import Client
 from lago_python_client.exceptions import LagoApiError
 from lago_python_client.models.event import BatchEvent, Event
 
-from tests.conftest import (
-    LAGO_KEY,
-    RECENT,
-    config_for,
-    dead_letters,
-    lago_config,
-    load_segment_tracks,
-    problems,
-    referee_bodies,
-    run_target,
-    singer,
-    usage,
-)
+from tests.helpers import RECENT, dead_letters, run_target, singer, usage
+from tests.platforms import CASES, LAGO_KEY, config_for, load_segment_tracks
+from tests.referees import problems, referee_bodies
 
 
 def event(key: str, **fields: t.Any) -> dict:
@@ -53,7 +43,7 @@ def ingest(sandbox, events: list[dict], key: str = LAGO_KEY) -> requests.Respons
 
 
 def test_segment_events_arrive_once_with_lagos_fields_and_unix_seconds(sandbox, tmp_path):
-    result, pairs = load_segment_tracks(sandbox, tmp_path, "lago", lago_config(sandbox), seed=4)
+    result, pairs = load_segment_tracks(sandbox, tmp_path, "lago", CASES["lago"].config(sandbox), seed=4)
     for record, item in pairs:
         assert item["code"] == record["event"]
         assert item["external_subscription_id"] == record["context"]["groupId"]

@@ -14,17 +14,9 @@ from corehttp.exceptions import ClientAuthenticationError, HttpResponseError
 from openmeter import Client as OpenMeterClient
 from openmeter.models import Event as CloudEvent
 
-from tests.conftest import (
-    OPENMETER_TOKEN,
-    config_for,
-    dead_letters,
-    load_segment_tracks,
-    openmeter_config,
-    referee_bodies,
-    run_target,
-    singer,
-    usage,
-)
+from tests.helpers import dead_letters, run_target, singer, usage
+from tests.platforms import CASES, OPENMETER_TOKEN, config_for, load_segment_tracks
+from tests.referees import referee_bodies
 
 BATCH = "application/cloudevents-batch+json"
 
@@ -56,7 +48,9 @@ def ingest(sandbox, events: list[dict], token: str = OPENMETER_TOKEN, content_ty
 
 
 def test_segment_events_arrive_once_as_cloudevents(sandbox, tmp_path):
-    result, pairs = load_segment_tracks(sandbox, tmp_path, "openmeter", openmeter_config(sandbox), seed=6)
+    result, pairs = load_segment_tracks(
+        sandbox, tmp_path, "openmeter", CASES["openmeter"].config(sandbox), seed=6
+    )
     for record, item in pairs:
         assert item["specversion"] == "1.0" and item["source"] == "target-usage-billing"
         assert item["type"] == record["event"]
@@ -83,7 +77,7 @@ def test_the_source_is_a_setting_and_part_of_the_identity(sandbox, tmp_path):
 
 
 def test_a_self_hosted_openmeter_needs_no_token(tmp_path):
-    from tests.conftest import start_sandbox, stop_sandbox
+    from tests.helpers import start_sandbox, stop_sandbox
 
     sandbox = start_sandbox(tmp_path / "sandbox", "--openmeter-api-token", "")
     try:

@@ -12,20 +12,9 @@ import pytest
 import requests
 from orb.types.event_ingest_params import Event as OrbEvent
 
-from tests.conftest import (
-    ORB_KEY,
-    RECENT,
-    config_for,
-    dead_letters,
-    load_segment_tracks,
-    orb_config,
-    problems,
-    referee_bodies,
-    run_target,
-    singer,
-    stamp,
-    usage,
-)
+from tests.helpers import RECENT, dead_letters, run_target, singer, stamp, usage
+from tests.platforms import CASES, ORB_KEY, config_for, load_segment_tracks
+from tests.referees import problems, referee_bodies
 
 
 def event(key: str, **fields: t.Any) -> dict:
@@ -52,7 +41,7 @@ def ingest(sandbox, events: list[dict], key: str = ORB_KEY, query: str = "") -> 
 
 
 def test_segment_events_arrive_once_with_orbs_fields(sandbox, tmp_path):
-    result, pairs = load_segment_tracks(sandbox, tmp_path, "orb", orb_config(sandbox), seed=3)
+    result, pairs = load_segment_tracks(sandbox, tmp_path, "orb", CASES["orb"].config(sandbox), seed=3)
     for record, item in pairs:
         assert item["event_name"] == record["event"]
         assert item["external_customer_id"] == record["context"]["groupId"]
@@ -90,7 +79,7 @@ def test_a_longer_grace_period_is_a_setting(sandbox, tmp_path):
     ],
 )
 def test_events_orb_would_refuse_are_dead_lettered_one_by_one(sandbox, tmp_path, fields, reason):
-    config = orb_config(
+    config = CASES["orb"].config(
         sandbox,
         max_rejected_ratio=1,
         mappings=[
@@ -116,7 +105,7 @@ def test_events_orb_would_refuse_are_dead_lettered_one_by_one(sandbox, tmp_path,
 
 
 def test_missing_properties_are_sent_as_an_empty_object(sandbox, tmp_path):
-    config = orb_config(
+    config = CASES["orb"].config(
         sandbox,
         mappings=[
             {

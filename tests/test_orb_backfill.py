@@ -16,17 +16,8 @@ from orb.types.events.backfill_create_params import BackfillCreateParams
 from orb.types.events.backfill_list_response import BackfillListResponse
 
 from target_usage_billing.sandbox.orb_backfills import CreateBody
-from tests.conftest import (
-    ORB_KEY,
-    RECENT,
-    TARGET,
-    config_for,
-    dead_letters,
-    run_target,
-    singer,
-    usage,
-    wait_until,
-)
+from tests.helpers import RECENT, TARGET, dead_letters, run_target, singer, usage, wait_until
+from tests.platforms import ORB_KEY, config_for
 from tests.test_orb import event, ingest
 
 DAY = 86400

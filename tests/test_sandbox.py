@@ -11,7 +11,8 @@ import time
 import pytest
 import requests
 
-from tests.conftest import M3TER_KEY, M3TER_SECRET, METRONOME_TOKEN, start_sandbox, stop_sandbox
+from tests.helpers import start_sandbox, stop_sandbox
+from tests.platforms import M3TER_KEY, M3TER_SECRET, METRONOME_TOKEN
 
 
 def now_iso(**delta: float) -> str:

@@ -15,18 +15,9 @@ import stripe
 from stripe.params.v2.billing._meter_event_stream_create_params import MeterEventStreamCreateParamsEvent
 
 from target_usage_billing.sandbox.samples import singer_lines
-from tests.conftest import (
-    STRIPE_KEY,
-    config_for,
-    dead_letters,
-    problems,
-    referee_bodies,
-    run_target,
-    singer,
-    stamp,
-    stripe_config,
-    usage,
-)
+from tests.helpers import dead_letters, run_target, singer, stamp, usage
+from tests.platforms import CASES, STRIPE_KEY, config_for
+from tests.referees import problems, referee_bodies
 
 
 def meter_event(key: str, **fields: t.Any) -> dict:
@@ -62,7 +53,7 @@ def stream(sandbox, events: list[dict], token: str) -> requests.Response:
 
 def test_segment_events_arrive_once_as_meter_events_with_exact_text_values(sandbox, tmp_path):
     lines = list(singer_lines(300, seed=7, hours=6, state_every=100))
-    config = stripe_config(
+    config = CASES["stripe"].config(
         sandbox,
         mappings=[
             {
