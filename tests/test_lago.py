@@ -1,6 +1,7 @@
 """Lago: the destination against the sandbox, and Lago's official SDK
 (lago-python-client) as the referee of both (the families shared with the other
-platforms run it too: see DESTINATIONS_UNDER_TEST in conftest)."""
+platforms run it too: see CASES
+in tests/platforms.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """OpenMeter: the destination against the sandbox, and OpenMeter's official SDK
 (openmeter) as the referee of both (the families shared with the other platforms run
-it too: see DESTINATIONS_UNDER_TEST in conftest)."""
+it too: see CASES in
+tests/platforms.py)."""
 
 from __future__ import annotations
 

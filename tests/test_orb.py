@@ -1,6 +1,6 @@
 """Orb: the destination against the sandbox, and Orb's official SDK (orb-billing) as the
 referee of both (the families shared with the other platforms run it too: see
-DESTINATIONS_UNDER_TEST in conftest)."""
+CASES in tests/platforms.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Stripe meter events: the destination against the sandbox, and Stripe's official SDK
 (stripe) as the referee of both (the families shared with the other platforms run it
-too: see DESTINATIONS_UNDER_TEST in conftest)."""
+too: see CASES in
+tests/platforms.py)."""
 
 from __future__ import annotations
 
