@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import DESTINATIONS_UNDER_TEST, config_for, dead_letters, run_target, singer, usage
+from tests.helpers import dead_letters, run_target, singer, usage
+from tests.platforms import CASES, DESTINATIONS_UNDER_TEST, config_for
 
-LABELS = {
-    "m3ter": "m3ter",
-    "metronome": "Metronome",
-    "orb": "Orb",
-    "lago": "Lago",
-    "openmeter": "OpenMeter",
-    "stripe": "Stripe",
-}
 # what the error line quotes of each middlebox answer
 QUOTED = {"html-200": "text/html", "errors-200": "upstream connect error"}
 
@@ -40,7 +33,7 @@ def test_a_middlebox_answering_200_is_not_a_delivery(sandbox, tmp_path, destinat
     assert result.states == []  # nothing covers usage no platform acknowledged
     assert sandbox.stats(destination)["stored"] == 0
     (line,) = result.error_lines
-    assert f"not {LABELS[destination]}'s acknowledgement" in line
+    assert f"not {CASES[destination].label}'s acknowledgement" in line
     assert QUOTED[kind] in line
     assert "proxy" in line and "HTTPS_PROXY" in line
     assert "Traceback" not in result.stderr

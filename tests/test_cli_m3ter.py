@@ -9,15 +9,8 @@ from decimal import Decimal
 import pytest
 
 from target_usage_billing.sandbox.samples import singer_lines
-from tests.conftest import (
-    EXAMPLES,
-    M3TER_SECRET,
-    m3ter_config,
-    run_target,
-    singer,
-    usage_config,
-    usage_records,
-)
+from tests.helpers import EXAMPLES, run_target, singer, usage_records
+from tests.platforms import M3TER_SECRET, m3ter_config, usage_config
 
 EXAMPLE = EXAMPLES / "segment-events.singer.jsonl"
 

@@ -7,7 +7,8 @@ import json
 from decimal import Decimal
 
 from target_usage_billing.sandbox.samples import singer_lines
-from tests.conftest import METRONOME_TOKEN, metronome_config, run_target, singer
+from tests.helpers import run_target, singer
+from tests.platforms import METRONOME_TOKEN, metronome_config
 
 
 def instant(text: str) -> dt.datetime:

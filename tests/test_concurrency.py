@@ -10,7 +10,8 @@ import time
 import pytest
 
 from target_usage_billing.concurrency import AdaptiveLimit, Answer, next_level
-from tests.conftest import config_for, run_target, singer, usage
+from tests.helpers import run_target, singer, usage
+from tests.platforms import config_for
 
 FAST = 0.1  # the base round trip in the table
 

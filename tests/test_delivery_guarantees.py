@@ -9,69 +9,30 @@ import time
 import pytest
 import requests
 
-from tests.conftest import (
+from tests.helpers import Pipeline, position, run_target, singer, stamp, wait_until
+from tests.platforms import (
+    CASES,
     DESTINATIONS_UNDER_TEST,
-    NOTE_FIELD,
-    SECRETS,
-    USAGE_RULE_LAGO,
     USAGE_RULE_M3TER,
-    USAGE_RULE_METRONOME,
-    USAGE_RULE_OPENMETER,
-    USAGE_RULE_ORB,
-    USAGE_RULE_STRIPE,
-    Pipeline,
     crash_config,
-    lago_config,
     m3ter_config,
-    metronome_config,
-    openmeter_config,
-    orb_config,
-    position,
-    run_target,
-    singer,
-    stamp,
-    stripe_config,
-    wait_until,
 )
 
 # Record 0's time for crash tests: fixed for both runs of a test so that a re-emitted
 # record is byte-identical; yesterday (inside Metronome's 34-day window), or three hours
-# ago for Orb (inside its 12-hour grace period).
-YESTERDAY = int(time.time()) - 86400
-BASE_EPOCH = {
-    "m3ter": YESTERDAY,
-    "metronome": YESTERDAY,
-    "orb": int(time.time()) - 3 * 3600,
-    "lago": YESTERDAY,
-    "openmeter": YESTERDAY,
-    "stripe": YESTERDAY,
-}
+# ago for Orb (inside its 12-hour grace period): ``PlatformCase.crash_base_ago``.
+STARTED = int(time.time())  # CASES[...].crash_base_ago counts back from here
 
 
 def now_config(sandbox, destination: str, **overrides) -> dict:
     """``destination``'s example config with a usage-row rule stamping "now_ts" (an hour
     ago) where the platform has a time window, "at" for m3ter."""
-    rules = {
-        "m3ter": USAGE_RULE_M3TER,
-        "metronome": USAGE_RULE_METRONOME,
-        "orb": USAGE_RULE_ORB,
-        "lago": USAGE_RULE_LAGO,
-        "openmeter": USAGE_RULE_OPENMETER,
-        "stripe": USAGE_RULE_STRIPE,
-    }
-    make = {
-        "m3ter": m3ter_config,
-        "metronome": metronome_config,
-        "orb": orb_config,
-        "lago": lago_config,
-        "openmeter": openmeter_config,
-        "stripe": stripe_config,
-    }
-    return make[destination](sandbox, mappings=[rules[destination]], **overrides)
+    case = CASES[destination]
+    return case.config(sandbox, mappings=[case.usage_rule_now], **overrides)
 
 
 def stored_ids(sandbox, destination: str) -> list[int]:
-    category = NOTE_FIELD.get(destination, "properties")
+    category = CASES[destination].note_field
     return sorted(int(item[category]["note"][1:]) for item in sandbox.items(destination))
 
 
@@ -86,7 +47,7 @@ def test_sigkill_then_resume_from_last_state_loses_nothing_and_resends_identical
     total = 2000
     sandbox.faults(latency_ms=60)  # keep requests in flight when the kill lands
     config = crash_config(sandbox, destination)
-    base = BASE_EPOCH[destination]
+    base = STARTED - CASES[destination].crash_base_ago
     first = Pipeline(tmp_path, config, total, every=50, pause=0.02, name="first", base_epoch=base)
     wait_until(lambda: sandbox.stats(destination)["requests"] >= kill_after_requests)
     first.kill()
@@ -138,7 +99,14 @@ def test_state_progresses_during_a_long_run(sandbox, tmp_path):
 @pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_sigterm_mid_run_delivers_what_was_received_and_exits_zero(sandbox, tmp_path, destination):
     config = crash_config(sandbox, destination, shutdown_grace_seconds=20)
-    run = Pipeline(tmp_path, config, 100_000, every=100, pause=0.05, base_epoch=BASE_EPOCH[destination])
+    run = Pipeline(
+        tmp_path,
+        config,
+        100_000,
+        every=100,
+        pause=0.05,
+        base_epoch=STARTED - CASES[destination].crash_base_ago,
+    )
     wait_until(lambda: sandbox.stats(destination)["stored"] >= 300)
     run.target.send_signal(signal.SIGTERM)
     code = run.wait()
@@ -349,7 +317,7 @@ def test_debug_logging_shows_no_secret_and_no_token(sandbox, tmp_path, destinati
     assert result.returncode == 0, result.stderr
     assert "DEBUG" in result.stderr  # debug logging was really on
     tokens = requests.get(f"{sandbox.url}/_sandbox/tokens", timeout=10).json()["tokens"]
-    secrets = [*SECRETS.values(), *tokens]
+    secrets = [*(case.secret for case in CASES.values()), *tokens]
     if destination in ("m3ter", "stripe"):
         assert len(tokens) == 2  # the first token expired and was renewed
     outputs = result.stdout + result.stderr + (tmp_path / "dead.jsonl").read_text()

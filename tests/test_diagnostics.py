@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import EXAMPLES, m3ter_config, metronome_config, run_target, singer
+from tests.helpers import EXAMPLES, run_target, singer
+from tests.platforms import m3ter_config, metronome_config
 
 RECENT = int(time.time()) - 3600
 TABLE_SCHEMA = {

@@ -20,22 +20,19 @@ import pytest
 
 from target_usage_billing.http import Response
 from target_usage_billing.retry import backoff_waits, retry_after_seconds, should_retry
-from tests.conftest import (
+from tests.helpers import (
     DEFAULT_DEAD_LETTERS,
-    DESTINATIONS_UNDER_TEST,
     RECENT,
     TARGET,
-    USAGE_RULE_M3TER,
     Pipeline,
     Result,
-    api_url_settings,
-    config_for,
     dead_letters,
     run_target,
     singer,
     usage,
     wait_until,
 )
+from tests.platforms import CASES, DESTINATIONS_UNDER_TEST, USAGE_RULE_M3TER, config_for
 
 both = pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)  # every destination
 DEAD = DEFAULT_DEAD_LETTERS
@@ -415,7 +412,7 @@ def closed_port() -> int:
 @both
 def test_api_unreachable_at_start_up_is_exit_4_in_one_line(sandbox, tmp_path, destination):
     url = f"http://127.0.0.1:{closed_port()}"
-    urls = api_url_settings(destination, url)
+    urls = CASES[destination].url_settings(url)
     result = run_target(
         tmp_path, config_for(destination, sandbox, max_retry_seconds=1.5, **urls), singer("usage", usage(2))
     )

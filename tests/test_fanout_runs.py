@@ -9,36 +9,16 @@ import pytest
 import requests
 
 from target_usage_billing.mapping import derive_id
-from tests.conftest import (
-    DESTINATIONS_UNDER_TEST,
-    EXAMPLES,
-    ID_FIELD,
-    USAGE_RULE_M3TER,
-    USAGE_RULES_AT,
-    config_for,
-    dead_letters,
-    run_target,
-    singer,
-    usage,
-)
-
-# the field that names the meter / event type, per destination
-EVENT_FIELD = {
-    "m3ter": "meter",
-    "metronome": "event_type",
-    "orb": "event_name",
-    "lago": "code",
-    "openmeter": "type",
-    "stripe": "event_name",
-}
+from tests.helpers import EXAMPLES, dead_letters, run_target, singer, usage
+from tests.platforms import CASES, DESTINATIONS_UNDER_TEST, USAGE_RULE_M3TER, config_for
 
 
 def two_meters(destination: str) -> list[dict]:
     """The usage-row rule twice: event 'requests' (no name) and 'tokens' (named)."""
-    first = copy.deepcopy(USAGE_RULES_AT[destination])
+    first = copy.deepcopy(CASES[destination].usage_rule)
     second = copy.deepcopy(first)
-    first["fields"][EVENT_FIELD[destination]] = "'requests'"
-    second["fields"][EVENT_FIELD[destination]] = "'tokens'"
+    first["fields"][CASES[destination].event_field] = "'requests'"
+    second["fields"][CASES[destination].event_field] = "'tokens'"
     second["name"] = "tokens"
     return [first, second]
 
@@ -55,11 +35,13 @@ def test_one_record_is_billed_to_two_meters_with_distinct_ids(sandbox, tmp_path,
     assert result.returncode == 0, result.stderr
     assert result.states == [{"n": 6}]
     stored = sandbox.items(destination)
-    ids = [item[ID_FIELD[destination]] for item in stored]
+    ids = [item[CASES[destination].id_field] for item in stored]
     assert len(stored) == 12 and len(set(ids)) == 12
     by_event: dict[str, set] = {}
     for item in stored:
-        by_event.setdefault(item[EVENT_FIELD[destination]], set()).add(item[ID_FIELD[destination]])
+        by_event.setdefault(item[CASES[destination].event_field], set()).add(
+            item[CASES[destination].id_field]
+        )
     # the first mapping's ids are those it derived alone; the second's add its name
     assert by_event["requests"] == {derive_id("usage", r, ["id"]) for r in records}
     assert by_event["tokens"] == {derive_id("usage", r, ["id"], mapping="tokens") for r in records}

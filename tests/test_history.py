@@ -7,7 +7,8 @@ import sqlite3
 
 import pytest
 
-from tests.conftest import RECENT, config_for, dead_letters, run_target, singer, usage
+from tests.helpers import RECENT, dead_letters, run_target, singer, usage
+from tests.platforms import config_for
 
 DAY = 86400
 JOURNAL = "target-usage-billing-journal.sqlite"

@@ -11,7 +11,8 @@ import json
 import pytest
 
 from target_usage_billing.idscheme import accepted, key_change_error
-from tests.conftest import USAGE_RULE_M3TER, config_for, run_target, singer, usage
+from tests.helpers import run_target, singer, usage
+from tests.platforms import USAGE_RULE_M3TER, config_for
 
 
 def schema(keys: list[str]) -> str:

@@ -21,19 +21,8 @@ from pathlib import Path
 import pytest
 
 from target_usage_billing.journal_store import DEFAULT_JOURNAL_NAME, SqliteJournalStore
-from tests.conftest import (
-    DESTINATIONS_UNDER_TEST,
-    TARGET,
-    USAGE_RULE_M3TER,
-    Pipeline,
-    config_for,
-    crash_config,
-    position,
-    run_target,
-    singer,
-    usage,
-    wait_until,
-)
+from tests.helpers import TARGET, Pipeline, position, run_target, singer, usage, wait_until
+from tests.platforms import CASES, DESTINATIONS_UNDER_TEST, USAGE_RULE_M3TER, config_for, crash_config
 
 EVERYTHING = ("0000", "9999")  # days from the beginning to the end of time
 
@@ -63,18 +52,8 @@ def journal_sums(store: SqliteJournalStore) -> dict[str, decimal.Decimal]:
     return dict(totals)
 
 
-CUSTOMER = {
-    "m3ter": lambda item: item["account"],
-    "metronome": lambda item: item["customer_id"],
-    "orb": lambda item: item["external_customer_id"],
-    "lago": lambda item: item["external_subscription_id"],
-    "openmeter": lambda item: item["subject"],
-    "stripe": lambda item: item["payload"]["stripe_customer_id"],
-}
-
-
 def stored_counts(sandbox, destination: str) -> collections.Counter[str]:
-    return collections.Counter(CUSTOMER[destination](item) for item in sandbox.items(destination))
+    return collections.Counter(CASES[destination].customer(item) for item in sandbox.items(destination))
 
 
 @pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)

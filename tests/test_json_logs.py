@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import M3TER_SECRET, config_for, run_target, singer, usage
+from tests.helpers import run_target, singer, usage
+from tests.platforms import M3TER_SECRET, config_for
 
 
 def events(stderr: str) -> list[dict]:

@@ -1,6 +1,7 @@
 """Lago: the destination against the sandbox, and Lago's official SDK
 (lago-python-client) as the referee of both (the families shared with the other
-platforms run it too: see DESTINATIONS_UNDER_TEST in conftest)."""
+platforms run it too: see CASES
+in tests/platforms.py)."""
 
 from __future__ import annotations
 
@@ -9,24 +10,13 @@ import json
 import typing as t
 
 import pytest
-import requests
 from lago_python_client.client import Client
 from lago_python_client.exceptions import LagoApiError
 from lago_python_client.models.event import BatchEvent, Event
 
-from tests.conftest import (
-    LAGO_KEY,
-    RECENT,
-    config_for,
-    dead_letters,
-    lago_config,
-    load_segment_tracks,
-    problems,
-    referee_bodies,
-    run_target,
-    singer,
-    usage,
-)
+from tests.helpers import RECENT, dead_letters, run_target, singer, usage
+from tests.platforms import CASES, LAGO_KEY, config_for, load_segment_tracks
+from tests.referees import body_items, problems, referee_bodies
 
 
 def event(key: str, **fields: t.Any) -> dict:
@@ -40,20 +30,14 @@ def event(key: str, **fields: t.Any) -> dict:
     }
 
 
-def ingest(sandbox, events: list[dict], key: str = LAGO_KEY) -> requests.Response:
-    return requests.post(
-        f"{sandbox.url}/lago/api/v1/events/batch",
-        json={"events": events},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=10,
-    )
+LAGO = CASES["lago"]
 
 
 # --- the target ----------------------------------------------------------------------
 
 
 def test_segment_events_arrive_once_with_lagos_fields_and_unix_seconds(sandbox, tmp_path):
-    result, pairs = load_segment_tracks(sandbox, tmp_path, "lago", lago_config(sandbox), seed=4)
+    result, pairs = load_segment_tracks(sandbox, tmp_path, "lago", CASES["lago"].config(sandbox), seed=4)
     for record, item in pairs:
         assert item["code"] == record["event"]
         assert item["external_subscription_id"] == record["context"]["groupId"]
@@ -142,7 +126,7 @@ def test_an_event_lago_refuses_is_isolated_and_dead_lettered(sandbox, tmp_path):
 
 
 def test_the_sandbox_refuses_a_whole_request_naming_each_refused_event_by_index(sandbox):
-    answer = ingest(
+    answer = LAGO.post_items(
         sandbox,
         [event("ok"), event("bad-time", timestamp="yesterday"), event("no-sub", external_subscription_id="")],
     )
@@ -156,13 +140,13 @@ def test_the_sandbox_refuses_a_whole_request_naming_each_refused_event_by_index(
 
 
 def test_the_sandbox_refuses_ids_it_already_has_and_oversized_requests(sandbox):
-    assert ingest(sandbox, [event("a"), event("b")]).status_code == 200
-    again = ingest(sandbox, [event("c"), event("a")])
+    assert LAGO.post_items(sandbox, [event("a"), event("b")]).status_code == 200
+    again = LAGO.post_items(sandbox, [event("c"), event("a")])
     assert again.status_code == 422
     assert again.json()["error_details"] == {"1": {"transaction_id": ["value_already_exist"]}}
     assert sandbox.stats("lago")["stored"] == 2  # "c" was not taken either
-    assert ingest(sandbox, [event(f"e{i}") for i in range(101)]).status_code == 422
-    assert ingest(sandbox, [event("z")], key="wrong").status_code == 401
+    assert LAGO.post_items(sandbox, [event(f"e{i}") for i in range(101)]).status_code == 422
+    assert LAGO.post_items(sandbox, [event("z")], key="wrong").status_code == 401
 
 
 # --- the official SDK as referee ---------------------------------------------------------
@@ -172,7 +156,7 @@ def test_every_body_fits_the_sdk_request_type(tmp_path):
     for bodies in referee_bodies(tmp_path, "lago", seed=10, hours=48):
         for body in bodies:
             BatchEvent.parse_obj(body)  # the SDK's own model takes it
-        events = [item for body in bodies for item in body["events"]]
+        events = body_items(LAGO, bodies)
         assert events
         assert [p for i, item in enumerate(events) for p in problems(item, Event, f"events[{i}]")] == []
 

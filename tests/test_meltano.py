@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 MELTANO_VERSION = "4.4.1"
 MELTANO_VENV = ROOT / ".cache" / f"meltano-{MELTANO_VERSION}"

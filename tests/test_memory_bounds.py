@@ -13,7 +13,7 @@ from pathlib import Path
 from singer_sdk.singerlib import SingerMessageType
 
 from target_usage_billing.target import TargetUsageBilling
-from tests.conftest import RECENT
+from tests.helpers import RECENT
 
 
 def many_streams_run(

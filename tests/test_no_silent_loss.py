@@ -18,17 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     DEFAULT_DEAD_LETTERS,
-    DESTINATIONS_UNDER_TEST,
-    ID_FIELD,
-    MAX_ITEMS,
-    NOTE_FIELD,
     RECENT,
     TARGET,
-    USAGE_RULE_M3TER,
     Pipeline,
-    config_for,
     dead_letters,
     position,
     run_target,
@@ -36,12 +30,13 @@ from tests.conftest import (
     usage,
     wait_until,
 )
+from tests.platforms import CASES, DESTINATIONS_UNDER_TEST, USAGE_RULE_M3TER, config_for
 
 BATCH_TAP = str(Path(__file__).with_name("batch_tap.py"))
 
 
 def stored_notes(sandbox, destination: str) -> list[str]:
-    category = NOTE_FIELD.get(destination, "properties")
+    category = CASES[destination].note_field
     return sorted(item[category]["note"] for item in sandbox.items(destination))
 
 
@@ -299,7 +294,7 @@ def test_a_second_body_for_an_id_already_sent_is_a_conflict_not_a_silent_drop(sa
     (dead,) = dead_letters(tmp_path)
     assert dead["stage"] == "conflict" and dead["line"] == 12 and dead["record"]["tokens"] == 999
     assert dead["sent_body_digest"] != dead["body_digest"]
-    assert dead["id"] == dead["payload"][ID_FIELD[destination]]
+    assert dead["id"] == dead["payload"][CASES[destination].id_field]
     assert "rejected 1, duplicates 1" in result.stderr
     assert result.states == [{"p": 12}]
 
@@ -350,7 +345,7 @@ def test_state_after_every_record_with_checkpoint_zero_still_batches(sandbox, tm
     assert result.returncode == 0, result.stderr
     stats = sandbox.stats(destination)
     assert stats["stored"] == 300
-    assert stats["requests"] == -(-300 // MAX_ITEMS[destination])  # full batches only
+    assert stats["requests"] == -(-300 // CASES[destination].max_items)  # full batches only
     assert result.states[-1] == {"position": 300}
 
 

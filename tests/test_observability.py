@@ -5,16 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from tests.conftest import (
-    EXAMPLES,
-    USAGE_RULE_M3TER,
-    Pipeline,
-    crash_config,
-    m3ter_config,
-    metronome_config,
-    run_target,
-    singer,
-)
+from tests.helpers import EXAMPLES, Pipeline, run_target, singer
+from tests.platforms import USAGE_RULE_M3TER, crash_config, m3ter_config, metronome_config
 
 EXAMPLE = EXAMPLES / "segment-events.singer.jsonl"
 

@@ -1,32 +1,21 @@
 """OpenMeter: the destination against the sandbox, and OpenMeter's official SDK
 (openmeter) as the referee of both (the families shared with the other platforms run
-it too: see DESTINATIONS_UNDER_TEST in conftest)."""
+it too: see CASES in
+tests/platforms.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import typing as t
 
 import pytest
-import requests
 from corehttp.exceptions import ClientAuthenticationError, HttpResponseError
 from openmeter import Client as OpenMeterClient
 from openmeter.models import Event as CloudEvent
 
-from tests.conftest import (
-    OPENMETER_TOKEN,
-    config_for,
-    dead_letters,
-    load_segment_tracks,
-    openmeter_config,
-    referee_bodies,
-    run_target,
-    singer,
-    usage,
-)
-
-BATCH = "application/cloudevents-batch+json"
+from tests.helpers import dead_letters, run_target, singer, usage
+from tests.platforms import CASES, OPENMETER_TOKEN, config_for, load_segment_tracks
+from tests.referees import body_items, referee_bodies
 
 
 def cloud_event(key: str, **fields: t.Any) -> dict:
@@ -43,20 +32,16 @@ def cloud_event(key: str, **fields: t.Any) -> dict:
     }
 
 
-def ingest(sandbox, events: list[dict], token: str = OPENMETER_TOKEN, content_type: str = BATCH):
-    return requests.post(
-        f"{sandbox.url}/openmeter/api/v1/events",
-        data=json.dumps(events),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
-        timeout=10,
-    )
+OPENMETER = CASES["openmeter"]
 
 
 # --- the target ----------------------------------------------------------------------
 
 
 def test_segment_events_arrive_once_as_cloudevents(sandbox, tmp_path):
-    result, pairs = load_segment_tracks(sandbox, tmp_path, "openmeter", openmeter_config(sandbox), seed=6)
+    result, pairs = load_segment_tracks(
+        sandbox, tmp_path, "openmeter", CASES["openmeter"].config(sandbox), seed=6
+    )
     for record, item in pairs:
         assert item["specversion"] == "1.0" and item["source"] == "target-usage-billing"
         assert item["type"] == record["event"]
@@ -83,7 +68,7 @@ def test_the_source_is_a_setting_and_part_of_the_identity(sandbox, tmp_path):
 
 
 def test_a_self_hosted_openmeter_needs_no_token(tmp_path):
-    from tests.conftest import start_sandbox, stop_sandbox
+    from tests.helpers import start_sandbox, stop_sandbox
 
     sandbox = start_sandbox(tmp_path / "sandbox", "--openmeter-api-token", "")
     try:
@@ -113,8 +98,10 @@ def test_an_event_openmeter_refuses_is_isolated_and_dead_lettered(sandbox, tmp_p
 
 
 def test_the_sandbox_dedupes_by_id_and_source(sandbox):
-    assert ingest(sandbox, [cloud_event("a"), cloud_event("b")]).status_code == 204
-    assert ingest(sandbox, [cloud_event("a"), cloud_event("a", source="other")]).status_code == 204
+    assert OPENMETER.post_items(sandbox, [cloud_event("a"), cloud_event("b")]).status_code == 204
+    assert (
+        OPENMETER.post_items(sandbox, [cloud_event("a"), cloud_event("a", source="other")]).status_code == 204
+    )
     assert sandbox.stats("openmeter")["stored"] == 3
     assert sandbox.stats("openmeter")["duplicates"] == 1
 
@@ -130,7 +117,7 @@ def test_the_sandbox_dedupes_by_id_and_source(sandbox):
     ],
 )
 def test_the_sandbox_refuses_a_malformed_event_and_the_whole_request(sandbox, change, detail):
-    answer = ingest(sandbox, [cloud_event("ok"), {**cloud_event("bad"), **change}])
+    answer = OPENMETER.post_items(sandbox, [cloud_event("ok"), {**cloud_event("bad"), **change}])
     assert answer.status_code == 400
     assert answer.headers["Content-Type"] == "application/problem+json"
     assert detail in answer.json()["detail"] and "event [1]" in answer.json()["detail"]
@@ -138,8 +125,10 @@ def test_the_sandbox_refuses_a_malformed_event_and_the_whole_request(sandbox, ch
 
 
 def test_the_sandbox_wants_the_batch_content_type_and_a_token(sandbox):
-    assert ingest(sandbox, [cloud_event("a")], content_type="application/json").status_code == 400
-    assert ingest(sandbox, [cloud_event("a")], token="wrong").status_code == 401
+    assert (
+        OPENMETER.post_items(sandbox, [cloud_event("a")], content_type="application/json").status_code == 400
+    )
+    assert OPENMETER.post_items(sandbox, [cloud_event("a")], key="wrong").status_code == 401
 
 
 # --- the official SDK as referee ---------------------------------------------------------
@@ -147,7 +136,7 @@ def test_the_sandbox_wants_the_batch_content_type_and_a_token(sandbox):
 
 def test_every_body_fits_the_sdk_model(tmp_path):
     for bodies in referee_bodies(tmp_path, "openmeter", seed=11, hours=48):
-        events = [item for body in bodies for item in body]
+        events = body_items(OPENMETER, bodies)
         assert events
         known = {name for name in t.get_type_hints(CloudEvent) if not name.startswith("_")}  # its fields
         for item in events:

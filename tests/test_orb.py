@@ -1,6 +1,6 @@
 """Orb: the destination against the sandbox, and Orb's official SDK (orb-billing) as the
 referee of both (the families shared with the other platforms run it too: see
-DESTINATIONS_UNDER_TEST in conftest)."""
+CASES in tests/platforms.py)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,11 @@ import typing as t
 
 import orb
 import pytest
-import requests
 from orb.types.event_ingest_params import Event as OrbEvent
 
-from tests.conftest import (
-    ORB_KEY,
-    RECENT,
-    config_for,
-    dead_letters,
-    load_segment_tracks,
-    orb_config,
-    problems,
-    referee_bodies,
-    run_target,
-    singer,
-    stamp,
-    usage,
-)
+from tests.helpers import RECENT, dead_letters, run_target, singer, stamp, usage
+from tests.platforms import CASES, ORB_KEY, config_for, load_segment_tracks
+from tests.referees import body_items, problems, referee_bodies
 
 
 def event(key: str, **fields: t.Any) -> dict:
@@ -39,20 +27,14 @@ def event(key: str, **fields: t.Any) -> dict:
     }
 
 
-def ingest(sandbox, events: list[dict], key: str = ORB_KEY, query: str = "") -> requests.Response:
-    return requests.post(
-        f"{sandbox.url}/orb/v1/ingest{query}",
-        json={"events": events},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=10,
-    )
+ORB = CASES["orb"]
 
 
 # --- the target ----------------------------------------------------------------------
 
 
 def test_segment_events_arrive_once_with_orbs_fields(sandbox, tmp_path):
-    result, pairs = load_segment_tracks(sandbox, tmp_path, "orb", orb_config(sandbox), seed=3)
+    result, pairs = load_segment_tracks(sandbox, tmp_path, "orb", CASES["orb"].config(sandbox), seed=3)
     for record, item in pairs:
         assert item["event_name"] == record["event"]
         assert item["external_customer_id"] == record["context"]["groupId"]
@@ -90,7 +72,7 @@ def test_a_longer_grace_period_is_a_setting(sandbox, tmp_path):
     ],
 )
 def test_events_orb_would_refuse_are_dead_lettered_one_by_one(sandbox, tmp_path, fields, reason):
-    config = orb_config(
+    config = CASES["orb"].config(
         sandbox,
         max_rejected_ratio=1,
         mappings=[
@@ -116,7 +98,7 @@ def test_events_orb_would_refuse_are_dead_lettered_one_by_one(sandbox, tmp_path,
 
 
 def test_missing_properties_are_sent_as_an_empty_object(sandbox, tmp_path):
-    config = orb_config(
+    config = CASES["orb"].config(
         sandbox,
         mappings=[
             {
@@ -134,14 +116,14 @@ def test_missing_properties_are_sent_as_an_empty_object(sandbox, tmp_path):
 
 
 def test_the_sandbox_dedupes_by_idempotency_key_and_says_so_in_debug_mode(sandbox):
-    assert ingest(sandbox, [event("a"), event("b")]).json() == {"validation_failed": []}
-    answer = ingest(sandbox, [event("a"), event("c")], query="?debug=true").json()
+    assert ORB.post_items(sandbox, [event("a"), event("b")]).json() == {"validation_failed": []}
+    answer = ORB.post_items(sandbox, [event("a"), event("c")], query="?debug=true").json()
     assert answer["debug"] == {"duplicate": ["a"], "ingested": ["c"]}
     assert sandbox.stats("orb")["stored"] == 3
 
 
 def test_the_sandbox_refuses_a_whole_request_naming_each_failed_key(sandbox):
-    answer = ingest(
+    answer = ORB.post_items(
         sandbox,
         [
             event("ok"),
@@ -162,10 +144,12 @@ def test_the_sandbox_refuses_a_whole_request_naming_each_failed_key(sandbox):
 
 
 def test_the_sandbox_refuses_conflicting_bodies_for_one_key_and_oversized_requests(sandbox):
-    assert ingest(sandbox, [event("k"), event("k", event_name="other")]).status_code == 400
-    assert ingest(sandbox, [event(f"e{i}") for i in range(501)]).status_code == 400
-    assert ingest(sandbox, [event("k")], key="wrong").status_code == 401
-    assert ingest(sandbox, [event("k")], query="?backfill_id=b1").status_code == 404  # no such backfill
+    assert ORB.post_items(sandbox, [event("k"), event("k", event_name="other")]).status_code == 400
+    assert ORB.post_items(sandbox, [event(f"e{i}") for i in range(501)]).status_code == 400
+    assert ORB.post_items(sandbox, [event("k")], key="wrong").status_code == 401
+    assert (
+        ORB.post_items(sandbox, [event("k")], query="?backfill_id=b1").status_code == 404
+    )  # no such backfill
 
 
 # --- the official SDK as referee ---------------------------------------------------------
@@ -174,7 +158,7 @@ def test_the_sandbox_refuses_conflicting_bodies_for_one_key_and_oversized_reques
 def test_every_body_fits_the_sdk_request_type(tmp_path):
     for bodies in referee_bodies(tmp_path, "orb", seed=9, hours=6):
         assert all(set(body) == {"events"} for body in bodies)
-        events = [item for body in bodies for item in body["events"]]
+        events = body_items(ORB, bodies)
         assert events
         assert [p for i, item in enumerate(events) for p in problems(item, OrbEvent, f"events[{i}]")] == []
 

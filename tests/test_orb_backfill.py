@@ -16,18 +16,9 @@ from orb.types.events.backfill_create_params import BackfillCreateParams
 from orb.types.events.backfill_list_response import BackfillListResponse
 
 from target_usage_billing.sandbox.orb_backfills import CreateBody
-from tests.conftest import (
-    ORB_KEY,
-    RECENT,
-    TARGET,
-    config_for,
-    dead_letters,
-    run_target,
-    singer,
-    usage,
-    wait_until,
-)
-from tests.test_orb import event, ingest
+from tests.helpers import RECENT, TARGET, dead_letters, run_target, singer, usage, wait_until
+from tests.platforms import CASES, ORB_KEY, config_for
+from tests.test_orb import event
 
 DAY = 86400
 UTC = dt.timezone.utc
@@ -210,7 +201,7 @@ def test_a_state_waits_for_the_close_of_the_backfills_before_it(sandbox, tmp_pat
 
 def test_the_sandbox_refuses_late_events_without_a_backfill_and_takes_them_in_one(sandbox):
     old = event("old", timestamp=(dt.datetime.now(UTC) - dt.timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    refused = ingest(sandbox, [old])
+    refused = CASES["orb"].post_items(sandbox, [old])
     assert refused.status_code == 400
     (failed,) = refused.json()["validation_failed"]
     assert "grace period" in failed["validation_errors"][0] and "backfill" in failed["validation_errors"][0]

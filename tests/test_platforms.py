@@ -8,28 +8,22 @@ import json
 
 import pytest
 
-from tests.conftest import EXAMPLES, SECRETS, example_config, run_target, singer, usage
-
-# per destination: (the key a dry run does without, request path, events per request)
-EXAMPLES_DRY_RUN = {
-    "m3ter": ("m3ter_api_secret", "/organizations/demo-org/measurements", [300]),
-    "metronome": ("metronome_api_token", "/v1/ingest", [100, 100, 100, 100]),
-    "orb": ("orb_api_key", "/v1/ingest", [400]),
-    "lago": ("lago_api_key", "/api/v1/events/batch", [100, 100, 100, 100]),
-    "openmeter": ("openmeter_api_token", "/api/v1/events", [400]),
-    "stripe": ("stripe_api_key", "/v2/billing/meter_event_stream", [100, 100, 100]),
-}
+from target_usage_billing.destinations import DESTINATIONS
+from target_usage_billing.sandbox import state as sandbox_state
+from tests.helpers import EXAMPLES, run_target, singer, usage
+from tests.platforms import CASES, DESTINATIONS_UNDER_TEST, example_config
 
 
-@pytest.mark.parametrize("destination", list(EXAMPLES_DRY_RUN))
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_every_example_config_dry_runs_the_bundled_events_without_credentials(tmp_path, destination):
-    secret, path, sizes = EXAMPLES_DRY_RUN[destination]
+    case = CASES[destination]
+    path, sizes = case.example_requests
     config = json.loads((EXAMPLES / f"{destination}-segment.config.json").read_text())
-    assert config.pop(secret) == SECRETS[destination]
+    assert config.pop(case.secret_setting) == case.secret
     result = run_target(tmp_path, {**config, "dry_run": True}, EXAMPLES / "segment-events.singer.jsonl")
     assert result.returncode == 0, result.stderr
     written = [json.loads(line) for line in (tmp_path / "dry-run-requests.jsonl").read_text().splitlines()]
-    assert [request["items"] for request in written] == sizes
+    assert [request["items"] for request in written] == list(sizes)
     assert {request["path"] for request in written} == {path}
     assert "rejected 0" in result.stderr and result.states == []  # a dry run withholds STATE
 
@@ -37,24 +31,9 @@ def test_every_example_config_dry_runs_the_bundled_events_without_credentials(tm
 @pytest.mark.parametrize(
     ("destination", "setting", "message"),
     [
-        ("orb", "orb_api_key", "Orb refused the API key (401 from GET /orb/v1/customers): check orb_api_key"),
-        (
-            "lago",
-            "lago_api_key",
-            "Lago refused the API key (401 from GET /lago/api/v1/customers): check lago_api_key",
-        ),
-        (
-            "openmeter",
-            "openmeter_api_token",
-            "OpenMeter refused the API token (401 from GET /openmeter/api/v1/meters): "
-            "check openmeter_api_token",
-        ),
-        (
-            "stripe",
-            "stripe_api_key",
-            "Stripe refused the secret key (401 from POST /v2/billing/meter_event_session): "
-            "check stripe_api_key",
-        ),
+        (name, case.secret_setting, case.refused_key_message)
+        for name, case in CASES.items()
+        if case.refused_key_message
     ],
 )
 def test_a_refused_key_is_exit_3_before_any_input(sandbox, tmp_path, destination, setting, message):
@@ -85,10 +64,17 @@ def test_make_demo_loads_the_examples_into_all_six_sandboxes():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     accepted = dict(re.findall(r"The (\w+) sandbox accepted (\d+) items", done.stdout))
-    assert set(accepted) == set(EXAMPLES_DRY_RUN)
+    assert set(accepted) == set(CASES)
     assert all(int(count) > 0 for count in accepted.values()), accepted
-    assert done.stdout.count("rejected requests 0") == len(EXAMPLES_DRY_RUN)
+    assert done.stdout.count("rejected requests 0") == len(CASES)
     totals = re.findall(r"total: sent (\d+) .*, rejected (\d+),", done.stdout)
-    assert len(totals) == len(EXAMPLES_DRY_RUN) and all(rejected == "0" for _, rejected in totals)
+    assert len(totals) == len(CASES) and all(rejected == "0" for _, rejected in totals)
     # and each load read back from its platform and confirmed
-    assert done.stdout.count("result: every item checked is confirmed") == len(EXAMPLES_DRY_RUN)
+    assert done.stdout.count("result: every item checked is confirmed") == len(CASES)
+
+
+def test_every_destination_has_a_platform_case():
+    """A new platform without its record in tests/platforms.py fails here by name, instead of
+    being left out of every shared test family."""
+    assert set(CASES) == set(DESTINATIONS) == set(sandbox_state.DESTINATIONS)
+    assert all(case.destination is DESTINATIONS[name] for name, case in CASES.items())

@@ -14,7 +14,8 @@ import urllib.request
 import pytest
 import requests
 
-from tests.conftest import run_target, singer, usage_config, usage_records
+from tests.helpers import run_target, singer, usage_records
+from tests.platforms import usage_config
 
 
 class ForwardProxy(http.server.ThreadingHTTPServer):

@@ -7,19 +7,12 @@ from __future__ import annotations
 import pytest
 
 from target_usage_billing.journal_store import DEFAULT_JOURNAL_NAME, SqliteJournalStore
-from tests.conftest import (
-    DESTINATIONS_UNDER_TEST,
-    config_for,
-    dead_letters,
-    run_target,
-    singer,
-    usage,
-)
+from tests.helpers import dead_letters, run_target, singer, usage
+from tests.platforms import CASES, DESTINATIONS_UNDER_TEST, config_for
 
 ROWS = 35
-BY_ID = ["metronome", "orb", "lago", "openmeter"]
 # platforms that accept first and report invalid items later, through their own channel
-VALIDATE_LATER = ["m3ter", "metronome", "openmeter", "stripe"]
+VALIDATE_LATER = [name for name, case in CASES.items() if case.validates_later]
 
 
 def load(sandbox, tmp_path, destination: str, **overrides) -> dict:
@@ -42,7 +35,7 @@ def test_a_clean_load_is_confirmed(sandbox, tmp_path, destination):
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every item checked is confirmed" in result.stdout
-    if destination in BY_ID:
+    if CASES[destination].reads_by_id:
         assert f"checked {ROWS} of {ROWS} ids" in result.stdout
     else:  # totals: one row per customer and field, no difference
         rows = [line for line in result.stdout.splitlines() if line.strip().startswith("a")]
@@ -63,7 +56,7 @@ def test_items_lost_after_the_acknowledgement_are_found(sandbox, tmp_path, desti
     assert "MISMATCH" in result.stdout
     (line,) = result.error_lines
     assert "does not hold everything" in line
-    if destination in BY_ID:
+    if CASES[destination].reads_by_id:
         assert f"{len(lost)} missing" in line
         for item_id in lost:
             assert item_id in result.stdout

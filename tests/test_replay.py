@@ -9,15 +9,8 @@ import json
 import msgspec
 
 from target_usage_billing.mapping.ids import derive_id
-from tests.conftest import (
-    DEFAULT_DEAD_LETTERS,
-    USAGE_RULE_M3TER,
-    config_for,
-    dead_letters,
-    run_target,
-    singer,
-    usage,
-)
+from tests.helpers import DEFAULT_DEAD_LETTERS, dead_letters, run_target, singer, usage
+from tests.platforms import USAGE_RULE_M3TER, config_for
 
 EXACT = "0.1000000000000000055511151231257827"
 FIXED_RULE = {**USAGE_RULE_M3TER, "fields": {**USAGE_RULE_M3TER["fields"], "account": "account || customer"}}

@@ -7,18 +7,8 @@ import json
 import signal
 import time
 
-from tests.conftest import (
-    M3TER_SECRET,
-    RECENT,
-    USAGE_RULE_M3TER,
-    Pipeline,
-    config_for,
-    dead_letters,
-    run_target,
-    singer,
-    usage,
-    wait_until,
-)
+from tests.helpers import RECENT, Pipeline, dead_letters, run_target, singer, usage, wait_until
+from tests.platforms import M3TER_SECRET, USAGE_RULE_M3TER, config_for
 
 REPORT_KEYS = {
     "report_version",

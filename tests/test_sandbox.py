@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import gzip
 import json
 import time
 
 import pytest
 import requests
 
-from tests.conftest import M3TER_KEY, M3TER_SECRET, METRONOME_TOKEN, start_sandbox, stop_sandbox
+from tests.helpers import start_sandbox, stop_sandbox
+from tests.platforms import CASES, M3TER_KEY, M3TER_SECRET
 
 
 def now_iso(**delta: float) -> str:
@@ -43,13 +43,7 @@ def post_measurements(sandbox, items, bearer=None) -> requests.Response:
     )
 
 
-def post_events(sandbox, events, bearer=METRONOME_TOKEN, compress=False) -> requests.Response:
-    body = json.dumps(events).encode()
-    headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
-    if compress:
-        body = gzip.compress(body)
-        headers["Content-Encoding"] = "gzip"
-    return requests.post(f"{sandbox.url}/v1/ingest", data=body, headers=headers, timeout=10)
+METRONOME = CASES["metronome"]
 
 
 def event(i: int = 0, **extra) -> dict:
@@ -163,8 +157,8 @@ def test_m3ter_rate_limit_answers_429_with_retry_after(sandbox):
 
 
 def test_metronome_accepts_a_bare_array_gzip_or_not_and_deduplicates(sandbox):
-    assert post_events(sandbox, [event(1), event(2)]).status_code == 200
-    assert post_events(sandbox, [event(2), event(3)], compress=True).status_code == 200
+    assert METRONOME.post_items(sandbox, [event(1), event(2)]).status_code == 200
+    assert METRONOME.post_items(sandbox, [event(2), event(3)], compress=True).status_code == 200
     stats = sandbox.stats("metronome")
     assert stats["accepted"] == 3
     assert stats["duplicates"] == 1
@@ -172,7 +166,7 @@ def test_metronome_accepts_a_bare_array_gzip_or_not_and_deduplicates(sandbox):
 
 
 def test_metronome_bad_token_is_403(sandbox):
-    assert post_events(sandbox, [event()], bearer="wrong").status_code == 403
+    assert METRONOME.post_items(sandbox, [event()], key="wrong").status_code == 403
     probe = requests.get(
         f"{sandbox.url}/v1/customers?limit=1", headers={"Authorization": "Bearer wrong"}, timeout=10
     )
@@ -192,7 +186,7 @@ def test_metronome_bad_token_is_403(sandbox):
     ids=["empty", "over-100", "too-old", "too-far-ahead", "missing-event-type", "not-an-array"],
 )
 def test_metronome_one_invalid_event_fails_the_whole_request(sandbox, events):
-    answer = post_events(sandbox, events)
+    answer = METRONOME.post_items(sandbox, events)
     assert answer.status_code == 400
     assert sandbox.stats("metronome")["accepted"] == 0
 
@@ -202,29 +196,29 @@ def test_metronome_one_invalid_event_fails_the_whole_request(sandbox, events):
 
 def test_injected_faults_then_recovery(sandbox):
     sandbox.faults({"kind": "429", "count": 1, "retry_after": "2"}, {"kind": "503", "count": 1})
-    first = post_events(sandbox, [event(1)])
+    first = METRONOME.post_items(sandbox, [event(1)])
     assert (first.status_code, first.headers.get("Retry-After")) == (429, "2")
-    assert post_events(sandbox, [event(1)]).status_code == 503
-    assert post_events(sandbox, [event(1)]).status_code == 200
+    assert METRONOME.post_items(sandbox, [event(1)]).status_code == 503
+    assert METRONOME.post_items(sandbox, [event(1)]).status_code == 200
 
 
 def test_a_storm_refuses_everything_for_its_seconds_after_letting_some_through(sandbox):
     sandbox.faults({"kind": "429", "after": 2, "seconds": 2, "retry_after": "1", "destination": "metronome"})
-    assert [post_events(sandbox, [event(i)]).status_code for i in range(2)] == [200, 200]
+    assert [METRONOME.post_items(sandbox, [event(i)]).status_code for i in range(2)] == [200, 200]
     started = time.monotonic()
     during = []
     while time.monotonic() - started < 0.5:  # well inside the storm's two seconds
-        during.append(post_events(sandbox, [event(9)]))
+        during.append(METRONOME.post_items(sandbox, [event(9)]))
     assert during and {(r.status_code, r.headers.get("Retry-After")) for r in during} == {(429, "1")}
     time.sleep(max(0.0, 2.1 - (time.monotonic() - started)))
-    assert post_events(sandbox, [event(9)]).status_code == 200
+    assert METRONOME.post_items(sandbox, [event(9)]).status_code == 200
     assert sandbox.stats("metronome")["statuses"]["429"] == len(during)
 
 
 def test_stored_then_500_keeps_the_items(sandbox):
     sandbox.faults({"kind": "stored-500", "count": 1, "destination": "metronome"})
-    assert post_events(sandbox, [event(1)]).status_code == 500
-    assert post_events(sandbox, [event(1)]).status_code == 200
+    assert METRONOME.post_items(sandbox, [event(1)]).status_code == 500
+    assert METRONOME.post_items(sandbox, [event(1)]).status_code == 200
     stats = sandbox.stats("metronome")
     assert (stats["accepted"], stats["duplicates"]) == (1, 1)
 
@@ -232,20 +226,20 @@ def test_stored_then_500_keeps_the_items(sandbox):
 def test_dropped_connection(sandbox):
     sandbox.faults({"kind": "drop", "count": 1})
     with pytest.raises(requests.ConnectionError):
-        post_events(sandbox, [event(1)])
-    assert post_events(sandbox, [event(1)]).status_code == 200
+        METRONOME.post_items(sandbox, [event(1)])
+    assert METRONOME.post_items(sandbox, [event(1)]).status_code == 200
 
 
 def test_accepted_items_survive_a_sandbox_restart(tmp_path):
     first = start_sandbox(tmp_path)
     try:
-        post_events(first, [event(1)])
+        METRONOME.post_items(first, [event(1)])
     finally:
         stop_sandbox(first)
     second = start_sandbox(tmp_path)
     try:
         assert len(second.items("metronome")) == 1
-        post_events(second, [event(1)])
+        METRONOME.post_items(second, [event(1)])
         assert second.stats("metronome")["duplicates"] == 1
     finally:
         stop_sandbox(second)
@@ -256,7 +250,7 @@ def test_a_reset_voids_requests_still_in_flight(sandbox):
 
     sandbox.faults({"kind": "slow", "count": 1, "delay_ms": 800})
     answers = []
-    slow = threading.Thread(target=lambda: answers.append(post_events(sandbox, [event(1)])))
+    slow = threading.Thread(target=lambda: answers.append(METRONOME.post_items(sandbox, [event(1)])))
     slow.start()
     import time
 

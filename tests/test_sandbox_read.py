@@ -29,8 +29,10 @@ from openmeter.models import Event as CloudEvent
 from openmeter.models import IngestedEvent
 from stripe.events import V1BillingMeterErrorReportTriggeredEvent
 
-from tests.conftest import (
-    ID_FIELD,
+from tests.helpers import run_target, singer, start_sandbox, stop_sandbox, usage
+from tests.platforms import (
+    CASES,
+    DESTINATIONS_UNDER_TEST,
     LAGO_KEY,
     M3TER_KEY,
     M3TER_SECRET,
@@ -39,11 +41,6 @@ from tests.conftest import (
     ORB_KEY,
     STRIPE_KEY,
     config_for,
-    run_target,
-    singer,
-    start_sandbox,
-    stop_sandbox,
-    usage,
 )
 
 UTC = dt.timezone.utc
@@ -397,12 +394,12 @@ def test_stripe_meters_event_summaries_and_error_reports_read_back_with_the_sdk(
 # --- the target's own runs: the fault counts items across requests -----------------------
 
 
-@pytest.mark.parametrize("destination", ["m3ter", "metronome", "orb", "lago", "openmeter", "stripe"])
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_lost_after_ack_hits_every_nth_item_across_the_targets_requests(sandbox, tmp_path, destination):
     config = config_for(destination, sandbox, batch_size_rows=10, max_requests_in_flight=1)
     lines = singer("usage", usage(35), key_properties=["id"])
     assert run_target(tmp_path, config, lines).returncode == 0
-    sent = [item[ID_FIELD[destination]] for item in sandbox.items(destination)]  # in the order sent
+    sent = [item[CASES[destination].id_field] for item in sandbox.items(destination)]  # in the order sent
     assert len(sent) == 35 and sandbox.stats(destination)["requests"] == 4
     sandbox.reset()
     sandbox.faults({"kind": "lost-after-ack", "every": 7})
@@ -410,7 +407,7 @@ def test_lost_after_ack_hits_every_nth_item_across_the_targets_requests(sandbox,
     assert result.returncode == 0, result.stderr  # acknowledged: the target cannot know
     stats = sandbox.stats(destination)
     assert stats["lost_ids"] == sent[6::7] and stats["lost_after_ack"] == 5
-    assert [item[ID_FIELD[destination]] for item in sandbox.items(destination)] == [
+    assert [item[CASES[destination].id_field] for item in sandbox.items(destination)] == [
         key for key in sent if key not in sent[6::7]
     ]
 

@@ -12,18 +12,18 @@ import resource
 import subprocess
 import sys
 
-from tests.conftest import (
+from tests.helpers import (
     DEFAULT_DEAD_LETTERS,
     RECENT,
     TARGET,
     Result,
-    config_for,
     dead_letters,
     run_target,
     singer,
     usage,
     wait_until,
 )
+from tests.platforms import config_for
 
 
 def rejected_rows(count: int, start: int = 0, blob: int = 0) -> list[dict]:

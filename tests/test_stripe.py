@@ -1,6 +1,7 @@
 """Stripe meter events: the destination against the sandbox, and Stripe's official SDK
 (stripe) as the referee of both (the families shared with the other platforms run it
-too: see DESTINATIONS_UNDER_TEST in conftest)."""
+too: see CASES in
+tests/platforms.py)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,9 @@ import stripe
 from stripe.params.v2.billing._meter_event_stream_create_params import MeterEventStreamCreateParamsEvent
 
 from target_usage_billing.sandbox.samples import singer_lines
-from tests.conftest import (
-    STRIPE_KEY,
-    config_for,
-    dead_letters,
-    problems,
-    referee_bodies,
-    run_target,
-    singer,
-    stamp,
-    stripe_config,
-    usage,
-)
+from tests.helpers import dead_letters, run_target, singer, stamp, usage
+from tests.platforms import CASES, STRIPE_KEY, config_for
+from tests.referees import body_items, problems, referee_bodies
 
 
 def meter_event(key: str, **fields: t.Any) -> dict:
@@ -48,13 +40,7 @@ def session_token(sandbox, key: str = STRIPE_KEY) -> requests.Response:
     )
 
 
-def stream(sandbox, events: list[dict], token: str) -> requests.Response:
-    return requests.post(
-        f"{sandbox.url}/stripe/v2/billing/meter_event_stream",
-        json={"events": events},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
+STRIPE = CASES["stripe"]
 
 
 # --- the target ----------------------------------------------------------------------
@@ -62,7 +48,7 @@ def stream(sandbox, events: list[dict], token: str) -> requests.Response:
 
 def test_segment_events_arrive_once_as_meter_events_with_exact_text_values(sandbox, tmp_path):
     lines = list(singer_lines(300, seed=7, hours=6, state_every=100))
-    config = stripe_config(
+    config = CASES["stripe"].config(
         sandbox,
         mappings=[
             {
@@ -145,12 +131,12 @@ def test_a_payload_without_the_meters_keys_is_dead_lettered(sandbox, tmp_path):
 def test_the_sandbox_wants_a_live_session_and_dedupes_by_identifier(sandbox):
     assert session_token(sandbox, key="sk_wrong").status_code == 401
     token = session_token(sandbox).json()["authentication_token"]
-    assert stream(sandbox, [meter_event("a")], "not-a-session").status_code == 401
-    assert stream(sandbox, [meter_event("a"), meter_event("b")], token).status_code == 200
-    assert stream(sandbox, [meter_event("a")], token).status_code == 200
+    assert STRIPE.post_items(sandbox, [meter_event("a")], key="not-a-session").status_code == 401
+    assert STRIPE.post_items(sandbox, [meter_event("a"), meter_event("b")], key=token).status_code == 200
+    assert STRIPE.post_items(sandbox, [meter_event("a")], key=token).status_code == 200
     assert sandbox.stats("stripe")["stored"] == 2 and sandbox.stats("stripe")["duplicates"] == 1
     sandbox.expire_tokens()
-    expired = stream(sandbox, [meter_event("c")], token)
+    expired = STRIPE.post_items(sandbox, [meter_event("c")], key=token)
     assert expired.status_code == 401 and expired.json()["error"]["type"] == "temporary_session_expired"
 
 
@@ -168,7 +154,7 @@ def test_the_sandbox_refuses_a_malformed_event_and_the_whole_request(sandbox, ch
     if isinstance(change.get("timestamp"), int):
         change = {"timestamp": stamp(change["timestamp"])}
     token = session_token(sandbox).json()["authentication_token"]
-    answer = stream(sandbox, [meter_event("ok"), {**meter_event("bad"), **change}], token)
+    answer = STRIPE.post_items(sandbox, [meter_event("ok"), {**meter_event("bad"), **change}], key=token)
     assert answer.status_code == 400
     assert (
         answer.json()["error"]["message"].startswith("events[1].")
@@ -183,7 +169,7 @@ def test_the_sandbox_refuses_a_malformed_event_and_the_whole_request(sandbox, ch
 def test_every_body_fits_the_sdk_request_type(tmp_path):
     for bodies in referee_bodies(tmp_path, "stripe", seed=12, hours=48):
         assert all(set(body) == {"events"} and len(body["events"]) <= 100 for body in bodies)
-        events = [item for body in bodies for item in body["events"]]
+        events = body_items(STRIPE, bodies)
         assert events
         found = [
             p

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import m3ter_config, run_target, singer, usage_config, usage_records
+from tests.helpers import run_target, singer, usage_records
+from tests.platforms import m3ter_config, usage_config
 
 
 @pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"])

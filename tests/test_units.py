@@ -23,7 +23,8 @@ from target_usage_billing.http import HttpTransport
 from target_usage_billing.ratelimit import RateLimiter
 from target_usage_billing.stats import RunStats
 from target_usage_billing.target import TargetUsageBilling
-from tests.conftest import METRONOME_TOKEN, RECENT, wait_until
+from tests.helpers import RECENT, wait_until
+from tests.platforms import METRONOME_TOKEN
 
 # --- Delivery ------------------------------------------------------------------------
 

@@ -20,17 +20,9 @@ from m3ter.types.measurement_request_param import MeasurementRequestParam
 from metronome.types.v1.usage_ingest_params import Usage
 
 from target_usage_billing.sandbox.samples import singer_lines
-from tests.conftest import (
-    EXAMPLES,
-    M3TER_KEY,
-    M3TER_SECRET,
-    METRONOME_TOKEN,
-    m3ter_config,
-    metronome_config,
-    problems,
-    run_target,
-    stamp,
-)
+from tests.helpers import EXAMPLES, run_target, stamp
+from tests.platforms import M3TER_KEY, M3TER_SECRET, METRONOME_TOKEN, m3ter_config, metronome_config
+from tests.referees import problems
 
 ALL_M3TER_FIELDS = {
     "stream": "segment_events",
