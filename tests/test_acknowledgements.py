@@ -159,7 +159,7 @@ def test_a_gateways_own_json_ok_is_no_acknowledgement_where_the_answer_has_a_sha
         assert ruling.verdict is Verdict.ACCEPTED
     else:
         assert ruling.verdict is Verdict.RETRY, ruling
-        assert f"not {LABELS[destination]}'s acknowledgement" in ruling.message
+        assert f"not {CASES[destination].label}'s acknowledgement" in ruling.message
 
 
 @pytest.mark.parametrize(
