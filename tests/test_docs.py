@@ -69,3 +69,21 @@ def test_shipped_meltano_plugin_definition_matches_about():
         "stripe_api_key",
         "journal_url",
     }
+
+
+def test_the_meltano_plugin_definition_names_all_six_platforms():
+    # what Meltano Hub and `meltano add` show: the generator and the shipped file both
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from meltano_settings import DEFINITION_PATH, plugin_definition
+    finally:
+        sys.path.pop(0)
+    import yaml
+
+    platforms = ["m3ter", "Metronome", "Orb", "Lago", "OpenMeter", "Stripe"]
+    for definition in (plugin_definition(), yaml.safe_load(DEFINITION_PATH.read_text())):
+        for field in ("label", "description"):
+            missing = [name for name in platforms if name not in definition[field]]
+            assert not missing, f"{field} {definition[field]!r} does not name {missing}"
+    destination = next(s for s in plugin_definition()["settings"] if s["name"] == "destination")
+    assert [option["value"] for option in destination["options"]] == [p.lower() for p in platforms]

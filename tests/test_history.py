@@ -136,3 +136,31 @@ def test_without_the_journal_the_run_says_what_it_cannot_see(sandbox, tmp_path):
     assert result.returncode == 0, result.stderr
     said = "The run journal is off: a re-send of usage Stripe acknowledged more than 24 hours ago"
     assert said in result.stderr
+
+
+def test_metronome_keeps_ids_for_34_days(sandbox, tmp_path):
+    # usage of 33.5 days ago: still inside Metronome's 34-day time window, and old enough
+    # that its ids can have been acknowledged more than 34 days ago (sent up to a day ahead
+    # of its timestamps); the check looks up sampled ids only for such days
+    rows = [{**row, "at": row["at"] - 33 * DAY - 11 * 3600} for row in usage(10)]
+    config = config_for("metronome", sandbox, batch_size_rows=5)
+    lines = singer("usage", rows, key_properties=["id"], state={"at": 10})
+    assert run_target(tmp_path, config, lines).returncode == 0
+    age_journal(tmp_path, 33 * 24)
+    within = run_target(tmp_path, config, lines)  # de-duplicated by Metronome: harmless
+    assert within.returncode == 0, within.stderr
+    assert "billed twice" not in within.stderr
+    age_journal(tmp_path, 36)  # acknowledged 34.5 days ago
+    received = sandbox.stats("metronome")["items_received"]
+
+    late = run_target(tmp_path, config, lines)  # ids 0..4 are sampled, not the last batch
+
+    assert late.returncode == 2, late.stderr
+    (error,) = late.error_lines
+    assert "stream 'usage'" in error and "acknowledged by Metronome at" in error
+    assert "(34 days): sent again, they would be billed twice" in error
+    assert "allow_resend_beyond_dedup_window" in error
+    assert sandbox.stats("metronome")["items_received"] == received  # nothing of it was sent
+    assert late.states == []
+    stats = sandbox.stats("metronome")
+    assert stats["stored"] == 10 and stats["conflicts"] == 0

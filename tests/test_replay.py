@@ -253,3 +253,79 @@ def test_max_rejected_records_still_stops_a_replay(sandbox, tmp_path):
 
     assert result.returncode == 6, result.stderr
     assert "1 records rejected, over max_rejected_records=0" in result.error_lines[0]
+
+
+def _age_journal(directory, hours: float) -> None:
+    """Everything the journal holds acknowledged ``hours`` earlier (as test_history does)."""
+    import sqlite3
+
+    with sqlite3.connect(directory / "target-usage-billing-journal.sqlite") as db:
+        for table in ("journal_samples", "journal_tail_times"):
+            db.execute(
+                f"UPDATE {table} SET sent_at = strftime('%Y-%m-%dT%H:%M:%SZ', sent_at, ?)",
+                (f"-{hours * 3600:.0f} seconds",),
+            )
+
+
+def test_a_replay_of_usage_stripe_acknowledged_over_24_hours_ago_is_refused(sandbox, tmp_path):
+    rows = [{**row, "account": "cus_1"} for row in usage(5, start=100)]
+    letters = [
+        {"run_id": "r1", "stream": "usage", "line": i + 2, "keys": {"id": row["id"]}, "record_id": None}
+        | {"stage": "api", "reason": "refused", "record": row}
+        for i, row in enumerate(rows)
+    ]
+    (tmp_path / DEFAULT_DEAD_LETTERS).write_text("".join(json.dumps(letter) + "\n" for letter in letters))
+    config = config_for("stripe", sandbox, journal_sample_rate=1, run_report_path="report.json")
+    replayed = replay(tmp_path, config)
+    assert replayed.returncode == 0, replayed.stderr
+    assert sandbox.stats("stripe")["items_received"] == 5
+    # later usage of the stream: the replayed ids are no longer its last batch
+    later_rows = [{**row, "account": "cus_1"} for row in usage(3)]
+    later = run_target(tmp_path, config, singer("usage", later_rows, key_properties=["id"]))
+    assert later.returncode == 0, later.stderr
+    _age_journal(tmp_path, 25)
+    received = sandbox.stats("stripe")["items_received"]
+
+    refused = replay(tmp_path, config)  # the same file again, a day later
+
+    assert refused.returncode == 2, refused.stderr
+    (error,) = refused.error_lines
+    assert "stream 'usage'" in error and "acknowledged by Stripe at" in error
+    assert "(24 hours): sent again, they would be billed twice" in error
+    assert "allow_resend_beyond_dedup_window" in error
+    assert sandbox.stats("stripe")["items_received"] == received  # nothing of it was sent
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mode"] == "replay" and report["exit_code"] == 2 and report["retryable"] is False
+    assert "acknowledged by Stripe at" in report["error"]
+
+    forced = replay(tmp_path, {**config, "allow_resend_beyond_dedup_window": True})
+
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stderr.count("sending anyway (allow_resend_beyond_dedup_window)") == 1
+    assert "stage api, stream usage: replayed 5, sent 5, failed again 0" in forced.stderr
+    assert sandbox.stats("stripe")["items_received"] == received + 5
+
+
+def test_max_rejected_records_0_stops_a_normal_run_at_the_first_rejection(sandbox, tmp_path):
+    # the alerting setting, in a normal run as in a replay (above): exit 6 at the first
+    # rejection; what came before it is delivered and its STATE released, nothing after is read
+    rows = usage(30)
+    rows[20]["customer"] = rows[20].pop("account")  # rejected by the mapping
+    lines = singer("usage", rows[:20], key_properties=["id"], state={"at": 20})
+    lines += singer("usage", rows[20:], key_properties=["id"], state={"at": 30})[1:]
+    config = config_for("m3ter", sandbox, max_rejected_records=0, run_report_path="report.json")
+
+    result = run_target(tmp_path, config, lines)
+
+    assert result.returncode == 6, result.stderr
+    (error,) = result.error_lines
+    assert "1 records rejected, over max_rejected_records=0" in error
+    assert sandbox.stats("m3ter")["stored"] == 20
+    assert result.states == [{"at": 20}]
+    assert [(d["stage"], d["keys"]) for d in dead_letters(tmp_path)] == [("mapping", {"id": 20})]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["exit_code"] == 6 and report["meaning"] == "too many rejected records"
+    assert report["retryable"] is False
+    assert report["totals"]["read"] == 21 and report["totals"]["rejected"] == 1
+    assert report["totals"]["sent"] == 20
+    assert report["dead_letters"]["count"] == 1 and report["state"]["last"] == {"at": 20}
