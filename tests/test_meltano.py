@@ -12,119 +12,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.helpers import ROOT
-
-MELTANO_VERSION = "4.4.1"
-MELTANO_VENV = ROOT / ".cache" / f"meltano-{MELTANO_VERSION}"
-JOB = "dev:tap-jsonl-to-target-usage-billing"
+from tests.meltano_project import JOB, build_project, expected_uids, install_meltano, run_meltano
 
 pytestmark = [pytest.mark.meltano, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
 def meltano() -> Path:
-    executable = MELTANO_VENV / "bin" / "meltano"
-    if not executable.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(MELTANO_VENV)], check=True)
-        subprocess.run(
-            [str(MELTANO_VENV / "bin" / "pip"), "install", "--quiet", f"meltano=={MELTANO_VERSION}"],
-            check=True,
-            timeout=1200,
-        )
-    return executable
+    return install_meltano()
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, meltano: Path) -> Path:
     """This repository's meltano.yml without the loader, which is then added the way the
     README says: from the plugin definition, with `meltano config set`."""
-    directory = tmp_path_factory.mktemp("meltano-project")
-    document = yaml.safe_load((ROOT / "meltano.yml").read_text())
-    (extractor,) = document["plugins"]["extractors"]
-    (loader,) = document["plugins"].pop("loaders")
-    extractor["config"]["path"] = str(ROOT / "examples" / "segment-events.jsonl")
-    (directory / "meltano.yml").write_text(yaml.safe_dump(document, sort_keys=False))
-    definition = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "meltano_settings.py"),
-            "--definition",
-            "--pip-url",
-            f"-e {ROOT}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    (directory / "target-usage-billing.yml").write_text(definition)
-    added = run_meltano(
-        meltano,
-        directory,
-        "add",
-        "--plugin-type",
-        "loader",
-        "target-usage-billing",
-        "--from-ref",
-        "target-usage-billing.yml",
-        "--no-install",
-    )
-    assert added.returncode == 0, added.stderr[-3000:]
-    config = loader["config"]
-    settings = {
-        "destination": config["destination"],
-        "m3ter_org_id": config["m3ter_org_id"],
-        "m3ter_access_key_id": config["m3ter_access_key_id"],
-        "m3ter_api_secret": config["m3ter_api_secret"],
-        "mappings": json.dumps(config["mappings"]),
-        "dead_letter_path": str(directory / "dead-letters.jsonl"),
-    }
-    for name, value in settings.items():
-        done = run_meltano(meltano, directory, "config", "set", "target-usage-billing", name, value)
-        assert done.returncode == 0, done.stderr[-2000:]
-    listed = run_meltano(meltano, directory, "config", "list", "target-usage-billing")
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    assert "m3ter_api_secret" in listed.stdout and "sandbox-api-secret" not in listed.stdout  # sensitive
-    done = run_meltano(meltano, directory, "install", timeout=1500)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return directory
-
-
-def run_meltano(meltano: Path, project: Path, *args: str, env: dict | None = None, timeout: float = 600):
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("TARGET_USAGE_BILLING_", "MELTANO_"))
-    }
-    full_env.update(
-        {
-            "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false",
-            "MELTANO_DISABLE_TRACKING": "true",
-            "MELTANO_CLI_LOG_LEVEL": "info",
-        }
-    )
-    full_env.update(env or {})
-    return subprocess.run(
-        [str(meltano), *args],
-        cwd=project,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-    )
-
-
-def expected_uids() -> set[str]:
-    records = [
-        json.loads(line) for line in (ROOT / "examples" / "segment-events.jsonl").read_text().splitlines()
-    ]
-    return {r["messageId"] for r in records if r["type"] == "track" and r["event"] == "API Request"}
+    return build_project(tmp_path_factory.mktemp("meltano-project"), meltano)
 
 
 def test_meltano_run_delivers_once_and_resumes_without_billing_twice(meltano, project, sandbox):

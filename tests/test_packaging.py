@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, config_for, singer, usage
+from tests.helpers import ROOT, singer, usage
+from tests.platforms import config_for
 
 VERSION = "0.1.0"
 SDIST_TOP = {
