@@ -169,7 +169,10 @@ def test_the_report_is_readable_by_the_official_numbers(sandbox, tmp_path):
 def test_a_sample_says_how_much_it_checked_and_finds_what_it_holds(sandbox, tmp_path):
     # sample rate 0: only each bucket's first id of the run (7 customers, one day: 7 of 35)
     sandbox.faults({"kind": "lost-after-ack", "count": 1, "destination": "metronome"})
-    config = config_for("metronome", sandbox, journal_sample_rate=0, batch_size_rows=10)
+    # one request at a time: the first item to arrive (lost) is the run's first, sampled for its bucket
+    config = config_for(
+        "metronome", sandbox, journal_sample_rate=0, batch_size_rows=10, max_requests_in_flight=1
+    )
     loaded = run_target(tmp_path, config, singer("usage", usage(ROWS), state={"bookmark": ROWS}))
     assert loaded.returncode == 0, loaded.stderr
     (lost,) = sandbox.stats("metronome")["lost_ids"]  # the very first item: sampled for its bucket
