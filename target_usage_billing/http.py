@@ -1,4 +1,4 @@
-"""HTTP transport: requests sessions, sending with retries, answers read within a deadline.
+"""HTTP transport: requests sessions, sending with retries, whole answers read within a deadline.
 
 All HTTP goes through ``requests`` (one Session per delivery thread, see HttpTransport),
 which brings what enterprise networks use: HTTP(S)_PROXY, ALL_PROXY, NO_PROXY with CIDR
@@ -16,6 +16,9 @@ the destination; this module only carries bytes and waits.
 from __future__ import annotations
 
 import collections
+import functools
+import http.client
+import io
 import logging
 import os
 import ssl
@@ -146,8 +149,8 @@ class HttpTransport:
         )
         self._proxies: dict[str, dict[str, str]] = {}
         self._timeout = Timeout(connect=connect_timeout_seconds, read=timeout_seconds)
-        # the whole request and its answer, not each socket read: a server trickling
-        # bytes is cut off too
+        # the whole request and its answer, status line and headers included, not each
+        # socket read: a server trickling bytes is cut off too (_AnswerWithinDeadline)
         self._answer_seconds = timeout_seconds
         self._local = threading.local()
         # The retry policy, built once (not per request): calls attempt(), waits, again.
@@ -197,6 +200,10 @@ class HttpTransport:
                 adapter.get_connection_with_tls_context(prepared, self._verify, proxies=proxies),
             )
             adapter.cert_verify(pool, url, self._verify, None)
+            if getattr(pool.ConnectionCls, "response_class", None) is not _AnswerWithinDeadline:
+                # direct, TLS, proxied, SOCKS: the pool's own kind of connection, reading
+                # its answers (CONNECT's to a proxy too) within the request's deadline
+                pool.ConnectionCls = _answering_within_deadline(pool.ConnectionCls)
             route = _Route(pool, adapter.request_url(prepared, proxies), adapter.max_retries)
             self._local.routes[url] = route
         return route
@@ -206,8 +213,9 @@ class HttpTransport:
         sent = {**_DEFAULT_HEADERS, **headers}
         if body is not None:
             sent["Content-Length"] = str(len(body))
+        what = f"{method} {_no_query(url)}"
         for attempt in (1, 2):
-            started = time.monotonic()
+            _request_deadline.at = time.monotonic() + self._answer_seconds
             try:
                 route = self._route(method, url)
                 reply = route.pool.urlopen(
@@ -223,9 +231,9 @@ class HttpTransport:
                     timeout=self._timeout,
                     chunked=False,
                 )
-                data = _read_within(reply, started + self._answer_seconds, f"{method} {_no_query(url)}")
+                data = _read_body(reply)
             except Exception as exc:  # sorted by _failure; anything else is a bug: re-raised
-                sorted_failure = _failure(exc, f"{method} {_no_query(url)}")
+                sorted_failure = _failure(exc, what, timeout_seconds=self._answer_seconds)
                 if sorted_failure is None:
                     raise
                 failure, counted = sorted_failure
@@ -236,6 +244,8 @@ class HttpTransport:
                 if counted is not None:
                     self.stats.count(counted)
                 raise failure from None
+            finally:
+                _request_deadline.at = None
             self.stats.count(reply.status)
             return Response(reply.status, reply.headers, data)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -279,20 +289,13 @@ class HttpTransport:
         logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], wait)
 
 
-def _read_within(reply: t.Any, deadline: float, what: str) -> bytes:
-    """The answer's body, read before ``deadline`` (time.monotonic): each read waits at
-    most the time left, so a server that trickles bytes cannot hold the request open."""
+def _read_body(reply: t.Any) -> bytes:
+    """The answer's body (its reads bounded by the request's deadline, as the status line
+    and headers were: _AnswerWithinDeadline)."""
     chunks = []
     size = 0
-    sock = getattr(reply.connection, "sock", None)
     try:
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                no_pool = t.cast(t.Any, None)
-                raise ReadTimeoutError(no_pool, what, "the whole answer took longer than the timeout")
-            if sock is not None:
-                sock.settimeout(left)
             chunk = reply.read1(65536)
             if not chunk:
                 break
@@ -305,6 +308,70 @@ def _read_within(reply: t.Any, deadline: float, what: str) -> bytes:
         raise
     reply.release_conn()
     return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+# When the request this thread is sending must have had its whole answer
+# (time.monotonic), or None: set by send_once, read by the answer it gets. A delivery
+# thread sends one request at a time.
+_request_deadline = threading.local()
+
+
+class _ReadsBeforeDeadline(io.RawIOBase):
+    """A socket's reader whose every read waits at most what is left until the deadline:
+    a per-read socket timeout alone lets a server trickling a byte a little faster than
+    it hold the request open for as long as it likes."""
+
+    def __init__(self, raw: io.RawIOBase, sock: t.Any, deadline: float):
+        super().__init__()
+        self._raw = raw  # the socket's own reader (socket.SocketIO), closed with this one
+        self._sock = sock
+        self._deadline = deadline
+        self._read_timeout = sock.gettimeout()  # urllib3's, per read (the connect timeout for CONNECT)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: t.Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the whole answer took longer than the timeout")  # as a timed-out read does
+        read_timeout = self._read_timeout
+        self._sock.settimeout(left if read_timeout is None or left < read_timeout else read_timeout)
+        return self._raw.readinto(buffer)
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._raw.close()  # lets the connection's socket really close (socket.makefile)
+            finally:
+                super().close()
+
+
+class _AnswerWithinDeadline(http.client.HTTPResponse):
+    """http.client's answer, its status line, headers and body read through
+    _ReadsBeforeDeadline when a request of ours (send_once) is waiting for it."""
+
+    def __init__(self, sock: t.Any, *args: t.Any, **kwargs: t.Any):
+        super().__init__(sock, *args, **kwargs)
+        deadline = getattr(_request_deadline, "at", None)  # None: not a request of send_once's
+        if deadline is not None:
+            # over makefile's own raw reader: the socket really closes only once it is closed
+            self.fp = io.BufferedReader(_ReadsBeforeDeadline(self.fp.detach(), sock, deadline))
+
+
+@functools.cache
+def _answering_within_deadline(connection_class: type) -> type:
+    """``connection_class`` (urllib3's HTTP, HTTPS or SOCKS connection) answering with
+    _AnswerWithinDeadline: http.client builds every answer, a proxy's to CONNECT too, as
+    ``self.response_class(self.sock, ...)``."""
+    return type(
+        connection_class.__name__,
+        (connection_class,),
+        {"response_class": _AnswerWithinDeadline, "__module__": __name__},
+    )
 
 
 def _call(attempt: t.Callable[[], t.Any], what: str) -> t.Any:
@@ -320,14 +387,16 @@ class _Route(t.NamedTuple):
 _STALE = "stale"  # what _failure calls a kept-alive connection the server had closed
 
 
-def _failure(exc: Exception, what: str) -> tuple[Exception, str | None] | None:
+def _failure(
+    exc: Exception, what: str, timeout_seconds: float | None = None
+) -> tuple[Exception, str | None] | None:
     """What a failed ``urlopen`` means, sorted as requests' HTTPAdapter.send sorts it.
 
     (the exception to raise, what the transport stats count it as): a RetryableFailure
     counted as "timeout" or "connection error" for what may pass (_STALE when a
     kept-alive connection was closed under us: sent again at once), a DeliveryError,
     not counted, for what sending again cannot mend; None for anything else (a bug:
-    re-raised as it is).
+    re-raised as it is). ``timeout_seconds`` is the request timeout, for the message.
     """
     reason: BaseException = exc.reason if isinstance(exc, MaxRetryError) and exc.reason else exc
     if isinstance(reason, (urllib3.exceptions.SSLError, ssl.SSLError)):
@@ -339,9 +408,11 @@ def _failure(exc: Exception, what: str) -> tuple[Exception, str | None] | None:
             )
             return DeliveryError(msg), None
         return RetryableFailure(f"{what}: TLS failed ({_short_reason(reason)})"), "connection error"
-    if isinstance(reason, (ConnectTimeoutError, ReadTimeoutError)) and not isinstance(
-        reason, NewConnectionError
-    ):
+    if isinstance(reason, ReadTimeoutError):
+        # every read waits at most what is left of the request's time (_ReadsBeforeDeadline)
+        timeout = "the timeout" if timeout_seconds is None else f"the {timeout_seconds:g}s timeout"
+        return RetryableFailure(f"{what}: timed out: the whole answer took longer than {timeout}"), "timeout"
+    if isinstance(reason, ConnectTimeoutError) and not isinstance(reason, NewConnectionError):
         return RetryableFailure(f"{what}: timed out"), "timeout"
     if isinstance(reason, (urllib3.exceptions.InvalidHeader, ValueError)):  # LocationValueError too
         # A header or URL with a line break: the library's message would quote the

@@ -86,7 +86,8 @@ class _Server:
     """A loopback HTTP/1.1 server in a thread, answering each request as ``behaviour``
     says: "ok" (200, connection kept), "ok-then-close" (200, then the connection is
     closed without saying so: a kept-alive connection gone stale), "silent" (reads the
-    request, never answers)."""
+    request, never answers), "trickle-head" (the status line and headers one byte every
+    0.2 s, then the body at once), "trickle-head-once" (so for the first answer only)."""
 
     def __init__(self, behaviour: str, tls: ssl.SSLContext | None = None):
         import socket
@@ -97,6 +98,7 @@ class _Server:
         self.requests: list[bytes] = []
         self.connections = 0
         self.closed_by_client = 0
+        self.trickles: list[str] = []  # each trickled answer: "cut off" or "whole head sent"
         self._socket = socket.create_server(("127.0.0.1", 0))
         scheme = "https" if tls else "http"
         self.url = f"{scheme}://127.0.0.1:{self._socket.getsockname()[1]}"
@@ -126,7 +128,10 @@ class _Server:
             buffered = b""
             while True:
                 while b"\r\n\r\n" not in buffered:
-                    chunk = connection.recv(65536)
+                    try:
+                        chunk = connection.recv(65536)
+                    except ConnectionResetError:  # closed by the client with our answer unread
+                        return
                     if not chunk:
                         self.closed_by_client += 1
                         return
@@ -144,9 +149,31 @@ class _Server:
                 if self.behaviour == "silent":
                     time.sleep(5)
                     return
-                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                head, body = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", b"ok"
+                if self.behaviour == "trickle-head" or (
+                    self.behaviour == "trickle-head-once" and not self.trickles
+                ):
+                    mine = len(self.trickles)  # answers on other connections may be trickling too
+                    self.trickles.append("under way")
+                    try:
+                        for byte in head:
+                            time.sleep(0.2)
+                            connection.sendall(bytes([byte]))
+                    except OSError:  # the client gave up on the answer and closed the connection
+                        self.trickles[mine] = "cut off"
+                        return
+                    self.trickles[mine] = "whole head sent"
+                    head = b""
+                connection.sendall(head + body)
                 if self.behaviour == "ok-then-close":
                     return
+
+    def trickled(self) -> list[str]:
+        """How each trickled answer ended, once none is under way any more."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "under way" in self.trickles:
+            time.sleep(0.05)
+        return list(self.trickles)
 
     def close(self) -> None:
         self._stop = True
@@ -169,9 +196,60 @@ def server_factory():
 def test_a_silent_server_is_a_retryable_timeout(server_factory):
     server = server_factory("silent")
     transport = HttpTransport(timeout_seconds=0.3)
-    with pytest.raises(RetryableFailure, match=r"^POST http://127\.0\.0\.1:\d+/v1/ingest: timed out$"):
+    message = (
+        r"^POST http://127\.0\.0\.1:\d+/v1/ingest: timed out: "
+        r"the whole answer took longer than the 0\.3s timeout$"
+    )
+    with pytest.raises(RetryableFailure, match=message):
         transport.send_once("POST", f"{server.url}/v1/ingest", {}, b"[]")
     assert transport.stats.statuses["timeout"] == 1
+
+
+def test_headers_trickled_within_each_read_timeout_are_cut_off_by_the_request_timeout(server_factory):
+    # every header byte comes 0.2 s after the last, well within the 1 s timeout of one
+    # read, but the status line and headers together take 7 s
+    server = server_factory("trickle-head-once")
+    transport = HttpTransport(timeout_seconds=1)
+    url = f"{server.url}/v1/ingest"
+    with pytest.raises(RetryableFailure, match=r"timed out.*the whole answer took longer than the 1s"):
+        transport.send_once("POST", url, {}, b"[]")
+    assert transport.stats.statuses == {"timeout": 1}
+    answer = transport.send_once("POST", url, {}, b"[]")  # the server answers at once now
+    assert (answer.status, answer.body) == (200, b"ok")
+    assert server.connections == 2  # the connection cut off mid-answer was not used again
+    assert len(server.requests) == 2
+    assert server.trickled() == ["cut off"]  # before the headers were all in
+
+
+def test_headers_trickled_on_every_try_exhaust_the_retry_budget(server_factory):
+    server = server_factory("trickle-head")
+    transport = HttpTransport(
+        timeout_seconds=1, retry_budget_seconds=1.5, backoff_base_seconds=0.05, backoff_cap_seconds=0.05
+    )
+    url = f"{server.url}/v1/ingest"
+    with pytest.raises(
+        RetryBudgetExhausted, match=r"retry budget: .*the whole answer took longer than the 1s"
+    ):
+        transport.with_retries(lambda: transport.send_once("POST", url, {}, b"[]"), f"POST {url}")
+    assert transport.stats.statuses["timeout"] >= 2
+    assert transport.stats.retries == transport.stats.statuses["timeout"] - 1
+    assert set(server.trickled()) == {"cut off"}
+
+
+def test_headers_trickled_over_tls_are_cut_off_too(server_factory, monkeypatch, tmp_path):
+    cert, key = _certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = server_factory("trickle-head-once", tls=context)
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    transport = HttpTransport(timeout_seconds=1)
+    with pytest.raises(RetryableFailure, match="the whole answer took longer than the 1s"):
+        transport.send_once("GET", f"{server.url}/", {}, None)
+    answer = transport.send_once("GET", f"{server.url}/", {}, None)
+    assert (answer.status, answer.body) == (200, b"ok")
+    assert server.trickled() == ["cut off"]
 
 
 def test_a_refused_connection_is_retryable_and_named():
