@@ -7,9 +7,9 @@ journal is bounded, so what it can show is bounded too:
 
 - the ids of each stream's last committed batch (its *tail*: what a resumed run re-sends
   past its STATE), with the time they were committed: every such id is checked;
-- the sampled ids (the first of every customer, meter and day in each run, then
+- the sampled ids (the first of every customer, meter and hour in each run, then
   ``journal_sample_rate`` of the rest, at most 100 a bucket), with the time each was
-  committed: a replay of a whole day meets its first id; a replay of part of one is seen
+  committed: a replay of a whole hour meets its first id; a replay of part of one is seen
   with the probability that one of its ids was sampled.
 
 Ids neither in a tail nor sampled are not recognised. Checks are made per batch, before
@@ -113,7 +113,7 @@ class ResendHorizon:
                 tail = known.intersection(tally.ids)
                 times.append(tail_at)
         old: dict[str, str] = {}
-        for day in {key[3] for key in tally.counts}:
+        for day in {key[3][:10] for key in tally.counts}:  # the buckets' hours, as days
             if day <= last_day:
                 old.update(self._old_samples(stream, day, horizon))
         sampled = [i for i in tally.ids if i in old and i not in tail] if old else []

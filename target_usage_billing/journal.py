@@ -1,6 +1,6 @@
 """The run journal: what each platform acknowledged, kept before the STATE that covers it.
 
-Per platform account ("scope"), stream, customer, meter (event name) and UTC day of usage:
+Per platform account ("scope"), stream, customer, meter (event name) and UTC hour of usage:
 how many items were acknowledged and the exact decimal sums of their numeric fields, plus
 a bounded random sample of their ids (at most SAMPLE_SIZE a bucket) with body digests.
 ``--reconcile`` reads it back and asks each platform what it holds.

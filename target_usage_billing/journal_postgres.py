@@ -12,7 +12,7 @@ import typing as t
 import urllib.parse
 
 from target_usage_billing.errors import ConfigError, JournalError
-from target_usage_billing.journal_store import SCHEMA, SCHEMA_VERSION, JournalStore
+from target_usage_billing.journal_store import SCHEMA, SCHEMA_VERSION, VERSION_QUERY, JournalStore
 
 # Two buckets' sums added field by field by the server, exactly (numeric), kept as text.
 ADD_SUMS = """
@@ -53,9 +53,11 @@ class PostgresJournalStore(JournalStore):
             self._db = psycopg.connect(url, connect_timeout=connect_timeout_seconds, autocommit=False)
         with self._lock, self._errors("create tables in"), self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in [*SCHEMA.format(json=self.json_type).split(";"), ADD_SUMS]:
+            for number, statement in enumerate([*SCHEMA.format(json=self.json_type).split(";"), ADD_SUMS]):
                 if statement.strip():
                     self._db.execute(statement)
+                if number == 0:  # journal_meta: refuse a journal this version cannot read
+                    self.check_version(self._db.execute(VERSION_QUERY).fetchall())
             self._db.execute(
                 "INSERT INTO journal_meta (name, value) VALUES ('schema_version', %s) "
                 "ON CONFLICT (name) DO NOTHING",

@@ -18,12 +18,13 @@ import typing as t
 
 from target_usage_billing.errors import JournalError
 
-BucketKey = tuple[str, str, str, str]  # stream, customer, meter, UTC day of usage ("YYYY-MM-DD")
+BucketKey = tuple[str, str, str, str]  # stream, customer, meter, UTC hour of usage ("YYYY-MM-DDTHH")
 # Sums are added with enough digits that no realistic total is ever rounded.
 EXACT = decimal.Context(prec=200, Emax=999_999, Emin=-999_999)
 
 SAMPLE_CAP = 100  # ids kept per bucket, whatever the number of runs
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: buckets per hour (1: per day)
+VERSION_QUERY = "SELECT value FROM journal_meta WHERE name = 'schema_version'"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS journal_runs (
@@ -31,28 +32,34 @@ CREATE TABLE IF NOT EXISTS journal_runs (
     finished_at TEXT, outcome TEXT, items BIGINT NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS journal_buckets (
     scope TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL, meter TEXT NOT NULL,
-    day TEXT NOT NULL, items BIGINT NOT NULL, first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL,
-    sums {json} NOT NULL, PRIMARY KEY (scope, stream, customer, meter, day));
+    hour TEXT NOT NULL, items BIGINT NOT NULL, first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL,
+    sums {json} NOT NULL, PRIMARY KEY (scope, stream, customer, meter, hour));
 CREATE TABLE IF NOT EXISTS journal_samples (
     scope TEXT NOT NULL, item_id TEXT NOT NULL, stream TEXT NOT NULL, customer TEXT NOT NULL,
-    meter TEXT NOT NULL, day TEXT NOT NULL, body_digest TEXT NOT NULL, run_id TEXT NOT NULL,
+    meter TEXT NOT NULL, hour TEXT NOT NULL, body_digest TEXT NOT NULL, run_id TEXT NOT NULL,
     sent_at TEXT NOT NULL, PRIMARY KEY (scope, item_id));
 CREATE INDEX IF NOT EXISTS journal_samples_bucket
-    ON journal_samples (scope, stream, customer, meter, day);
+    ON journal_samples (scope, stream, customer, meter, hour);
 CREATE TABLE IF NOT EXISTS journal_resent (
     scope TEXT NOT NULL, stream TEXT NOT NULL, items BIGINT NOT NULL, PRIMARY KEY (scope, stream));
 CREATE TABLE IF NOT EXISTS journal_tails (
     scope TEXT NOT NULL, stream TEXT NOT NULL, ids TEXT NOT NULL, PRIMARY KEY (scope, stream));
-CREATE INDEX IF NOT EXISTS journal_samples_day ON journal_samples (scope, stream, day, sent_at);
+CREATE INDEX IF NOT EXISTS journal_samples_hour ON journal_samples (scope, stream, hour, sent_at);
 CREATE TABLE IF NOT EXISTS journal_tail_times (
     scope TEXT NOT NULL, stream TEXT NOT NULL, sent_at TEXT NOT NULL, PRIMARY KEY (scope, stream));
 CREATE TABLE IF NOT EXISTS journal_id_schemes (
     scope TEXT NOT NULL, stream TEXT NOT NULL, scheme TEXT NOT NULL, PRIMARY KEY (scope, stream));
 """
 
-# One bucket's figures as read back: (stream, customer, meter, day, items, {field: total}).
+# One bucket's figures as read back: (stream, customer, meter, hour, items, {field: total}).
 BucketRow = tuple[str, str, str, str, int, dict[str, decimal.Decimal]]
-SampleRow = tuple[str, str, str, str, str, str]  # item_id, stream, customer, meter, day, digest
+SampleRow = tuple[str, str, str, str, str, str]  # item_id, stream, customer, meter, hour, digest
+
+
+def hours_of(first_day: str, last_day: str) -> tuple[str, str]:
+    """The hours from the start of ``first_day`` to the end of ``last_day`` ("YYYY-MM-DD"),
+    as bounds for ``hour >= ? AND hour <= ?``."""
+    return f"{first_day}T00", f"{last_day}T23"
 
 
 class JournalStore:
@@ -77,6 +84,17 @@ class JournalStore:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def check_version(self, rows: list[tuple]) -> None:
+        """Refuse a journal an earlier version wrote (``rows``: its VERSION_QUERY)."""
+        found = rows[0][0] if rows else None
+        if found is not None and found != str(SCHEMA_VERSION):
+            raise JournalError(
+                f"the journal {self.where} has schema version {found}, and this version of "
+                f"target-usage-billing keeps version {SCHEMA_VERSION} (usage per hour, not per day): "
+                "point journal_path (or journal_url) at a new journal, and keep the old one to read "
+                "its history"
+            )
 
     def _sql(self, text: str) -> str:
         return text.replace("?", self.placeholder) if self.placeholder != "?" else text
@@ -124,9 +142,9 @@ class JournalStore:
         statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]] = [
             (
                 self._sql(
-                    "INSERT INTO journal_buckets (scope, stream, customer, meter, day, items, "
+                    "INSERT INTO journal_buckets (scope, stream, customer, meter, hour, items, "
                     "first_sent_at, last_sent_at, sums) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (scope, stream, customer, meter, day) DO UPDATE SET "
+                    "ON CONFLICT (scope, stream, customer, meter, hour) DO UPDATE SET "
                     "items = journal_buckets.items + excluded.items, last_sent_at = excluded.last_sent_at, "
                     f"sums = {self.add_sums}"
                 ),
@@ -135,10 +153,10 @@ class JournalStore:
             (
                 # an id once (a re-send in a later run is not sampled again)
                 self._sql(
-                    "INSERT INTO journal_samples (scope, item_id, stream, customer, meter, day, "
+                    "INSERT INTO journal_samples (scope, item_id, stream, customer, meter, hour, "
                     "body_digest, run_id, sent_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE ("
                     "SELECT COUNT(*) FROM journal_samples WHERE scope = ? AND stream = ? AND "
-                    f"customer = ? AND meter = ? AND day = ?) < {SAMPLE_CAP} "
+                    f"customer = ? AND meter = ? AND hour = ?) < {SAMPLE_CAP} "
                     "ON CONFLICT (scope, item_id) DO NOTHING"
                 ),
                 sample_rows,
@@ -191,13 +209,13 @@ class JournalStore:
     def samples_sent_before(
         self, scope: str, stream: str, day: str, before: str, limit: int
     ) -> dict[str, str]:
-        """The sampled ids of ``stream``'s usage on ``day`` committed before ``before``,
-        with when (at most ``limit``)."""
+        """The sampled ids of ``stream``'s usage on ``day`` ("YYYY-MM-DD") committed before
+        ``before``, with when (at most ``limit``)."""
         sql = (
-            "SELECT item_id, sent_at FROM journal_samples WHERE scope = ? AND stream = ? AND day = ? "
-            f"AND sent_at < ? ORDER BY sent_at LIMIT {int(limit)}"
+            "SELECT item_id, sent_at FROM journal_samples WHERE scope = ? AND stream = ? AND hour >= ? "
+            f"AND hour <= ? AND sent_at < ? ORDER BY sent_at LIMIT {int(limit)}"
         )
-        return dict(self._query(self._sql(sql), (scope, stream, day, before)))
+        return dict(self._query(self._sql(sql), (scope, stream, *hours_of(day, day), before)))
 
     def id_scheme(self, scope: str, stream: str) -> str | None:
         sql = "SELECT scheme FROM journal_id_schemes WHERE scope = ? AND stream = ?"
@@ -205,19 +223,19 @@ class JournalStore:
         return rows[0][0] if rows else None
 
     def buckets(self, scope: str, since: str, until: str) -> list[BucketRow]:
-        """Buckets whose day is in [since, until] (days as "YYYY-MM-DD")."""
+        """Buckets whose hour is in the days [since, until] (days as "YYYY-MM-DD")."""
         rows = self._query(
             self._sql(
-                "SELECT stream, customer, meter, day, items, sums FROM journal_buckets "
-                "WHERE scope = ? AND day >= ? AND day <= ? ORDER BY customer, meter, day, stream"
+                "SELECT stream, customer, meter, hour, items, sums FROM journal_buckets "
+                "WHERE scope = ? AND hour >= ? AND hour <= ? ORDER BY customer, meter, hour, stream"
             ),
-            (scope, since, until),
+            (scope, *hours_of(since, until)),
         )
         out = []
-        for stream, customer, meter, day, items, sums in rows:
+        for stream, customer, meter, hour, items, sums in rows:
             totals = json.loads(sums) if isinstance(sums, str) else sums  # PostgreSQL: jsonb
             exact = {name: decimal.Decimal(str(value)) for name, value in totals.items()}
-            out.append((stream, customer, meter, day, int(items), exact))
+            out.append((stream, customer, meter, hour, int(items), exact))
         return out
 
     def samples(self, scope: str, since: str, until: str) -> list[SampleRow]:
@@ -225,10 +243,10 @@ class JournalStore:
             tuple(row)
             for row in self._query(
                 self._sql(
-                    "SELECT item_id, stream, customer, meter, day, body_digest FROM journal_samples "
-                    "WHERE scope = ? AND day >= ? AND day <= ? ORDER BY day, item_id"
+                    "SELECT item_id, stream, customer, meter, hour, body_digest FROM journal_samples "
+                    "WHERE scope = ? AND hour >= ? AND hour <= ? ORDER BY hour, item_id"
                 ),
-                (scope, since, until),
+                (scope, *hours_of(since, until)),
             )
         ]
 
@@ -261,9 +279,11 @@ class SqliteJournalStore(JournalStore):
         with self._lock, self._errors("create tables in"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in SCHEMA.format(json=self.json_type).split(";"):
+                for number, statement in enumerate(SCHEMA.format(json=self.json_type).split(";")):
                     if statement.strip():
                         self._db.execute(statement)
+                    if number == 0:  # journal_meta: refuse a journal this version cannot read
+                        self.check_version(self._db.execute(VERSION_QUERY).fetchall())
                 self._db.execute(
                     "INSERT INTO journal_meta (name, value) VALUES ('schema_version', ?) "
                     "ON CONFLICT (name) DO NOTHING",

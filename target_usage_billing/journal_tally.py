@@ -2,7 +2,7 @@
 
 The sink calls ``Tally.add`` once per item, so that is the journal's cost on the hot path:
 a function generated per payload layout (``JournalFields``), with the paths inlined, that
-keeps the id and adds the item's numbers to its customer, meter and day (exactly: ints
+keeps the id and adds the item's numbers to its customer, meter and hour (exactly: ints
 as ints, decimals in a 200-digit context). Everything else is done once per batch when
 it is acknowledged (``Tally.settle``): the bucket keys made canonical, the first id of
 each bucket and a random sample (drawn by gaps, so its cost follows the sample). Measured
@@ -28,6 +28,8 @@ SAMPLE_SIZE = 100  # at most this many ids kept per bucket
 SAMPLE_RATE = 0.01  # beyond the first id of each bucket, about one id in a hundred
 
 _Decimal = decimal.Decimal
+_NUMERIC_FIRST = frozenset("0123456789-.")  # what numeric text (as_number) can start with
+_InvalidOperation = decimal.InvalidOperation
 _body_decoder = msgspec.json.Decoder(float_hook=decimal.Decimal)  # exact numbers
 
 
@@ -50,18 +52,22 @@ def digest(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 
-def day_of(value: t.Any) -> str:
-    """The UTC day of a payload time: canonical UTC text, or Unix seconds (Lago)."""
+def hour_of(value: t.Any) -> str:
+    """The UTC hour ("YYYY-MM-DDTHH") of a payload time: canonical UTC text, a date, or
+    Unix seconds (Lago); "unknown" for anything else."""
     if isinstance(value, str):
+        if value[10:11] == "T":
+            return value[:13]
         if value[:4].isdigit() and len(value) >= 10 and value[4] == "-":
-            return value[:10]
+            rest = value[10:].strip()
+            return f"{value[:10]}T{rest[:2]}" if rest[:2].isdigit() else f"{value[:10]}T00"
         try:
             value = _Decimal(value)
         except decimal.InvalidOperation:
             return "unknown"
     if isinstance(value, (int, _Decimal)) and not isinstance(value, bool):
         try:
-            return time.strftime("%Y-%m-%d", time.gmtime(int(value)))
+            return time.strftime("%Y-%m-%dT%H", time.gmtime(int(value)))
         except (OverflowError, ValueError, OSError):
             return "unknown"
     return "unknown"
@@ -130,15 +136,15 @@ class Layout:
             customer = f"(_k if (_k := {customer}) is not None else {_read(path, f'_c{number}')})"
         empties = ", {}, {}" * len(fields.values)  # per value path: whole-number and decimal totals
         source = (
-            "def make(ids, entries, add_number, exact_add, Decimal):\n"
+            "def make(ids, entries, add_number, exact_add, Decimal, numeric_first, InvalidOperation):\n"
             "    ids_append = ids.append\n"
             "    get = entries.get\n"
             "    def add(payload, body):\n"
             f"        ids_append({_read(fields.id, '_i')})\n"
             f"        _t = {_read(fields.time, '_t0')}\n"
-            # canonical UTC text is filed under its day at once; anything else at settling
+            # canonical UTC text is filed under its hour at once; anything else at settling
             "        if _t.__class__ is str and _t[10:11] == 'T':\n"
-            "            _t = _t[:10]\n"
+            "            _t = _t[:13]\n"
             f"        key = ({customer}, {_read(fields.meter, '_m')}, _t)\n"
             "        entry = get(key)\n"
             "        if entry is None:  # [count, position of its first item, totals per value path]\n"
@@ -159,8 +165,16 @@ class Layout:
                 "                        whole[name] = whole.get(name, 0) + value\n"
                 "                    elif kind is Decimal:  # exactly, whatever this thread's context\n"
                 "                        decimals[name] = exact_add(decimals.get(name, 0), value)\n"
-                "                    elif kind is str:\n"
-                "                        add_number(whole, decimals, name, value)\n"
+                "                    elif kind is str:  # numeric text (as_number), the common forms inline\n"
+                "                        if value.isdigit() and len(value) < 19 and value.isascii():\n"
+                "                            whole[name] = whole.get(name, 0) + int(value)\n"
+                "                        elif value[:1] in numeric_first or value[:1].isdigit():\n"
+                "                            try:\n"
+                "                                number = Decimal(value)\n"
+                "                            except InvalidOperation:\n"
+                "                                continue\n"
+                "                            if number.is_finite():\n"
+                "                                decimals[name] = exact_add(decimals.get(name, 0), number)\n"
                 "            else:  # the path holds a number itself\n"
                 "                add_number(whole, decimals, '', found)\n"
             )
@@ -170,13 +184,14 @@ class Layout:
         self.make = namespace["make"]
 
     def bucket(self, stream: str, customer: t.Any, meter: t.Any, moment: t.Any) -> BucketKey:
-        day = moment if type(moment) is str and len(moment) == 10 and moment[4:5] == "-" else day_of(moment)
-        return (stream, _text(customer), _text(meter) if meter else "", day)
+        filed = type(moment) is str and len(moment) == 13 and moment[10:11] == "T"  # by add
+        hour = moment if filed else hour_of(moment)
+        return (stream, _text(customer), _text(meter) if meter else "", hour)
 
     def bucket_of(self, stream: str, payload: dict) -> BucketKey:
         moment = self.read_time(payload)
         if type(moment) is str and moment[10:11] == "T":
-            moment = moment[:10]
+            moment = moment[:13]
         return self.bucket(stream, self.read_customer(payload), self.read_meter(payload), moment)
 
 
@@ -194,7 +209,7 @@ class Tally:
         self._entries: dict[tuple, list] = {}
         # add(payload, body): count one item (generated, see Layout)
         self.add: t.Callable[[dict, bytes], None] = layout.make(
-            self.ids, self._entries, _add_number, EXACT.add, _Decimal
+            self.ids, self._entries, _add_number, EXACT.add, _Decimal, _NUMERIC_FIRST, _InvalidOperation
         )
         self.counts: collections.Counter[BucketKey] = collections.Counter()
         self.sums: dict[BucketKey, dict[str, t.Any]] = {}

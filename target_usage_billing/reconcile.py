@@ -60,13 +60,14 @@ class Reconciliation:
 
     def __init__(self, destination: Destination, buckets: list[BucketRow], samples: list[SampleRow]):
         self.destination = destination
-        self.buckets = buckets
-        self.samples = samples
+        self.hourly = buckets  # the journal keeps hours; the table and totals are per day
+        self.buckets = [(stream, c, m, hour[:10], items, sums) for stream, c, m, hour, items, sums in buckets]
+        self.samples = [(i, stream, c, m, hour[:10], d) for i, stream, c, m, hour, d in samples]
         self.checks: dict[str, ItemCheck] = {}
         self.unchecked: dict[str, str] = {}  # id -> why it could not be checked
         self.totals: dict[TotalKey, decimal.Decimal] = {}
         self.invalid: dict[str, str] = {}  # id -> the platform's reason
-        self.volume: dict[str, int] | None = None  # events the platform holds per day (Orb)
+        self.volume: dict[str, int] | None = None  # events the platform holds per hour (Orb)
 
     def run(self, window: Window) -> None:
         destination = self.destination
@@ -80,7 +81,7 @@ class Reconciliation:
             }
             self.totals = destination.platform_totals(wanted, window)
         self.invalid = destination.invalid_items(window)
-        self.volume = destination.daily_volume(window)
+        self.volume = destination.hourly_volume(window)
 
     def _check_ids(self, window: Window) -> None:
         destination = self.destination
@@ -139,22 +140,23 @@ class Reconciliation:
                 totals[sum_key] = totals.get(sum_key, zero) + value
         return totals
 
-    def _journal_days(self) -> dict[str, int]:
-        days: dict[str, int] = collections.Counter()
-        for _stream, _customer, _meter, day, items, _sums in self.buckets:
-            days[day] += items
-        return days
+    def _journal_hours(self) -> dict[str, int]:
+        hours: dict[str, int] = collections.Counter()
+        for _stream, _customer, _meter, hour, items, _sums in self.hourly:
+            hours[hour] += items
+        return hours
 
     def volume_shortfalls(self) -> list[tuple[str, int, int]]:
-        """(day, journal, platform) where the platform holds fewer events than the journal
-        says were acknowledged that day. More is no mismatch: other senders share the account."""
+        """(hour, journal, platform) where the platform holds fewer events than the journal
+        says were acknowledged for that hour. More is no mismatch: other senders share the
+        account."""
         if self.volume is None:
             return []
-        sent = self._journal_days()
+        sent = self._journal_hours()
         return [
-            (day, count, self.volume.get(day, 0))
-            for day, count in sorted(sent.items())
-            if self.volume.get(day, 0) < count
+            (hour, count, self.volume.get(hour, 0))
+            for hour, count in sorted(sent.items())
+            if self.volume.get(hour, 0) < count
         ]
 
     @property
@@ -216,11 +218,19 @@ class Reconciliation:
                     f"{_number(journal_total):>16} {shown:>16} {difference:>12}"
                 )
         if self.volume is not None:
-            lines.append(f"  {'day':<10} {'sent':>9} {'platform':>9}  (every event of the account that day)")
-            short = {day for day, _sent, _held in self.volume_shortfalls()}
-            for day, count in sorted(self._journal_days().items()):
-                mark = "  SHORT" if day in short else ""
-                lines.append(f"  {day:<10} {count:>9} {self.volume.get(day, 0):>9}{mark}")
+            lines.append(
+                f"  {'day':<10} {'sent':>9} {'platform':>9}  (the account's every event, hour by hour)"
+            )
+            short: dict[str, list[str]] = collections.defaultdict(list)
+            for hour, _sent, _held in self.volume_shortfalls():
+                short[hour[:10]].append(hour[11:13])
+            days: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+            for hour, count in self._journal_hours().items():
+                days[hour[:10]][0] += count
+                days[hour[:10]][1] += self.volume.get(hour, 0)
+            for day, (count, platform_count) in sorted(days.items()):
+                mark = f"  SHORT (hours {', '.join(sorted(short[day]))} UTC)" if day in short else ""
+                lines.append(f"  {day:<10} {count:>9} {platform_count:>9}{mark}")
         missing = self.missing_ids
         if missing:
             more = " ..." if len(missing) > SHOWN else ""
@@ -305,7 +315,7 @@ def reconcile(
             missing=len(check.missing_ids),
             invalid=len(invalid),
             totals_differ=len(check.total_differences()),
-            days_short=len(check.volume_shortfalls()),
+            hours_short=len(check.volume_shortfalls()),
             confirmed=check.confirmed,
         )
     if invalid:
@@ -313,11 +323,11 @@ def reconcile(
     if not check.confirmed:
         differences = len(check.total_differences())
         short = check.volume_shortfalls()
-        days_short = f", {len(short)} days short in its event volume" if short else ""
+        hours_short = f", {len(short)} hours short in its event volume" if short else ""
         raise ReconcileMismatch(
             f"{destination.label} does not hold everything the journal says it acknowledged "
             f"({len(check.missing_ids)} missing, {len(invalid)} invalid, {differences} totals differ"
-            f"{days_short}, {window.first} to {window.last})",
+            f"{hours_short}, {window.first} to {window.last})",
             lines,
         )
     return lines

@@ -144,7 +144,7 @@ COMMON_SETTINGS = th.PropertiesList(
         th.BooleanType,
         default=True,
         description="Keep the run journal: what each platform acknowledged (counts, exact sums "
-        "and a sample of ids per customer, meter and day), written before the STATE that "
+        "and a sample of ids per customer, meter and UTC hour), written before the STATE that "
         "covers it; --reconcile reads it back. Dry runs keep none.",
     ),
     th.Property(
@@ -158,7 +158,7 @@ COMMON_SETTINGS = th.PropertiesList(
         th.NumberType,
         default=0.01,
         description="Share of acknowledged ids the journal keeps for --reconcile to look up, "
-        "beyond the first of each customer, meter and day (at most 100 of each): 1 keeps them "
+        "beyond the first of each customer, meter and hour (at most 100 of each): 1 keeps them "
         "all (small volumes), 0 only the first.",
     ),
     th.Property(

@@ -214,6 +214,25 @@ def test_an_unwritable_journal_stops_the_run_before_input_with_exit_2(sandbox, t
     assert sandbox.stats("m3ter")["requests"] == 0
 
 
+def test_a_journal_an_earlier_version_kept_per_day_is_refused_before_input(sandbox, tmp_path):
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as db:  # what version 1 wrote first: buckets per day
+        db.execute("CREATE TABLE journal_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO journal_meta VALUES ('schema_version', '1')")
+        db.execute("CREATE TABLE journal_buckets (scope, stream, customer, meter, day)")
+    config = config_for("m3ter", sandbox, journal_path=str(old))
+
+    result = run_target(tmp_path, config, singer("usage", usage(5), state={"bookmark": 5}))
+
+    assert result.returncode == 2, result.stderr
+    (line,) = result.error_lines
+    assert "schema version 1" in line and str(old) in line and "new journal" in line
+    assert result.states == []
+    assert sandbox.stats("m3ter")["requests"] == 0
+    with sqlite3.connect(old) as db:  # left as it was, to read its history
+        assert db.execute("SELECT value FROM journal_meta").fetchall() == [("1",)]
+
+
 def test_a_journal_that_cannot_be_written_mid_run_releases_no_further_state(sandbox, tmp_path):
     total = 3000
     config = crash_config(sandbox)

@@ -15,7 +15,7 @@ from target_usage_billing.destinations.metronome import MetronomeDestination as 
 from target_usage_billing.destinations.openmeter import OpenMeterDestination as OpenMeter
 from target_usage_billing.destinations.orb import OrbDestination as Orb
 from target_usage_billing.journal_store import EXACT
-from target_usage_billing.journal_tally import JournalFields, Layout, Tally, as_number, day_of, digest
+from target_usage_billing.journal_tally import JournalFields, Layout, Tally, as_number, digest, hour_of
 
 D = decimal.Decimal
 STRIPE_LIKE = JournalFields(
@@ -118,8 +118,8 @@ def reference(fields: JournalFields, stream: str, items: list[dict]):
         customer = next((c for c in (read(payload, p) for p in fields.customer) if c is not None), None)
         meter = read(payload, fields.meter)
         moment = read(payload, fields.time)
-        day = moment[:10] if isinstance(moment, str) and moment[10:11] == "T" else day_of(moment)
-        key = (stream, "" if customer is None else str(customer), str(meter) if meter else "", day)
+        customer = "" if customer is None else str(customer)
+        key = (stream, customer, str(meter) if meter else "", hour_of(moment))
         counts[key] += 1
         for path, names in fields.values:
             found = read(payload, path)
@@ -202,13 +202,86 @@ def test_every_bucket_s_first_item_is_sampled_once_a_run_and_the_rest_at_the_rat
             for item_id, body_digest in sample:
                 assert body_digest == digest(bodies[int(item_id.split("-")[1])])
         total += sum(len(s) for s in tally.samples.values())
-    assert len(samples) == 3  # three customers, one meter, one day
+    assert len(samples) == 3  # three customers, one meter, one hour
     firsts = {
-        ("s", "a0", "m", "2026-11-01"): "b0-0",
-        ("s", "a1", "m", "2026-11-01"): "b0-1",
-        ("s", "a2", "m", "2026-11-01"): "b0-2",
+        ("s", "a0", "m", "2026-11-01T00"): "b0-0",
+        ("s", "a1", "m", "2026-11-01T00"): "b0-1",
+        ("s", "a2", "m", "2026-11-01T00"): "b0-2",
     }
     for key, first in firsts.items():
         assert samples[key][0][0] == first
     # 3 firsts + about 1 % of 20,000 (200 expected; far outside 120..300 would be a broken draw)
     assert 120 < total - 3 < 300
+
+
+def counted(fields: JournalFields, items: list[dict]) -> tuple[collections.Counter, dict]:
+    """One batch of ``items`` through the tally: its counts and sums per bucket."""
+    tally = Tally(Layout(fields), "s")
+    for item in items:
+        tally.add(item, b"{}")
+    tally.settle([b"{}"] * len(items), set(), 0.0, random.Random(1))
+    return tally.counts, {key: sums for key, sums in tally.sums.items() if sums}
+
+
+NUMERIC_TEXT_ODDITIES = [
+    "1_000",
+    " 1",
+    "1 ",
+    "+1",
+    "١٢",
+    "-",
+    "-inf",
+    "Infinity",
+    "NaN",
+    "1e3",
+    "0012",
+    "",
+    "x",
+]
+
+
+@pytest.mark.parametrize("oddity", NUMERIC_TEXT_ODDITIES)
+def test_numeric_text_adds_up_as_the_reference_reads_it_one_value_at_a_time(oddity):
+    fields = Metronome.journal_fields
+    rng = random.Random(oddity)
+    items = []
+    for number in range(500):
+        tokens = str(rng.randint(0, 5000)) if number != 250 else oddity
+        properties = {"tokens": tokens, "cost": f"{rng.randint(0, 10**6) / 10**7:.7f}", "region": "eu-west-1"}
+        if number % 7 == 0:
+            del properties["cost"]
+        items.append(
+            {
+                "transaction_id": f"t{number}",
+                "customer_id": f"c{number % 5}",
+                "event_type": "api",
+                "timestamp": f"2026-11-01T{number % 3:02d}:00:00Z",
+                "properties": properties,
+            }
+        )
+    counts, sums = counted(fields, items)
+    expected_counts, expected_sums = reference(fields, "s", items)
+    assert counts == expected_counts
+    assert sums == expected_sums
+    assert len(expected_counts) == 15  # five customers, three hours
+
+
+def test_unix_seconds_are_filed_under_their_utc_hour():
+    fields = Lago.journal_fields
+    items = [
+        {
+            "transaction_id": f"t{number}",
+            "external_subscription_id": f"s{number % 4}",
+            "code": "api",
+            "timestamp": 1764000000 + number * 97,
+            "properties": {"tokens": number, "seconds": D(number) / 8} if number % 5 else {},
+        }
+        for number in range(1000)
+    ]
+    counts, sums = counted(fields, items)
+    expected_counts, expected_sums = reference(fields, "s", items)
+    assert counts == expected_counts
+    assert sums == expected_sums
+    # 1764000000 is 2025-11-24T16:00:00Z; 97,000 seconds later is 26 hours on
+    hours = {f"2025-11-{24 + (16 + h) // 24}T{(16 + h) % 24:02d}" for h in range(27)}
+    assert {key[3] for key in counts} == hours

@@ -4,6 +4,8 @@ the journal, against the sandbox with and without the faults platforms really ha
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from target_usage_billing.journal_store import DEFAULT_JOURNAL_NAME, SqliteJournalStore
@@ -209,6 +211,11 @@ def test_orb_s_event_volume_finds_losses_no_sampled_id_shows(sandbox, tmp_path):
 
     assert found.returncode == 8, found.stdout + found.stderr
     (day_row,) = [line.split() for line in found.stdout.splitlines() if line.strip().startswith("20")]
-    assert day_row[1:] == [str(ROWS), str(ROWS - len(lost)), "SHORT"]
+    assert day_row[1:4] == [str(ROWS), str(ROWS - len(lost)), "SHORT"]
+    # compared hour by hour: the hours short are among those the rows were stamped in
+    spanned = {time.strftime("%H", time.gmtime(row["at"])) for row in usage(ROWS, start=100)}
+    assert day_row[4] == "(hours" and day_row[-1] == "UTC)"
+    short = {hour.strip(",") for hour in day_row[5:-1]}
+    assert short and short <= spanned
     (line,) = found.error_lines
-    assert "0 missing" in line and "1 days short in its event volume" in line
+    assert "0 missing" in line and f"{len(short)} hours short in its event volume" in line

@@ -282,8 +282,8 @@ class Destination(abc.ABC):
         """The platform's totals for the journal's (customer, meter, day, field) keys."""
         raise NotImplementedError
 
-    def daily_volume(self, window: Window) -> dict[str, int] | None:
-        """Events the platform holds per UTC day ("YYYY-MM-DD") of their time, the
+    def hourly_volume(self, window: Window) -> dict[str, int] | None:
+        """Events the platform holds per UTC hour ("YYYY-MM-DDTHH") of their time, the
         account's whole volume (other senders' too), for platforms that publish it (Orb);
         None: no such read. It finds losses outside the sampled ids."""
         return None

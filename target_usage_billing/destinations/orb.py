@@ -39,6 +39,7 @@ from target_usage_billing.destinations.base import (
 from target_usage_billing.destinations.orb_backfills import BACKFILL_DAYS, Backfills
 from target_usage_billing.destinations.readback import ItemCheck, Window, iso, read_json
 from target_usage_billing.journal import JournalFields
+from target_usage_billing.journal_tally import hour_of
 from target_usage_billing.mapping import FieldKind, FieldSpec, Preset
 
 MAX_AHEAD = dt.timedelta(minutes=5)
@@ -206,10 +207,10 @@ class OrbDestination(BearerKeyDestination):
         events = found.get("data", []) if isinstance(found, dict) else []
         return {str(event.get("id")): ItemCheck(True) for event in events if not event.get("deprecated")}
 
-    def daily_volume(self, window: Window) -> dict[str, int] | None:
-        """``GET /v1/events/volume`` (the SDK's ``events.volume.list``): counts per hour,
-        paged, summed per day."""
-        days: dict[str, int] = {}
+    def hourly_volume(self, window: Window) -> dict[str, int] | None:
+        """``GET /v1/events/volume`` (the SDK's ``events.volume.list``): counts per UTC hour
+        ("YYYY-MM-DDTHH"), paged."""
+        hours: dict[str, int] = {}
         cursor = None
         while True:
             query = {"timeframe_start": iso(window.start), "timeframe_end": iso(window.end), "limit": 500}
@@ -218,12 +219,12 @@ class OrbDestination(BearerKeyDestination):
             url = f"{self.api_url}/v1/events/volume?{urllib.parse.urlencode(query)}"
             page = read_json(self, "GET", url, self._headers(), setting=self.key_setting)
             page = page if isinstance(page, dict) else {}
-            for hour in page.get("data") or []:
-                day = str(hour.get("timeframe_start", ""))[:10]
-                days[day] = days.get(day, 0) + int(hour.get("count") or 0)
+            for volume in page.get("data") or []:
+                hour = hour_of(str(volume.get("timeframe_start", "")))
+                hours[hour] = hours.get(hour, 0) + int(volume.get("count") or 0)
             cursor = (page.get("pagination_metadata") or {}).get("next_cursor")
             if not cursor:
-                return days
+                return hours
 
     def refusal_detail(self, response: t.Any) -> str:
         return _validation_failures(response)
