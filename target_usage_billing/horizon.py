@@ -113,7 +113,7 @@ class ResendHorizon:
                 tail = known.intersection(tally.ids)
                 times.append(tail_at)
         old: dict[str, str] = {}
-        for day in {key[3][:10] for key in tally.counts}:  # the buckets' hours, as days
+        for day in {hour[:10] for hour in tally.hours()}:
             if day <= last_day:
                 old.update(self._old_samples(stream, day, horizon))
         sampled = [i for i in tally.ids if i in old and i not in tail] if old else []

@@ -157,12 +157,7 @@ class Journal:
             bucket.tails[stream] = (first_index, list(tally.ids))
         elif latest[0] == first_index:  # another part of a split batch
             latest[1].extend(tally.ids)
-        bucket.counts.update(tally.counts)
-        sums = bucket.sums
-        with decimal.localcontext(EXACT):
-            for key, fields in tally.sums.items():
-                for name, value in fields.items():
-                    sums[key, name] += value
+        tally.add_into(bucket.counts, bucket.sums)
         samples = bucket.samples
         for key, sample in tally.samples.items():
             into = samples.get(key)

@@ -26,6 +26,7 @@ from target_usage_billing.journal_store import EXACT, BucketKey
 
 SAMPLE_SIZE = 100  # at most this many ids kept per bucket
 SAMPLE_RATE = 0.01  # beyond the first id of each bucket, about one id in a hundred
+BUCKETS_REMEMBERED = 100_000  # bucket keys made once and kept, per stream
 
 _Decimal = decimal.Decimal
 _NUMERIC_FIRST = frozenset("0123456789-.")  # what numeric text (as_number) can start with
@@ -127,6 +128,9 @@ class Layout:
         self.read_meter = _reader(fields.meter)
         self.read_time = _reader(fields.time)
         self.read_values = [_reader(path) for path, _names in fields.values]
+        self._buckets: dict[str, dict[tuple, BucketKey]] = {}
+        # per value path: the journal's field name of each key summed ("" is the path)
+        self.field_names: list[dict[str, str]] = [{"": path} for path, _names in fields.values]
         self.total_names = [
             {name: f"{path}.{name}" for name in names} if names is not None else {}
             for path, names in fields.values
@@ -183,6 +187,24 @@ class Layout:
         exec(compile(source, "<journal tally>", "exec"), namespace)  # from our own paths, not input
         self.make = namespace["make"]
 
+    def field_name(self, number: int, name: str) -> str:
+        """The journal's name of key ``name`` of value path ``number`` (made once)."""
+        field = self.field_names[number][name] = f"{self.fields.values[number][0]}.{name}"
+        return field
+
+    def buckets(self, stream: str) -> dict[tuple, BucketKey]:
+        """Bucket keys already made for ``stream``, by the tuple ``add`` files under."""
+        found = self._buckets.get(stream)
+        if found is None:
+            found = self._buckets[stream] = {}
+        return found
+
+    def remember(self, buckets: dict[tuple, BucketKey], raw: tuple, key: BucketKey) -> BucketKey:
+        if len(buckets) >= BUCKETS_REMEMBERED:  # memory stays bounded on runs of any length
+            buckets.clear()
+        buckets[raw] = key
+        return key
+
     def bucket(self, stream: str, customer: t.Any, meter: t.Any, moment: t.Any) -> BucketKey:
         filed = type(moment) is str and len(moment) == 13 and moment[10:11] == "T"  # by add
         hour = moment if filed else hour_of(moment)
@@ -197,9 +219,11 @@ class Layout:
 
 class Tally:
     """One batch's items counted and summed per customer, meter and time as filed
-    (``add``), then put under their buckets and sampled (``settle``)."""
+    (``add``), then put under their buckets and sampled (``settle``): ``settled`` holds
+    (bucket, [count, position of its first item, totals per value path]) for the journal
+    to add up (a bucket may come twice: times filed apart, one hour)."""
 
-    __slots__ = ("_entries", "_layout", "add", "counts", "ids", "samples", "stream", "sums")
+    __slots__ = ("_entries", "_layout", "add", "ids", "samples", "settled", "stream")
 
     def __init__(self, layout: Layout, stream: str):
         self._layout = layout
@@ -211,38 +235,68 @@ class Tally:
         self.add: t.Callable[[dict, bytes], None] = layout.make(
             self.ids, self._entries, _add_number, EXACT.add, _Decimal, _NUMERIC_FIRST, _InvalidOperation
         )
-        self.counts: collections.Counter[BucketKey] = collections.Counter()
-        self.sums: dict[BucketKey, dict[str, t.Any]] = {}
+        self.settled: list[tuple[BucketKey, list]] = []
         self.samples: dict[BucketKey, list[tuple[str, str]]] = {}
 
     def settle(
         self, bodies: t.Sequence[bytes], first_sampled: set[BucketKey], sample_rate: float, rng: random.Random
     ) -> None:
-        """Count, sum and sample what was filed; ``bodies[i]`` is item i's body. Every
-        bucket's first id of the run (not in ``first_sampled``, which it updates) is kept,
-        then about ``sample_rate`` of the others."""
+        """Put what was filed under its buckets and sample it; ``bodies[i]`` is item i's
+        body. Every bucket's first id of the run (not in ``first_sampled``, which it
+        updates) is kept, then about ``sample_rate`` of the others."""
         layout, stream = self._layout, self.stream
         ids = self.ids
         if not {str}.issuperset(map(type, ids)):
             ids[:] = map(_text, ids)
-        paths = layout.fields.values
-        entries = self._entries
-        with decimal.localcontext(EXACT):  # exact sums, whatever the thread's context
-            for raw, entry in entries.items():
-                key = layout.bucket(stream, *raw)
-                self.counts[key] += entry[0]
-                into = self.sums.setdefault(key, {})
-                for number, (path, _names) in enumerate(paths):
-                    whole, decimals = entry[2 + 2 * number], entry[3 + 2 * number]
-                    for name, total in (*whole.items(), *decimals.items()):
-                        full = f"{path}.{name}" if name else path
-                        previous = into.get(full)
-                        into[full] = total if previous is None else previous + total
-                if key not in first_sampled:
-                    first_sampled.add(key)
-                    self.samples.setdefault(key, []).append((ids[entry[1]], digest(bodies[entry[1]])))
+        buckets = layout.buckets(stream)
+        settled = self.settled
+        for raw, entry in self._entries.items():
+            key = buckets.get(raw)
+            if key is None:
+                key = layout.remember(buckets, raw, layout.bucket(stream, *raw))
+            settled.append((key, entry))
+            if key not in first_sampled:
+                first_sampled.add(key)
+                self.samples.setdefault(key, []).append((ids[entry[1]], digest(bodies[entry[1]])))
         self._pick(bodies, sample_rate, rng)
-        entries.clear()
+        self._entries = {}
+
+    def add_into(
+        self, counts: collections.Counter[BucketKey], sums: dict[tuple[BucketKey, str], t.Any]
+    ) -> None:
+        """Add the settled counts and exact sums into ``counts`` and ``sums`` (keyed by
+        bucket and field; a defaultdict of 0)."""
+        layout = self._layout
+        with decimal.localcontext(EXACT):  # exact sums, whatever the thread's context
+            for key, entry in self.settled:
+                counts[key] += entry[0]
+                for number, fields in enumerate(layout.field_names):
+                    for part in (entry[2 + 2 * number], entry[3 + 2 * number]):
+                        for name, total in part.items():
+                            field = fields.get(name) or layout.field_name(number, name)
+                            sums[key, field] += total
+
+    @property
+    def counts(self) -> collections.Counter[BucketKey]:
+        """Items per bucket (the settled tally)."""
+        counts: collections.Counter[BucketKey] = collections.Counter()
+        for key, entry in self.settled:
+            counts[key] += entry[0]
+        return counts
+
+    @property
+    def sums(self) -> dict[BucketKey, dict[str, t.Any]]:
+        """Exact totals per bucket and field (the settled tally)."""
+        flat: dict[tuple[BucketKey, str], t.Any] = collections.defaultdict(int)
+        self.add_into(collections.Counter(), flat)
+        out: dict[BucketKey, dict[str, t.Any]] = {}
+        for (key, name), total in flat.items():
+            out.setdefault(key, {})[name] = total
+        return out
+
+    def hours(self) -> set[str]:
+        """The UTC hours of the settled buckets."""
+        return {key[3] for key, _entry in self.settled}
 
     def _pick(self, bodies: t.Sequence[bytes], rate: float, rng: random.Random) -> None:
         """Sample each item with probability ``rate`` (gaps drawn geometrically, so the cost
