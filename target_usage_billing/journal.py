@@ -53,10 +53,8 @@ logger = logging.getLogger("target-usage-billing.journal")
 class _Epoch:
     """What was acknowledged of the batches of one epoch, not yet committed."""
 
-    counts: collections.Counter[BucketKey] = field(default_factory=collections.Counter)
-    sums: dict[tuple[BucketKey, str], int | decimal.Decimal] = field(
-        default_factory=lambda: collections.defaultdict(int)
-    )
+    # per bucket: [items, {field: exact total}]
+    buckets: dict[BucketKey, list] = field(default_factory=dict)
     samples: dict[BucketKey, list[tuple[str, str]]] = field(default_factory=dict)
     # per stream: (first record index of its latest batch, that batch's ids)
     tails: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
@@ -157,7 +155,7 @@ class Journal:
             bucket.tails[stream] = (first_index, list(tally.ids))
         elif latest[0] == first_index:  # another part of a split batch
             latest[1].extend(tally.ids)
-        tally.add_into(bucket.counts, bucket.sums)
+        tally.add_into(bucket.buckets)
         samples = bucket.samples
         for key, sample in tally.samples.items():
             into = samples.get(key)
@@ -178,9 +176,14 @@ class Journal:
             with decimal.localcontext(EXACT):
                 for number in epochs:
                     epoch = self._epochs.pop(number)
-                    merged.counts.update(epoch.counts)
-                    for total, value in epoch.sums.items():
-                        merged.sums[total] += value
+                    for key, (items, totals) in epoch.buckets.items():
+                        kept = merged.buckets.get(key)
+                        if kept is None:
+                            merged.buckets[key] = [items, totals]
+                            continue
+                        kept[0] += items
+                        for name, total in totals.items():
+                            kept[1][name] = kept[1].get(name, 0) + total
                     for key, sample in epoch.samples.items():
                         into = merged.samples.setdefault(key, [])
                         into.extend(sample[: SAMPLE_SIZE - len(into)])
@@ -197,8 +200,12 @@ class Journal:
             self.store.commit(
                 self.scope,
                 self.run_id,
-                merged.counts,
-                merged.sums,
+                {key: items for key, (items, _totals) in merged.buckets.items()},
+                {
+                    (key, name): total
+                    for key, (_items, totals) in merged.buckets.items()
+                    for name, total in totals.items()
+                },
                 merged.samples,
                 resent,
                 tails,
@@ -206,7 +213,7 @@ class Journal:
                 schemes,
                 changed,
             )
-            self.committed_items += sum(merged.counts.values())
+            self.committed_items += sum(items for items, _totals in merged.buckets.values())
 
     def remembered_keys(self, stream: str) -> list[str] | None:
         """The key properties an earlier run derived ``stream``'s ids from (None: unknown)."""

@@ -261,20 +261,22 @@ class Tally:
         self._pick(bodies, sample_rate, rng)
         self._entries = {}
 
-    def add_into(
-        self, counts: collections.Counter[BucketKey], sums: dict[tuple[BucketKey, str], t.Any]
-    ) -> None:
-        """Add the settled counts and exact sums into ``counts`` and ``sums`` (keyed by
-        bucket and field; a defaultdict of 0)."""
+    def add_into(self, buckets: dict[BucketKey, list]) -> None:
+        """Add the settled counts and exact sums into ``buckets``: per bucket, [items,
+        {field: total}]."""
         layout = self._layout
         with decimal.localcontext(EXACT):  # exact sums, whatever the thread's context
             for key, entry in self.settled:
-                counts[key] += entry[0]
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = [0, {}]
+                bucket[0] += entry[0]
+                totals = bucket[1]
                 for number, fields in enumerate(layout.field_names):
                     for part in (entry[2 + 2 * number], entry[3 + 2 * number]):
                         for name, total in part.items():
                             field = fields.get(name) or layout.field_name(number, name)
-                            sums[key, field] += total
+                            totals[field] = totals.get(field, 0) + total
 
     @property
     def counts(self) -> collections.Counter[BucketKey]:
@@ -287,12 +289,9 @@ class Tally:
     @property
     def sums(self) -> dict[BucketKey, dict[str, t.Any]]:
         """Exact totals per bucket and field (the settled tally)."""
-        flat: dict[tuple[BucketKey, str], t.Any] = collections.defaultdict(int)
-        self.add_into(collections.Counter(), flat)
-        out: dict[BucketKey, dict[str, t.Any]] = {}
-        for (key, name), total in flat.items():
-            out.setdefault(key, {})[name] = total
-        return out
+        buckets: dict[BucketKey, list] = {}
+        self.add_into(buckets)
+        return {key: totals for key, (_items, totals) in buckets.items()}
 
     def hours(self) -> set[str]:
         """The UTC hours of the settled buckets."""
