@@ -127,13 +127,10 @@ class Layout:
         )
         self.read_meter = _reader(fields.meter)
         self.read_time = _reader(fields.time)
-        self.read_values = [_reader(path) for path, _names in fields.values]
         self._buckets: dict[str, dict[tuple, BucketKey]] = {}
-        # per value path: the journal's field name of each key summed ("" is the path)
-        self.field_names: list[dict[str, str]] = [{"": path} for path, _names in fields.values]
-        self.total_names = [
-            {name: f"{path}.{name}" for name in names} if names is not None else {}
-            for path, names in fields.values
+        # per value path: the journal's field name of each key summed ("" is the path itself)
+        self.field_names: list[dict[str, str]] = [
+            {"": path, **{name: f"{path}.{name}" for name in names or ()}} for path, names in fields.values
         ]
         customer = _read(fields.customer[0], "_c0")
         for number, path in enumerate(fields.customer[1:], 1):
