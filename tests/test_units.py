@@ -7,6 +7,7 @@ target in dry-run mode, whose request bodies are the sink's batches exactly.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from target_usage_billing.deadletter import DeadLetters
-from target_usage_billing.delivery import Delivery
+from target_usage_billing.delivery import Batch, Delivery
 from target_usage_billing.destinations.metronome import MetronomeDestination
 from target_usage_billing.errors import DeliveryError
 from target_usage_billing.http import HttpTransport
@@ -103,6 +104,22 @@ def test_states_are_released_in_order_and_only_behind_acknowledged_batches(sandb
     assert h.delivery.wait(time.monotonic() + 30)
     assert h.released == [{"upto": 10}, {"upto": 20}]
     assert sandbox.stats("metronome")["accepted"] == 20
+
+
+def test_an_idle_worker_keeps_no_batch_alive(sandbox, harness):
+    # A worker waiting for work used to keep its last batch (items and their input lines,
+    # released from every budget) alive: 64 workers held 64 MB of m3ter batches.
+    h = harness(in_flight=8)
+    for n in range(8):
+        h.delivery.submit("usage", h.items(n * 10, 10, marker="idle"), buffer=1, first_index=n * 10)
+    assert h.delivery.wait(time.monotonic() + 30)
+    assert sandbox.stats("metronome")["accepted"] == 80
+
+    def batches_alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is Batch and b'"idle"' in o.items[0][0])
+
+    wait_until(lambda: batches_alive() == 0, timeout=10)
 
 
 def test_a_state_waits_for_a_buffer_that_is_not_yet_handed_over(sandbox, harness):
