@@ -197,6 +197,7 @@ def bench(
     latency_ms: float,
     baseline: float | None,
     in_flight: int | None,
+    *,  # by name: a positional streams once landed in journal
     dry_run: bool = False,
     journal: bool = True,
     mappings: int = 1,
@@ -469,7 +470,9 @@ def main() -> None:
         compile_package()
         for destination in DESTINATIONS if args.destination == "all" else [args.destination]:
             for _ in range(max(1, args.repeat)):
-                result = bench(destination, args.events, 0.0, None, args.in_flight, True, args.streams)
+                result = bench(
+                    destination, args.events, 0.0, None, args.in_flight, dry_run=True, streams=args.streams
+                )
                 print(json.dumps(result), flush=True)
         return
     destinations = DESTINATIONS if args.destination == "all" else [args.destination]
