@@ -24,6 +24,7 @@ import os
 import ssl
 import threading
 import time
+import traceback
 import typing as t
 import urllib.parse
 from dataclasses import dataclass, field
@@ -243,7 +244,11 @@ class HttpTransport:
                     counted = "connection error"
                 if counted is not None:
                     self.stats.count(counted)
-                raise failure from None
+                _drop_frames(exc)
+                try:
+                    raise failure from None
+                finally:  # its traceback holds this frame (and the body): no cycle left for the GC
+                    failure = sorted_failure = None  # type: ignore[assignment]
             finally:
                 _request_deadline.at = None
             self.stats.count(reply.status)
@@ -287,6 +292,22 @@ class HttpTransport:
             )
             return
         logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], wait)
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Let the frames of a failed attempt go (they hold its request body): urllib3 keeps
+    each exception it handles in a local of the frame its traceback holds, a cycle only
+    the cyclic GC would free, and the run runs that rarely (target.py)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        each = pending.pop()
+        if each is None or id(each) in seen:
+            continue
+        seen.add(id(each))
+        traceback.clear_frames(each.__traceback__)  # the executing frame (ours) is skipped
+        each.__traceback__ = None
+        pending += (each.__cause__, each.__context__)
 
 
 def _read_body(reply: t.Any) -> bytes:

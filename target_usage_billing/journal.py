@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from target_usage_billing.journal_store import EXACT, BucketKey, JournalStore
 from target_usage_billing.journal_tally import (
+    BUCKETS_REMEMBERED,
     SAMPLE_RATE,
     SAMPLE_SIZE,
     JournalFields,
@@ -120,6 +121,8 @@ class Journal:
         input order, so the first id of each bucket sampled is the run's first."""
         with self._lock:
             tally.settle(bodies, self._first_sampled, self._sample_rate, self._random)
+            if len(self._first_sampled) > BUCKETS_REMEMBERED:  # bounded: a bucket seen again
+                self._first_sampled.clear()  # has its first id sampled again (the store keeps 100)
 
     def acknowledged_tally(self, stream: str, tally: Tally, epoch: int, first_index: int) -> None:
         """Take the sealed tally of a batch delivered whole (called by delivery workers);
@@ -195,7 +198,8 @@ class Journal:
                                 changed.add(stream)
             resent = dict(self._resent)
             self._resent.clear()
-            tails = {stream: ids for stream, (_first, ids) in self._committed_tails.items() if ids}
+            # only the tails this commit moves: the others are in the store as they are
+            tails = {stream: self._committed_tails[stream][1] for stream in changed}
             schemes, self._schemes = self._schemes, {}
             self.store.commit(
                 self.scope,

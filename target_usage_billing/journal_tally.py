@@ -26,7 +26,7 @@ from target_usage_billing.journal_store import EXACT, BucketKey
 
 SAMPLE_SIZE = 100  # at most this many ids kept per bucket
 SAMPLE_RATE = 0.01  # beyond the first id of each bucket, about one id in a hundred
-BUCKETS_REMEMBERED = 100_000  # bucket keys made once and kept, per stream
+BUCKETS_REMEMBERED = 100_000  # bucket keys made once and kept (all streams together)
 
 _Decimal = decimal.Decimal
 _NUMERIC_FIRST = frozenset("0123456789-.")  # what numeric text (as_number) can start with
@@ -128,6 +128,7 @@ class Layout:
         self.read_meter = _reader(fields.meter)
         self.read_time = _reader(fields.time)
         self._buckets: dict[str, dict[tuple, BucketKey]] = {}
+        self._remembered = 0  # bucket keys in _buckets, over all streams
         # per value path: the journal's field name of each key summed ("" is the path itself)
         self.field_names: list[dict[str, str]] = [
             {"": path, **{name: f"{path}.{name}" for name in names or ()}} for path, names in fields.values
@@ -197,10 +198,18 @@ class Layout:
         return found
 
     def remember(self, buckets: dict[tuple, BucketKey], raw: tuple, key: BucketKey) -> BucketKey:
-        if len(buckets) >= BUCKETS_REMEMBERED:  # memory stays bounded on runs of any length
-            buckets.clear()
+        if self._remembered >= BUCKETS_REMEMBERED:  # bounded on runs of any length and breadth
+            for each in self._buckets.values():
+                each.clear()
+            self._remembered = 0
         buckets[raw] = key
+        self._remembered += 1
         return key
+
+    @property
+    def remembered(self) -> int:
+        """Bucket keys kept, over all streams."""
+        return sum(map(len, self._buckets.values()))
 
     def bucket(self, stream: str, customer: t.Any, meter: t.Any, moment: t.Any) -> BucketKey:
         filed = type(moment) is str and len(moment) == 13 and moment[10:11] == "T"  # by add

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import email.utils
+import gc
+import socket
 import ssl
 import subprocess
 import time
@@ -399,3 +401,23 @@ def test_requests_adapter_verifies_tls_with_the_ca_bundle_given(server_factory, 
     )
     pool = trusting._local.routes[f"{server.url}/"].pool
     assert (pool.cert_reqs, pool.ca_certs) == ("CERT_REQUIRED", cert)
+
+
+def test_a_failed_attempt_leaves_no_cycle_holding_its_request_body():
+    # The GC runs rarely in a run (target.py raises its thresholds), so a frame kept alive
+    # by a cycle with its own exception would hold the request body through a storm.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]  # closed again: connections are refused
+    transport = HttpTransport(timeout_seconds=1)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            with pytest.raises(RetryableFailure):
+                transport.send_once("POST", f"http://127.0.0.1:{port}/v1/ingest", {}, b"x" * 100_000)
+        frames = [o for o in gc.get_objects() if type(o).__name__ == "frame"]
+        frames = [frame for frame in frames if frame.f_code.co_name == "send_once"]
+    finally:
+        gc.enable()
+    assert frames == []

@@ -9,12 +9,13 @@ import random
 
 import pytest
 
+from target_usage_billing import journal, journal_tally
 from target_usage_billing.destinations.lago import LagoDestination as Lago
 from target_usage_billing.destinations.m3ter import M3terDestination as M3ter
 from target_usage_billing.destinations.metronome import MetronomeDestination as Metronome
 from target_usage_billing.destinations.openmeter import OpenMeterDestination as OpenMeter
 from target_usage_billing.destinations.orb import OrbDestination as Orb
-from target_usage_billing.journal_store import EXACT
+from target_usage_billing.journal_store import EXACT, SqliteJournalStore
 from target_usage_billing.journal_tally import JournalFields, Layout, Tally, as_number, digest, hour_of
 
 D = decimal.Decimal
@@ -285,3 +286,28 @@ def test_unix_seconds_are_filed_under_their_utc_hour():
     # 1764000000 is 2025-11-24T16:00:00Z; 97,000 seconds later is 26 hours on
     hours = {f"2025-11-{24 + (16 + h) // 24}T{(16 + h) % 24:02d}" for h in range(27)}
     assert {key[3] for key in counts} == hours
+
+
+def test_bucket_keys_kept_are_bounded_over_all_streams_and_counts_stay_right(monkeypatch, tmp_path):
+    # a run over many streams and customers keeps at most BUCKETS_REMEMBERED keys in all,
+    # not that many per stream; forgetting one only means making it again
+    monkeypatch.setattr(journal_tally, "BUCKETS_REMEMBERED", 50)
+    monkeypatch.setattr(journal, "BUCKETS_REMEMBERED", 50)
+    layout = Layout(M3ter.journal_fields)
+    kept = journal.Journal(SqliteJournalStore(str(tmp_path / "j.sqlite")), "scope", M3ter.journal_fields)
+    counts: collections.Counter = collections.Counter()
+    for round_ in range(3):
+        for stream in range(10):
+            tally = Tally(layout, f"s{stream}")
+            bodies = []
+            for customer in range(20):
+                payload = {"uid": f"{round_}-{stream}-{customer}", "account": f"a{customer}", "meter": "m"}
+                payload.update(ts="2026-11-01T00:00:00Z", measure={"n": 1})
+                tally.add(payload, b"{}")
+                bodies.append(b"{}")
+            kept.seal(tally, bodies)
+            assert layout.remembered <= 50
+            assert len(kept._first_sampled) <= 50
+            counts.update(tally.counts)
+    assert len(counts) == 200 and set(counts.values()) == {3}
+    assert counts[("s9", "a19", "m", "2026-11-01T00")] == 3
