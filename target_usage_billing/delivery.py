@@ -228,6 +228,9 @@ class Delivery:
             if len(self._states) > 1:  # the latest replaces the one between: bounded memory
                 self._states.pop()
             self._states.append((bound, state, self._states_received))
+            if self.journal is not None:  # what this STATE will commit is kept as one epoch
+                head = self._states[0][2] if len(self._states) > 1 else None
+                self.journal.merge_epochs(head, self._states_received)
             self._release_states()
 
     @property

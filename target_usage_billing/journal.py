@@ -79,6 +79,7 @@ class Journal:
         self._layout = Layout(fields)  # the payload's paths, compiled
         self._lock = threading.Lock()
         self._epochs: dict[int, _Epoch] = collections.defaultdict(_Epoch)
+        self._merged: list[tuple[int, int]] = []  # epochs [low, high) kept as epoch high - 1
         self._committed_tails: dict[str, tuple[int, list[str]]] = {}
         self._known_tail: dict[str, set[str]] = {}  # per stream, loaded from the store once
         self._resent: collections.Counter[str] = collections.Counter()
@@ -152,6 +153,9 @@ class Journal:
             # whether or not a STATE ever follows (a run killed before its first STATE billed it)
             self.store.commit(self.scope, self.run_id, {}, {}, {}, {}, {}, _now(), {stream: scheme}, ())
         self._resent[stream] += resent
+        for low, high in self._merged:  # an epoch kept with others (merge_epochs)
+            if low <= epoch < high:
+                epoch = high - 1
         bucket = self._epochs[epoch]
         latest = bucket.tails.get(stream)
         if latest is None or latest[0] < first_index:
@@ -172,30 +176,21 @@ class Journal:
         """Write the epochs below ``before_epoch`` (None: all) in one transaction."""
         with self._lock:
             epochs = sorted(e for e in self._epochs if before_epoch is None or e < before_epoch)
+            if before_epoch is not None:
+                self._merged = [(low, high) for low, high in self._merged if high > before_epoch]
             if not epochs and not self._resent and not self._schemes:
                 return
             merged = _Epoch()
             changed: set[str] = set()  # streams whose tail this commit moves
-            with decimal.localcontext(EXACT):
-                for number in epochs:
-                    epoch = self._epochs.pop(number)
-                    for key, (items, totals) in epoch.buckets.items():
-                        kept = merged.buckets.get(key)
-                        if kept is None:
-                            merged.buckets[key] = [items, totals]
-                            continue
-                        kept[0] += items
-                        for name, total in totals.items():
-                            kept[1][name] = kept[1].get(name, 0) + total
-                    for key, sample in epoch.samples.items():
-                        into = merged.samples.setdefault(key, [])
-                        into.extend(sample[: SAMPLE_SIZE - len(into)])
-                    for stream, latest in epoch.tails.items():
-                        committed = self._committed_tails.get(stream)
-                        if committed is None or committed[0] <= latest[0]:
-                            self._committed_tails[stream] = latest
-                            if latest[1]:  # re-sent ids are not in it: an empty tail keeps the old
-                                changed.add(stream)
+            for number in epochs:
+                epoch = self._epochs.pop(number)
+                _add_up(merged, epoch)
+                for stream, latest in epoch.tails.items():
+                    committed = self._committed_tails.get(stream)
+                    if committed is None or committed[0] <= latest[0]:
+                        self._committed_tails[stream] = latest
+                        if latest[1]:  # re-sent ids are not in it: an empty tail keeps the old
+                            changed.add(stream)
             resent = dict(self._resent)
             self._resent.clear()
             # only the tails this commit moves: the others are in the store as they are
@@ -219,6 +214,28 @@ class Journal:
             )
             self.committed_items += sum(items for items, _totals in merged.buckets.values())
 
+    def merge_epochs(self, low: int | None, high: int) -> None:
+        """The epochs from ``low`` (None: the first) below ``high`` will be committed
+        together, by the STATE numbered ``high``: they are kept as one, so while STATEs
+        cannot go out (a batch retrying, Orb's backfills until the run ends) memory holds
+        a few epochs' aggregates, not one set per STATE received."""
+        floor = -1 if low is None else low
+        with self._lock:
+            # later parts of a batch of these epochs go where the rest of it is (its tail)
+            self._merged = [(a, b) for a, b in self._merged if not floor <= a < high] + [(floor, high)]
+            into = self._epochs.pop(high - 1, None) or _Epoch()
+            for number in [n for n in self._epochs if floor <= n < high]:
+                epoch = self._epochs.pop(number)
+                _add_up(into, epoch)
+                for stream, latest in epoch.tails.items():
+                    kept = into.tails.get(stream)
+                    if kept is None or kept[0] < latest[0]:
+                        into.tails[stream] = latest
+                    elif kept[0] == latest[0]:  # parts of one batch
+                        kept[1].extend(latest[1])
+            if into.buckets or into.samples or into.tails:
+                self._epochs[high - 1] = into
+
     def remembered_keys(self, stream: str) -> list[str] | None:
         """The key properties an earlier run derived ``stream``'s ids from (None: unknown)."""
         with self._lock:
@@ -238,6 +255,22 @@ class Journal:
 
 class Recount(Exception):
     """A tally that cannot be taken as it is: its items are counted one by one."""
+
+
+def _add_up(into: _Epoch, epoch: _Epoch) -> None:
+    """Add ``epoch``'s counts, exact sums and samples into ``into`` (not its tails)."""
+    with decimal.localcontext(EXACT):
+        for key, (items, totals) in epoch.buckets.items():
+            kept = into.buckets.get(key)
+            if kept is None:
+                into.buckets[key] = [items, totals]
+                continue
+            kept[0] += items
+            for name, total in totals.items():
+                kept[1][name] = kept[1].get(name, 0) + total
+    for key, sample in epoch.samples.items():
+        found = into.samples.setdefault(key, [])
+        found.extend(sample[: SAMPLE_SIZE - len(found)])
 
 
 def _now() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from target_usage_billing.delivery import Batch, Delivery
 from target_usage_billing.destinations.metronome import MetronomeDestination
 from target_usage_billing.errors import DeliveryError
 from target_usage_billing.http import HttpTransport
+from target_usage_billing.journal import Journal
+from target_usage_billing.journal_store import SqliteJournalStore
 from target_usage_billing.ratelimit import RateLimiter
 from target_usage_billing.stats import RunStats
 from target_usage_billing.target import TargetUsageBilling
@@ -120,6 +123,34 @@ def test_an_idle_worker_keeps_no_batch_alive(sandbox, harness):
         return sum(1 for o in gc.get_objects() if type(o) is Batch and b'"idle"' in o.items[0][0])
 
     wait_until(lambda: batches_alive() == 0, timeout=10)
+
+
+def test_while_states_wait_the_journal_keeps_a_few_epochs_not_one_per_state(sandbox, harness, tmp_path):
+    # The first batch is slow: the 29 STATEs after it cannot go out, and each would have
+    # kept its own epoch (aggregates, samples, a batch of ids per stream) until then.
+    h = harness(in_flight=4)
+    path = tmp_path / "journal.sqlite"
+    journal = h.delivery.journal = Journal(
+        SqliteJournalStore(str(path)), "scope", h.destination.journal_fields
+    )
+    sandbox.faults({"kind": "slow", "count": 1, "delay_ms": 4000})
+    h.delivery.buffer_started(1, 0)
+    h.delivery.submit("usage", h.items(0, 10), buffer=1, first_index=0)
+    time.sleep(0.2)  # the slow one is in flight
+    for n in range(1, 30):
+        h.delivery.add_state({"upto": n * 10}, n * 10)
+        h.delivery.buffer_started(1, n * 10)
+        h.delivery.submit("usage", h.items(n * 10, 10), buffer=1, first_index=n * 10)
+    wait_until(lambda: sandbox.stats("metronome")["accepted"] == 290)
+    assert h.released == []
+    assert len(journal._epochs) <= 2  # the 28 epochs STATE 29 will commit are one
+    assert h.delivery.wait(time.monotonic() + 30)
+    assert h.released == [{"upto": 10}, {"upto": 290}]  # the first, then the latest
+    journal.commit()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT SUM(items) FROM journal_buckets").fetchone() == (300,)
+        tail = db.execute("SELECT ids FROM journal_tails WHERE stream = 'usage'").fetchone()[0]
+    assert tail.split("\n") == [f"t{n}" for n in range(290, 300)]  # the last batch's ids
 
 
 def test_a_state_waits_for_a_buffer_that_is_not_yet_handed_over(sandbox, harness):
