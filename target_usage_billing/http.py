@@ -191,23 +191,27 @@ class HttpTransport:
     def _route(self, method: str, url: str) -> _Route:
         """This thread's way to ``url``, as requests' HTTPAdapter works it out."""
         session = self._session()
+        # one route per endpoint, whatever its query (Orb's ?backfill_id= names one of many)
+        url, _, query = url.partition("?")
         route: _Route | None = self._local.routes.get(url)
-        if route is None or route.pool.pool is None:  # none yet, or the pool was closed
-            adapter = t.cast(HTTPAdapter, session.get_adapter(url))
-            proxies = self._proxies_for(url)
-            prepared = requests.Request(method, url).prepare()
-            pool = t.cast(
-                HTTPConnectionPool,
-                adapter.get_connection_with_tls_context(prepared, self._verify, proxies=proxies),
-            )
-            adapter.cert_verify(pool, url, self._verify, None)
-            if getattr(pool.ConnectionCls, "response_class", None) is not _AnswerWithinDeadline:
-                # direct, TLS, proxied, SOCKS: the pool's own kind of connection, reading
-                # its answers (CONNECT's to a proxy too) within the request's deadline
-                pool.ConnectionCls = _answering_within_deadline(pool.ConnectionCls)
-            route = _Route(pool, adapter.request_url(prepared, proxies), adapter.max_retries)
-            self._local.routes[url] = route
-        return route
+        if route is not None and route.pool.pool is not None:
+            return route._replace(target=f"{route.target}?{query}") if query else route
+        # none yet, or the pool was closed
+        adapter = t.cast(HTTPAdapter, session.get_adapter(url))
+        proxies = self._proxies_for(url)
+        prepared = requests.Request(method, url).prepare()
+        pool = t.cast(
+            HTTPConnectionPool,
+            adapter.get_connection_with_tls_context(prepared, self._verify, proxies=proxies),
+        )
+        adapter.cert_verify(pool, url, self._verify, None)
+        if getattr(pool.ConnectionCls, "response_class", None) is not _AnswerWithinDeadline:
+            # direct, TLS, proxied, SOCKS: the pool's own kind of connection, reading
+            # its answers (CONNECT's to a proxy too) within the request's deadline
+            pool.ConnectionCls = _answering_within_deadline(pool.ConnectionCls)
+        route = _Route(pool, adapter.request_url(prepared, proxies), adapter.max_retries)
+        self._local.routes[url] = route
+        return route._replace(target=f"{route.target}?{query}") if query else route
 
     def send_once(self, method: str, url: str, headers: t.Mapping[str, str], body: bytes | None) -> Response:
         """One request; connection errors and timeouts become RetryableFailure."""

@@ -339,7 +339,7 @@ def test_requests_adapter_pools_are_the_ones_requests_itself_uses(server_factory
     transport = HttpTransport()
     url = f"{server.url}/v1/ingest?x=1"
     assert transport.send_once("POST", url, {}, b"[]").status == 200
-    route = transport._local.routes[url]
+    route = transport._local.routes[url.split("?")[0]]  # one route per endpoint, queries apart
     # requests' own send, on the same session, finds the connection ours left in the pool
     own = transport._session().post(url, data=b"[]", verify=transport._verify, timeout=5)
     assert own.status_code == 200
@@ -347,7 +347,7 @@ def test_requests_adapter_pools_are_the_ones_requests_itself_uses(server_factory
         "HTTPAdapter.get_connection_with_tls_context no longer gives the pool requests' own "
         "send uses for the URL"
     )
-    assert route.target == "/v1/ingest?x=1", "HTTPAdapter.request_url no longer gives the path"
+    assert route.target == "/v1/ingest", "HTTPAdapter.request_url no longer gives the path"
     assert server.requests[-1].startswith(b"POST /v1/ingest?x=1 HTTP/1.1\r\n")
     assert route.retries.total == 0, "HTTPAdapter(max_retries=0) no longer means no urllib3 retries"
 
@@ -421,3 +421,22 @@ def test_a_failed_attempt_leaves_no_cycle_holding_its_request_body():
     finally:
         gc.enable()
     assert frames == []
+
+
+def test_one_route_per_endpoint_whatever_its_query(server_factory):
+    # Orb names each backfill in ?backfill_id=: a route (and its pool) per query would grow
+    # with the backfills of a run, in every worker thread
+    server = server_factory()
+    transport = HttpTransport(timeout_seconds=5)
+    for number in range(20):
+        answer = transport.send_once("POST", f"{server.url}/v1/ingest?backfill_id=b{number}", {}, b"[]")
+        assert answer.status == 200
+    transport.send_once("POST", f"{server.url}/v1/ingest", {}, b"[]")
+    assert len(transport._local.routes) == 1
+    lines = [head.split(b"\r\n", 1)[0] for head in server.requests]
+    assert lines[:2] == [
+        b"POST /v1/ingest?backfill_id=b0 HTTP/1.1",
+        b"POST /v1/ingest?backfill_id=b1 HTTP/1.1",
+    ]
+    assert lines[-1] == b"POST /v1/ingest HTTP/1.1"
+    assert server.connections == 1  # one kept-alive connection carried them all
