@@ -31,6 +31,9 @@ _encode = payload_encoder.encode  # mapping.encode_payload without its call fram
 # What a buffered item costs beside its two byte strings: the tuple, its list slot, the
 # strings' headers and the line number (counted against buffer_megabytes).
 ITEM_OVERHEAD = 170
+# What the run journal's count of a buffered item holds: its id and, at worst, a customer,
+# meter and hour of its own (tests/test_journal_tally.py measures it).
+TALLY_ITEM_OVERHEAD = 1000
 
 
 # the context process_direct hands process_record (the SDK's is an empty dict too)
@@ -70,6 +73,7 @@ class UsageSink(RecordCheck, BatchSink):
         self._tally = self._journal.tally(self.stream_name) if self._journal is not None else None
         self._item_bytes = 0
         self._held_bytes = 0  # what the buffer holds: bodies and input lines
+        self._item_overhead = ITEM_OVERHEAD + (TALLY_ITEM_OVERHEAD if self._tally is not None else 0)
         self._first_index = 0  # index of the buffer's first record (for STATE release)
         self._direct_uncounted = 0  # direct-path records not yet in the SDK's record counter
         destination = self.billing_run.destination
@@ -221,7 +225,7 @@ class UsageSink(RecordCheck, BatchSink):
         if self._tally is not None:
             self._tally.add(payload, body)
         self._item_bytes += size
-        held = size + len(line) + ITEM_OVERHEAD  # an item keeps its input line too
+        held = size + len(line) + self._item_overhead  # an item keeps its input line too
         self._held_bytes += held
         run.buffered_bytes += held
         counts.mapped += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import decimal
 import random
+import tracemalloc
 
 import pytest
 
@@ -17,6 +18,7 @@ from target_usage_billing.destinations.openmeter import OpenMeterDestination as 
 from target_usage_billing.destinations.orb import OrbDestination as Orb
 from target_usage_billing.journal_store import EXACT, SqliteJournalStore
 from target_usage_billing.journal_tally import JournalFields, Layout, Tally, as_number, digest, hour_of
+from target_usage_billing.sinks import TALLY_ITEM_OVERHEAD
 
 D = decimal.Decimal
 STRIPE_LIKE = JournalFields(
@@ -311,3 +313,27 @@ def test_bucket_keys_kept_are_bounded_over_all_streams_and_counts_stay_right(mon
             counts.update(tally.counts)
     assert len(counts) == 200 and set(counts.values()) == {3}
     assert counts[("s9", "a19", "m", "2026-11-01T00")] == 3
+
+
+def test_what_a_tally_holds_an_item_is_within_what_the_buffer_budget_counts():
+    # the worst case: every item a customer of its own (a bucket each), several numbers
+    layout = Layout(Metronome.journal_fields)
+    tally = Tally(layout, "s")
+    count = 2000
+    tracemalloc.start()
+    try:
+        for number in range(count):
+            payload = {
+                "transaction_id": f"msg-{number:016x}-{number}",
+                "customer_id": f"customer-{number:08d}",
+                "event_type": "API Request",
+                "timestamp": "2026-12-01T00:42:00.864Z",
+                "properties": {"region": "us-east-1", "tokens": str(number), "cost_usd": f"0.{number:07d}"},
+            }
+            tally.add(payload, b"")
+            del payload
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / count <= TALLY_ITEM_OVERHEAD
+    assert len(tally.counts) == 0 and len(tally.ids) == count  # counted, not yet settled
