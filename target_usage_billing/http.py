@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
 import traceback
@@ -219,6 +220,7 @@ class HttpTransport:
         if body is not None:
             sent["Content-Length"] = str(len(body))
         what = f"{method} {_no_query(url)}"
+        handled = sys.exc_info()[1]  # called while handling another error: its frames are not ours
         for attempt in (1, 2):
             _request_deadline.at = time.monotonic() + self._answer_seconds
             try:
@@ -248,7 +250,7 @@ class HttpTransport:
                     counted = "connection error"
                 if counted is not None:
                     self.stats.count(counted)
-                _drop_frames(exc)
+                _drop_frames(exc, handled)
                 try:
                     raise failure from None
                 finally:  # its traceback holds this frame (and the body): no cycle left for the GC
@@ -298,11 +300,12 @@ class HttpTransport:
         logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], wait)
 
 
-def _drop_frames(exc: BaseException) -> None:
+def _drop_frames(exc: BaseException, handled: BaseException | None) -> None:
     """Let the frames of a failed attempt go (they hold its request body): urllib3 keeps
     each exception it handles in a local of the frame its traceback holds, a cycle only
-    the cyclic GC would free, and the run runs that rarely (target.py)."""
-    seen: set[int] = set()
+    the cyclic GC would free, and the run runs that rarely (target.py). ``handled``: the
+    error being handled when the attempt began, and what led to it, are left as they are."""
+    seen: set[int] = {id(handled)} if handled is not None else set()
     pending: list[BaseException | None] = [exc]
     while pending:
         each = pending.pop()

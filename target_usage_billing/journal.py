@@ -194,7 +194,7 @@ class Journal:
             resent = dict(self._resent)
             self._resent.clear()
             # only the tails this commit moves: the others are in the store as they are
-            tails = {stream: self._committed_tails[stream][1] for stream in changed}
+            tails = {stream: ids for stream in changed if (ids := self._committed_tails[stream][1])}
             schemes, self._schemes = self._schemes, {}
             self.store.commit(
                 self.scope,

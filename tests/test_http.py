@@ -440,3 +440,19 @@ def test_one_route_per_endpoint_whatever_its_query(server_factory):
     ]
     assert lines[-1] == b"POST /v1/ingest HTTP/1.1"
     assert server.connections == 1  # one kept-alive connection carried them all
+
+
+def test_an_attempt_made_while_handling_an_error_leaves_that_error_s_traceback_alone():
+    # e.g. Orb's backfills reverted while the run stops on another error, re-raised after
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    transport = HttpTransport(timeout_seconds=1)
+    try:
+        raise ValueError("the run's own error")
+    except ValueError as outer:
+        with pytest.raises(RetryableFailure) as failed:
+            transport.send_once("POST", f"http://127.0.0.1:{port}/v1/ingest", {}, b"[]")
+        assert failed.value.__context__ is not None  # the attempt's own chain, frames let go
+        assert outer.__traceback__ is not None
+        assert outer.__traceback__.tb_frame.f_code.co_name.startswith("test_an_attempt")
