@@ -144,9 +144,18 @@ class Layout:
             "    def add(payload, body):\n"
             f"        ids_append({_read(fields.id, '_i')})\n"
             f"        _t = {_read(fields.time, '_t0')}\n"
-            # canonical UTC text is filed under its hour at once; anything else at settling
-            "        if _t.__class__ is str and _t[10:11] == 'T':\n"
-            "            _t = _t[:13]\n"
+            # canonical UTC text and Unix seconds (Lago) are filed under their hour at once, so
+            # a batch has a tally entry per hour, not per second; anything else at settling
+            "        if _t.__class__ is str:\n"
+            "            if _t[10:11] == 'T':\n"
+            "                _t = _t[:13]\n"
+            "            else:\n"
+            "                _s, _p, _f = _t.partition('.')\n"
+            "                if _s.isdigit() and (_s + _f).isascii() and (not _p or _f.isdigit()):\n"
+            "                    _t = int(_s)\n"
+            "                    _t -= _t % 3600\n"
+            "        elif _t.__class__ is int:\n"
+            "            _t -= _t % 3600\n"
             f"        key = ({customer}, {_read(fields.meter, '_m')}, _t)\n"
             "        entry = get(key)\n"
             "        if entry is None:  # [count, position of its first item, totals per value path]\n"

@@ -290,6 +290,44 @@ def test_unix_seconds_are_filed_under_their_utc_hour():
     assert {key[3] for key in counts} == hours
 
 
+@pytest.mark.parametrize(
+    "moment",
+    [
+        lambda n: f"{1764000000 + n * 97}.{n % 1000:03d}",  # Lago's text seconds with a fraction
+        lambda n: str(1764000000 + n * 97),
+        lambda n: 1764000000 + n * 97,
+    ],
+    ids=["text-with-fraction", "text", "int"],
+)
+def test_seconds_are_tallied_per_hour_not_per_second(moment):
+    # each second its own tally entry made a batch of Lago's events one entry an item
+    items = [
+        {
+            "transaction_id": f"t{n}",
+            "external_subscription_id": f"s{n % 4}",
+            "code": "api",
+            "timestamp": moment(n),
+        }
+        for n in range(1000)
+    ]
+    tally = Tally(Layout(Lago.journal_fields), "s")
+    for item in items:
+        tally.add(item, b"{}")
+    assert len(tally._entries) <= 4 * 27  # customers x hours
+    counts, _sums = counted(Lago.journal_fields, items)
+    assert counts == reference(Lago.journal_fields, "s", items)[0]
+    assert len(counts) == 4 * 27
+
+
+def test_other_times_are_filed_as_the_reference_reads_them():
+    odd = ["-3601", "-1.5", "1.7e9", "2026-12-01", "2026-12-01 05:00:00", "20261201", "", "x", -3601, None]
+    items = [
+        {"transaction_id": f"t{n}", "external_subscription_id": "s", "code": "api", "timestamp": value}
+        for n, value in enumerate(odd)
+    ]
+    assert counted(Lago.journal_fields, items)[0] == reference(Lago.journal_fields, "s", items)[0]
+
+
 def test_bucket_keys_kept_are_bounded_over_all_streams_and_counts_stay_right(monkeypatch, tmp_path):
     # a run over many streams and customers keeps at most BUCKETS_REMEMBERED keys in all,
     # not that many per stream; forgetting one only means making it again
