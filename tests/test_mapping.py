@@ -23,6 +23,7 @@ from target_usage_billing.mapping import (
     to_string,
     to_utc_timestamp,
 )
+from target_usage_billing.mapping.coerce import to_unix_seconds
 
 M3TER_SPECS = M3terDestination.field_specs({})
 BASE_FIELDS = {"meter": "'api'", "account": "acct", "ts": "ts"}
@@ -739,3 +740,37 @@ def test_each_distinct_generated_source_has_its_own_file_name():
         assert "".join(lines).rstrip("\n") == rule.apply.source
     linecache.checkcache()  # what tracebacks call: the sources stay
     assert linecache.getlines(first.apply.filename)
+
+
+def _unix_seconds_reference(value) -> int | str:
+    """Seconds since 1970 through datetime and Decimal, as to_unix_seconds once computed them."""
+    moment = dt.datetime.fromisoformat(to_utc_timestamp(value)[:-1]).replace(tzinfo=dt.timezone.utc)
+    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    whole = delta.days * 86400 + delta.seconds
+    if not delta.microseconds:
+        return whole
+    return str((Decimal(whole) + Decimal(delta.microseconds).scaleb(-6)).normalize())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-12-01T00:42:00.864Z",
+        "2026-12-01T00:42:00.100Z",
+        "2026-12-01T00:42:00.000Z",
+        "2026-12-01T00:42:00Z",
+        "2026-12-01T00:42:00.000001Z",
+        "2026-12-01T02:42:00.5+02:00",
+        "1969-12-31T23:59:59.500Z",  # before 1970 the fraction counts up from -1: -0.5
+        "1969-12-31T23:59:59Z",
+        "0001-01-01T00:00:00.000001Z",
+        "9999-12-31T23:59:59.999999Z",
+        "1764549720.864",
+        1764549720,
+        Decimal("1764549720.25"),
+        dt.datetime(2026, 12, 1, 0, 42, tzinfo=dt.timezone.utc),
+    ],
+)
+def test_unix_seconds_read_from_the_text_are_what_datetime_and_decimal_give(value):
+    expected = _unix_seconds_reference(value)
+    assert to_unix_seconds(value) == expected and type(to_unix_seconds(value)) is type(expected)

@@ -148,16 +148,29 @@ def to_utc_timestamp(value: t.Any) -> str:
     return format_utc(moment)
 
 
+_DAY_SECONDS: dict[str, int] = {}  # "YYYY-MM-DD" -> its midnight in Unix seconds
+_DAYS_REMEMBERED = 10_000
+
+
 def to_unix_seconds(value: t.Any) -> int | str:
     """A timestamp (any form ``to_utc_timestamp`` takes) as seconds since 1970 UTC: an
-    int when whole, else the exact decimal text (``"1795184122.25"``)."""
-    stamp = to_utc_timestamp(value)
-    moment = dt.datetime.fromisoformat(stamp[:-1]).replace(tzinfo=UTC)
-    delta = moment - _EPOCH
-    whole = delta.days * 86400 + delta.seconds
-    if not delta.microseconds:
+    int when whole, else the exact decimal text (``"1795184122.25"``).
+
+    Read from the canonical text's fixed places (each day's midnight computed once): a
+    datetime and Decimal arithmetic per record were a fifth of a Lago run's CPU."""
+    stamp = to_utc_timestamp(value)  # YYYY-MM-DDTHH:MM:SS[.fff|.ffffff]Z, a real time
+    day = _DAY_SECONDS.get(stamp[:10])
+    if day is None:
+        if len(_DAY_SECONDS) >= _DAYS_REMEMBERED:
+            _DAY_SECONDS.clear()
+        day = _DAY_SECONDS[stamp[:10]] = (dt.date.fromisoformat(stamp[:10]) - _EPOCH.date()).days * 86400
+    whole = day + int(stamp[11:13]) * 3600 + int(stamp[14:16]) * 60 + int(stamp[17:19])
+    fraction = stamp[20:-1].rstrip("0")
+    if not fraction:
         return whole
-    return str((Decimal(whole) + Decimal(delta.microseconds).scaleb(-6)).normalize())
+    if whole >= 0:
+        return f"{whole}.{fraction}"
+    return str((Decimal(whole) + Decimal(f"0.{fraction}")).normalize())  # before 1970: -0.5, not -1.5
 
 
 def to_number(value: t.Any) -> int | float | Decimal:
