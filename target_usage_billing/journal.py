@@ -157,11 +157,7 @@ class Journal:
             if low <= epoch < high:
                 epoch = high - 1
         bucket = self._epochs[epoch]
-        latest = bucket.tails.get(stream)
-        if latest is None or latest[0] < first_index:
-            bucket.tails[stream] = (first_index, list(tally.ids))
-        elif latest[0] == first_index:  # another part of a split batch
-            latest[1].extend(tally.ids)
+        _keep_tail(bucket.tails, stream, first_index, tally.ids)
         tally.add_into(bucket.buckets)
         samples = bucket.samples
         for key, sample in tally.samples.items():
@@ -227,12 +223,8 @@ class Journal:
             for number in [n for n in self._epochs if floor <= n < high]:
                 epoch = self._epochs.pop(number)
                 _add_up(into, epoch)
-                for stream, latest in epoch.tails.items():
-                    kept = into.tails.get(stream)
-                    if kept is None or kept[0] < latest[0]:
-                        into.tails[stream] = latest
-                    elif kept[0] == latest[0]:  # parts of one batch
-                        kept[1].extend(latest[1])
+                for stream, (first_index, ids) in epoch.tails.items():
+                    _keep_tail(into.tails, stream, first_index, ids)
             if into.buckets or into.samples or into.tails:
                 self._epochs[high - 1] = into
 
@@ -255,6 +247,17 @@ class Journal:
 
 class Recount(Exception):
     """A tally that cannot be taken as it is: its items are counted one by one."""
+
+
+def _keep_tail(
+    tails: dict[str, tuple[int, list[str]]], stream: str, first_index: int, ids: t.Iterable[str]
+) -> None:
+    """Keep the ids of ``stream``'s latest batch (the parts of a split batch together)."""
+    latest = tails.get(stream)
+    if latest is None or latest[0] < first_index:
+        tails[stream] = (first_index, list(ids))
+    elif latest[0] == first_index:  # another part of a split batch
+        latest[1].extend(ids)
 
 
 def _add_up(into: _Epoch, epoch: _Epoch) -> None:
