@@ -25,6 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+ACCOUNTS = 50  # customers of the generated events (the sandbox's samples: 50)
+STATE_EVERY = 10_000  # records between STATE messages of the generated input
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE.parent))
 
@@ -66,17 +68,22 @@ RULES = {
 DESTINATIONS = ["m3ter", "metronome", "orb", "lago", "openmeter", "stripe"]
 
 
-def events_file(count: int, streams: int = 1) -> Path:
+def events_file(
+    count: int, streams: int = 1, accounts: int = ACCOUNTS, state_every: int = STATE_EVERY
+) -> Path:
     """The generated events; with ``streams`` > 1, spread round-robin over that many
-    streams (segment_events_0, ...), each with its own SCHEMA first."""
+    streams (segment_events_0, ...), each with its own SCHEMA first; ``accounts``: the
+    customers they come from; a STATE every ``state_every`` records (0: only at the end)."""
     RESULTS.mkdir(exist_ok=True)
     suffix = f"-{streams}-streams" if streams > 1 else ""
+    suffix += f"-{accounts}-accounts" if accounts != ACCOUNTS else ""
+    suffix += f"-state-every-{state_every}" if state_every != STATE_EVERY else ""
     path = RESULTS / f"segment-{count}{suffix}.singer.jsonl"
     # regenerate daily: Metronome refuses events older than 34 days
     if not path.exists() or time.time() - path.stat().st_mtime > 86400:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as out:
-            lines = singer_lines(count, seed=1, hours=72, state_every=10_000)
+            lines = singer_lines(count, seed=1, hours=72, accounts=accounts, state_every=state_every)
             if streams > 1:
                 lines = _spread(lines, streams)
             for line in lines:
@@ -203,8 +210,10 @@ def bench(
     mappings: int = 1,
     streams: int = 1,
     faults: t.Sequence[str] = (),
+    accounts: int = ACCOUNTS,
+    state_every: int = STATE_EVERY,
 ) -> dict:
-    input_path = events_file(count, streams)
+    input_path = events_file(count, streams, accounts, state_every)
     rate_limited = (
         latency_ms > 0
     )  # zero latency measures the target itself; with latency, the API's limits apply
@@ -436,6 +445,16 @@ def main() -> None:
     parser.add_argument("--fanout-map-cost", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, default=1, help="spread the events over this many streams")
     parser.add_argument(
+        "--accounts", type=int, default=ACCOUNTS, help="--journal-cost: the customers the events come from"
+    )
+    parser.add_argument(
+        "--state-every",
+        type=int,
+        default=STATE_EVERY,
+        help="--journal-cost: a STATE every this many records (0: only at the end, as from a tap "
+        "without STATE)",
+    )
+    parser.add_argument(
         "--official-sdk",
         action="store_true",
         help="m3ter and Metronome: the target beside benchmarks/official_sdk.py (the vendor's SDK "
@@ -494,9 +513,12 @@ def journal_cost(args: argparse.Namespace, destinations: list[str]) -> None:
     for latency in args.latency_ms:
         for destination in destinations:
             with_journal, without = [], []
+            shape = {"accounts": args.accounts, "state_every": args.state_every}
             for _ in range(max(1, args.repeat)):  # interleaved: both see the same machine
-                with_journal.append(bench(destination, args.events, latency, None, args.in_flight))
-                without.append(bench(destination, args.events, latency, None, args.in_flight, journal=False))
+                with_journal.append(bench(destination, args.events, latency, None, args.in_flight, **shape))
+                without.append(
+                    bench(destination, args.events, latency, None, args.in_flight, journal=False, **shape)
+                )
             on = min(run["cpu_seconds"] for run in with_journal)
             off = min(run["cpu_seconds"] for run in without)
             print(
@@ -504,7 +526,10 @@ def journal_cost(args: argparse.Namespace, destinations: list[str]) -> None:
                     {
                         "destination": destination,
                         "events": args.events,
+                        **shape,
                         "latency_ms": latency,
+                        "peak_rss_mb_with_journal": max(run["peak_rss_mb"] for run in with_journal),
+                        "peak_rss_mb_without_journal": max(run["peak_rss_mb"] for run in without),
                         "cpu_seconds_with_journal": on,
                         "cpu_seconds_without_journal": off,
                         "cpu_seconds_all_runs": [r["cpu_seconds"] for r in with_journal + without],

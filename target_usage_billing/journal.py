@@ -18,7 +18,9 @@ the stream's last committed batch: those are remembered across runs, and such re
 counted as ``resent``, not again. So a resumed run counts nothing twice.
 
 Size: aggregates and samples, never every id. Many runs may share one file (WAL, a busy
-timeout, additive upserts in short transactions); see journal_store.py for the SQL.
+timeout, additive upserts in short transactions); see journal_store.py for the SQL. In
+memory: at most HELD_ENTRIES buckets and sampled ids not yet committed; past that they
+are spilled to a private temporary file (journal_spill.py) until their STATE commits them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import decimal
+import heapq
 import json
 import logging
 import random
@@ -34,6 +37,7 @@ import typing as t
 import uuid
 from dataclasses import dataclass, field
 
+from target_usage_billing.journal_spill import Spill
 from target_usage_billing.journal_store import EXACT, BucketKey, JournalStore
 from target_usage_billing.journal_tally import (
     BUCKETS_REMEMBERED,
@@ -48,6 +52,10 @@ from target_usage_billing.journal_tally import (
 __all__ = ["SAMPLE_RATE", "SAMPLE_SIZE", "Journal", "JournalFields", "Recount", "Tally"]
 
 logger = logging.getLogger("target-usage-billing.journal")
+
+# Buckets and sampled ids not yet committed that memory holds (about 1 KB a bucket and
+# 200 bytes an id, so some tens of MB); past it, they are spilled (journal_spill.py).
+HELD_ENTRIES = 50_000
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Journal:
         *,
         sample_rate: float = SAMPLE_RATE,
         run_id: str | None = None,
+        held_entries: int = HELD_ENTRIES,
     ):
         self.store = store
         self.scope = scope
@@ -87,6 +96,9 @@ class Journal:
         self._schemes: dict[str, str] = {}  # key properties of streams, written at the next commit
         self._random = random.Random()
         self._sample_rate = sample_rate
+        self._held = 0  # buckets and sampled ids in self._epochs (at most: merging may join some)
+        self._held_entries = held_entries
+        self._spill = Spill()
         self.committed_items = 0
         self.acknowledged_items = 0  # counted in memory (committed or not yet)
         store.run_started(self.run_id, scope, _now())
@@ -151,22 +163,38 @@ class Journal:
         scheme = self._schemes.pop(stream, None)
         if scheme is not None:  # the stream's first acknowledgement: its id scheme is used now,
             # whether or not a STATE ever follows (a run killed before its first STATE billed it)
-            self.store.commit(self.scope, self.run_id, {}, {}, {}, {}, {}, _now(), {stream: scheme}, ())
+            self.store.commit(self.scope, self.run_id, (), (), {}, {}, _now(), {stream: scheme}, ())
         self._resent[stream] += resent
         for low, high in self._merged:  # an epoch kept with others (merge_epochs)
             if low <= epoch < high:
                 epoch = high - 1
         bucket = self._epochs[epoch]
         _keep_tail(bucket.tails, stream, first_index, tally.ids)
+        held = len(bucket.buckets)
         tally.add_into(bucket.buckets)
+        held = len(bucket.buckets) - held
         samples = bucket.samples
         for key, sample in tally.samples.items():
             into = samples.get(key)
             if into is None:
                 samples[key] = sample
+                held += len(sample)
             else:
-                into.extend(sample[: SAMPLE_SIZE - len(into)])
+                added = sample[: SAMPLE_SIZE - len(into)]
+                into.extend(added)
+                held += len(added)
         self.acknowledged_items += len(tally.ids)
+        self._held += held
+        if self._held > self._held_entries:
+            self._spill_held()
+
+    def _spill_held(self) -> None:
+        """Move the buckets and samples of every epoch out of memory (tails stay)."""
+        for number, epoch in self._epochs.items():
+            if epoch.buckets or epoch.samples:
+                self._spill.add(number, epoch.buckets, epoch.samples)
+                epoch.buckets, epoch.samples = {}, {}
+        self._held = 0
 
     def commit(self, before_epoch: int | None = None) -> None:
         """Write the epochs below ``before_epoch`` (None: all) in one transaction."""
@@ -174,7 +202,8 @@ class Journal:
             epochs = sorted(e for e in self._epochs if before_epoch is None or e < before_epoch)
             if before_epoch is not None:
                 self._merged = [(low, high) for low, high in self._merged if high > before_epoch]
-            if not epochs and not self._resent and not self._schemes:
+            spilled = self._spill.holds(before_epoch)
+            if not epochs and not self._resent and not self._schemes and not spilled:
                 return
             merged = _Epoch()
             changed: set[str] = set()  # streams whose tail this commit moves
@@ -192,23 +221,25 @@ class Journal:
             # only the tails this commit moves: the others are in the store as they are
             tails = {stream: ids for stream in changed if (ids := self._committed_tails[stream][1])}
             schemes, self._schemes = self._schemes, {}
-            self.store.commit(
-                self.scope,
-                self.run_id,
-                {key: items for key, (items, _totals) in merged.buckets.items()},
-                {
-                    (key, name): total
-                    for key, (_items, totals) in merged.buckets.items()
-                    for name, total in totals.items()
-                },
-                merged.samples,
-                resent,
-                tails,
-                _now(),
-                schemes,
-                changed,
+            held = sorted(
+                ((key, items, totals) for key, (items, totals) in merged.buckets.items()), key=_bucket_key
             )
-            self.committed_items += sum(items for items, _totals in merged.buckets.values())
+            buckets: t.Iterable[tuple[BucketKey, int, dict]] = held
+            samples: t.Iterable[tuple[BucketKey, str, str]] = [
+                (key, item_id, item_digest)
+                for key, sample in sorted(merged.samples.items())
+                for item_id, item_digest in sorted(sample)
+            ]
+            if spilled:  # both in key order: read together, each key once
+                buckets = _joined(held, self._spill.buckets(before_epoch))
+                samples = heapq.merge(samples, self._spill.samples(before_epoch))
+            counted = _Counted(buckets)
+            self.store.commit(
+                self.scope, self.run_id, counted, samples, resent, tails, _now(), schemes, changed
+            )
+            self._spill.drop(before_epoch)
+            self._held = sum(_entries(epoch) for epoch in self._epochs.values())
+            self.committed_items += counted.items
 
     def merge_epochs(self, low: int | None, high: int) -> None:
         """The epochs from ``low`` (None: the first) below ``high`` will be committed
@@ -220,7 +251,7 @@ class Journal:
             # later parts of a batch of these epochs go where the rest of it is (its tail)
             self._merged = [(a, b) for a, b in self._merged if not floor <= a < high] + [(floor, high)]
             into = self._epochs.pop(high - 1, None) or _Epoch()
-            for number in [n for n in self._epochs if floor <= n < high]:
+            for number in [n for n in self._epochs if floor <= n < high]:  # spilled ones are < high too
                 epoch = self._epochs.pop(number)
                 _add_up(into, epoch)
                 for stream, (first_index, ids) in epoch.tails.items():
@@ -242,6 +273,7 @@ class Journal:
             self._schemes[stream] = json.dumps(list(keys))
 
     def finish(self, outcome: str) -> None:
+        self._spill.close()  # what it still holds was never committed: the file goes
         self.store.run_finished(self.run_id, outcome, _now(), self.committed_items)
 
 
@@ -274,6 +306,46 @@ def _add_up(into: _Epoch, epoch: _Epoch) -> None:
     for key, sample in epoch.samples.items():
         found = into.samples.setdefault(key, [])
         found.extend(sample[: SAMPLE_SIZE - len(found)])
+
+
+def _entries(epoch: _Epoch) -> int:
+    return len(epoch.buckets) + sum(map(len, epoch.samples.values()))
+
+
+def _joined(
+    held: t.Iterable[tuple[BucketKey, int, dict]], spilled: t.Iterable[tuple[BucketKey, int, dict]]
+) -> t.Iterator[tuple[BucketKey, int, dict]]:
+    """Two key-ordered runs of buckets (each key once in each) as one, each key once."""
+    pending: tuple[BucketKey, int, dict] | None = None
+    for key, items, totals in heapq.merge(held, spilled, key=_bucket_key):
+        if pending is not None and pending[0] == key:
+            both = dict(pending[2])
+            for name, total in totals.items():
+                both[name] = EXACT.add(both.get(name, 0), total)
+            pending = (key, pending[1] + items, both)
+            continue
+        if pending is not None:
+            yield pending
+        pending = (key, items, totals)
+    if pending is not None:
+        yield pending
+
+
+def _bucket_key(bucket: tuple[BucketKey, int, dict]) -> BucketKey:
+    return bucket[0]
+
+
+class _Counted:
+    """Buckets passed on as they are read, their items counted."""
+
+    def __init__(self, buckets: t.Iterable[tuple[BucketKey, int, dict]]):
+        self._buckets = buckets
+        self.items = 0
+
+    def __iter__(self) -> t.Iterator[tuple[BucketKey, int, dict]]:
+        for bucket in self._buckets:
+            self.items += bucket[1]
+            yield bucket
 
 
 def _now() -> str:

@@ -73,7 +73,7 @@ class PostgresJournalStore(JournalStore):
             reason = lines[0] if lines else type(exc).__name__
             raise JournalError(f"journal_url: cannot {doing} {self.where}: {reason}") from None
 
-    def _run(self, statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]]) -> None:
+    def _run(self, statements: list[tuple[str, t.Iterable[t.Sequence[t.Any]]]]) -> None:
         with self._lock, self._errors("write"), self._db.transaction(), self._db.cursor() as cursor:
             for sql, rows in statements:
                 cursor.executemany(sql, rows)

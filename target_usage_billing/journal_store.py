@@ -75,7 +75,7 @@ class JournalStore:
 
     # --- back-end specifics -------------------------------------------------------------
 
-    def _run(self, statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]]) -> None:
+    def _run(self, statements: list[tuple[str, t.Iterable[t.Sequence[t.Any]]]]) -> None:
         """Run each (sql, rows) with executemany, all in one transaction."""
         raise NotImplementedError
 
@@ -113,33 +113,31 @@ class JournalStore:
         self,
         scope: str,
         run_id: str,
-        counts: t.Mapping[BucketKey, int],
-        sums: t.Mapping[tuple[BucketKey, str], t.Any],
-        samples: t.Mapping[BucketKey, list[tuple[str, str]]],
+        buckets: t.Iterable[tuple[BucketKey, int, t.Mapping[str, t.Any]]],
+        samples: t.Iterable[tuple[BucketKey, str, str]],
         resent: t.Mapping[str, int],
         tails: t.Mapping[str, t.Sequence[str]],
         at: str,
         schemes: t.Mapping[str, str] | None = None,
         tails_changed: t.Iterable[str] | None = None,
     ) -> None:
-        """``tails_changed``: the streams whose tail is new in this commit (their tail
-        time is this commit's); None: every stream in ``tails``."""
+        """Add ``buckets`` ((key, items, {field: exact total}), each key once) and
+        ``samples`` ((key, item id, body digest)), both in key order: one order for every
+        run, so concurrent upserts never wait on each other in a cycle (read as they are
+        written: they may come from the journal's spill). ``tails_changed``: the streams
+        whose tail is new in this commit (their tail time is this commit's); None: every
+        stream in ``tails``."""
         if tails_changed is None:
             tails_changed = list(tails)
-        # one order for every run: concurrent upserts never wait on each other in a cycle
-        by_bucket: dict[BucketKey, dict[str, str]] = {}
-        for (key, name), value in sums.items():
-            by_bucket.setdefault(key, {})[name] = str(value)
-        bucket_rows = [
-            (scope, *key, items, at, at, json.dumps(by_bucket.get(key, {}), sort_keys=True))
-            for key, items in sorted(counts.items())
-        ]
-        sample_rows = [
+        bucket_rows = (
+            (scope, *key, items, at, at, json.dumps({n: str(v) for n, v in totals.items()}, sort_keys=True))
+            for key, items, totals in buckets
+        )
+        sample_rows = (
             (scope, item_id, *key, item_digest, run_id, at, scope, *key)
-            for key, sample in sorted(samples.items())
-            for item_id, item_digest in sorted(sample)
-        ]
-        statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]] = [
+            for key, item_id, item_digest in samples
+        )
+        statements: list[tuple[str, t.Iterable[t.Sequence[t.Any]]]] = [
             (
                 self._sql(
                     "INSERT INTO journal_buckets (scope, stream, customer, meter, hour, items, "
@@ -191,7 +189,7 @@ class JournalStore:
                 [(scope, stream, scheme) for stream, scheme in sorted((schemes or {}).items())],
             ),
         ]
-        self._run([(sql, rows) for sql, rows in statements if rows])
+        self._run([(sql, rows) for sql, rows in statements if not isinstance(rows, list) or rows])
 
     # --- reads --------------------------------------------------------------------------
 
@@ -294,7 +292,7 @@ class SqliteJournalStore(JournalStore):
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _run(self, statements: list[tuple[str, t.Sequence[t.Sequence[t.Any]]]]) -> None:
+    def _run(self, statements: list[tuple[str, t.Iterable[t.Sequence[t.Any]]]]) -> None:
         with self._lock, self._errors("write"):
             self._db.execute("BEGIN IMMEDIATE")
             try:

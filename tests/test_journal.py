@@ -13,6 +13,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import typing as t
@@ -348,6 +349,109 @@ def test_pipelines_sharing_a_postgres_journal_add_up_exactly(sandbox, tmp_path, 
     assert total == decimal.Decimal("21.0")  # 210 x 0.1, exactly (NUMERIC)
     assert not (tmp_path / "run0" / DEFAULT_JOURNAL_NAME).exists()  # PostgreSQL, not a file
     store.close()
+
+
+def acknowledge_batches(kept, epochs: int, batches: int, size: int) -> t.Iterator[None]:
+    """Batches of Metronome payloads acknowledged in ``kept`` (a Journal), ``batches`` an
+    epoch: 300 customers, 2 meters, 3 hours (792 buckets, 203 of them in more than one of 4
+    epochs of 250), whole and decimal numbers; yields after each."""
+    import msgspec
+
+    number = 0
+    for epoch in range(epochs):
+        for _batch in range(batches):
+            tally, bodies = kept.tally("usage"), []
+            first = number
+            for _ in range(size):
+                payload = {
+                    "transaction_id": f"t{number}",
+                    "customer_id": f"c{number % 300}",
+                    "event_type": f"m{number // 7 % 2}",
+                    "timestamp": f"2026-11-01T0{number // 11 % 3}:00:00Z",
+                    "properties": {"tokens": str(number % 50), "cost": "0.0013", "calls": 1},
+                }
+                body = msgspec.json.encode(payload)
+                tally.add(msgspec.json.decode(body), body)
+                bodies.append(body)
+                number += 1
+            kept.seal(tally, bodies)
+            kept.acknowledged_tally("usage", tally, epoch, first)
+            yield
+
+
+@pytest.mark.parametrize("back_end", ["sqlite", "postgres"])
+def test_uncommitted_usage_past_the_memory_bound_is_spilled_and_committed_exactly(
+    request, tmp_path, back_end
+):
+    # A tap without STATE (or Orb's backfills) over many customers: memory keeps at most
+    # held_entries buckets and sampled ids, the rest waits in the spill until its STATE
+    # commits it, and the journal ends up holding what it holds when nothing is spilled.
+    from target_usage_billing.destinations.metronome import MetronomeDestination
+    from target_usage_billing.journal import Journal, _entries
+
+    if back_end == "sqlite":
+        store = journal(tmp_path)
+    else:
+        from target_usage_billing.journal_postgres import PostgresJournalStore
+
+        store = PostgresJournalStore(request.getfixturevalue("postgres_url"))
+    fields = MetronomeDestination.journal_fields
+    scopes = (f"in-memory-{back_end}", f"spilled-{back_end}")
+    in_memory = Journal(store, scopes[0], fields, sample_rate=0)
+    spilled = Journal(store, scopes[1], fields, sample_rate=0, held_entries=40)
+    for _ in zip(acknowledge_batches(in_memory, 4, 10, 25), acknowledge_batches(spilled, 4, 10, 25)):
+        assert sum(map(_entries, spilled._epochs.values())) <= 40
+    assert sum(map(_entries, in_memory._epochs.values())) > 1000  # what would be held
+    assert spilled._spill.epochs == {0, 1, 2, 3}
+
+    def held(scope: str) -> tuple[list, list]:
+        return store.buckets(scope, *EVERYTHING), store.samples(scope, *EVERYTHING)
+
+    for before_epoch in (2, None):  # the STATE numbered 2 commits epochs 0 and 1; the end, all
+        in_memory.commit(before_epoch)
+        spilled.commit(before_epoch)
+        assert held(scopes[1]) == held(scopes[0])
+        assert spilled.committed_items == in_memory.committed_items == (500 if before_epoch else 1000)
+        assert spilled._spill.epochs == ({2, 3} if before_epoch else set())
+    buckets, samples = held(scopes[1])
+    assert len(buckets) == 792 and len(samples) == 792  # the first id of each
+    assert sum(row[5]["properties.cost"] for row in buckets) == decimal.Decimal("1.3000")  # exact
+    store.close()
+
+
+def test_the_spill_leaves_no_file_behind(tmp_path):
+    # SQLite's private temporary database: its file is removed as it is opened, so even a
+    # killed run leaves none in the temporary directory
+    script = """if True:
+        import os, sys
+        from target_usage_billing.journal_spill import Spill
+        spill = Spill()
+        for epoch in range(20):  # some MB: beyond what SQLite keeps in memory
+            spill.add(epoch, {("s", f"c{n}", "m", "h"): [1, {"v": n}] for n in range(5000)}, {})
+        assert sum(1 for _ in spill.buckets(None)) == 5000
+        opened = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(sys.argv[1]):
+                    opened.append(os.fstat(int(fd)).st_size)
+            except FileNotFoundError:  # the listing's own
+                pass
+        print(len(os.listdir(sys.argv[1])), len(opened), sum(opened), flush=True)
+        os.kill(os.getpid(), 9)
+    """
+    spill_dir = tmp_path / "tmp"
+    spill_dir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(spill_dir)],
+        env={**os.environ, "SQLITE_TMPDIR": str(spill_dir)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == -9, done.stderr
+    names, opened, size = map(int, done.stdout.split())
+    assert (names, opened) == (0, 1)  # a file open in that directory, with no name there
+    assert size > 1_000_000  # and holding what memory does not
+    assert list(spill_dir.iterdir()) == []
 
 
 def test_an_unreachable_postgres_journal_is_exit_2_without_the_password(sandbox, tmp_path):
