@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import msgspec
 
 from target_usage_billing.journal_store import EXACT, BucketKey
+from target_usage_billing.mapping.coerce import MAX_NUMBER_DIGITS
 
 SAMPLE_SIZE = 100  # at most this many ids kept per bucket
 SAMPLE_RATE = 0.01  # beyond the first id of each bucket, about one id in a hundred
@@ -75,9 +76,13 @@ def hour_of(value: t.Any) -> str:
 
 
 def as_number(value: t.Any) -> int | decimal.Decimal | None:
-    """A payload value as an exact number, when it is one (a JSON number or numeric text)."""
-    if type(value) is int or type(value) is _Decimal:
+    """A payload value as an exact number, when it is one (a JSON number or numeric text)
+    that the mapping would take as a number: finite, under MAX_NUMBER_DIGITS digits
+    written out (text like "1e9999999" is text to the journal: no sum could hold it)."""
+    if type(value) is int:
         return value
+    if type(value) is _Decimal:
+        return value if _sane(value) else None
     if type(value) is str and value and (value[0].isdigit() or value[0] in "-."):
         if len(value) < 19 and value.isascii() and value.isdigit():  # a whole number: no Decimal
             return int(value)
@@ -85,8 +90,12 @@ def as_number(value: t.Any) -> int | decimal.Decimal | None:
             number = _Decimal(value)
         except decimal.InvalidOperation:
             return None
-        return number if number.is_finite() else None
+        return number if _sane(number) else None
     return None
+
+
+def _sane(number: decimal.Decimal) -> bool:
+    return number.is_finite() and -MAX_NUMBER_DIGITS < number.adjusted() < MAX_NUMBER_DIGITS
 
 
 def _text(value: t.Any) -> str:
@@ -175,7 +184,9 @@ class Layout:
                 "                    if kind is int:\n"
                 "                        whole[name] = whole.get(name, 0) + value\n"
                 "                    elif kind is Decimal:  # exactly, whatever this thread's context\n"
-                "                        decimals[name] = exact_add(decimals.get(name, 0), value)\n"
+                "                        if value.is_finite() and "
+                f"-{MAX_NUMBER_DIGITS} < value.adjusted() < {MAX_NUMBER_DIGITS}:  # as_number\n"
+                "                            decimals[name] = exact_add(decimals.get(name, 0), value)\n"
                 "                    elif kind is str:  # numeric text (as_number), the common forms inline\n"
                 "                        if value.isdigit() and len(value) < 19 and value.isascii():\n"
                 "                            whole[name] = whole.get(name, 0) + int(value)\n"
@@ -184,7 +195,8 @@ class Layout:
                 "                                number = Decimal(value)\n"
                 "                            except InvalidOperation:\n"
                 "                                continue\n"
-                "                            if number.is_finite():\n"
+                "                            if number.is_finite() and "
+                f"-{MAX_NUMBER_DIGITS} < number.adjusted() < {MAX_NUMBER_DIGITS}:\n"
                 "                                decimals[name] = exact_add(decimals.get(name, 0), number)\n"
                 "            else:  # the path holds a number itself\n"
                 "                add_number(whole, decimals, '', found)\n"
@@ -248,7 +260,13 @@ class Tally:
         self._entries: dict[tuple, list] = {}
         # add(payload, body): count one item (generated, see Layout)
         self.add: t.Callable[[dict, bytes], None] = layout.make(
-            self.ids, self._entries, _add_number, EXACT.add, _Decimal, _NUMERIC_FIRST, _InvalidOperation
+            self.ids,
+            self._entries,
+            _add_number,
+            EXACT.add,
+            _Decimal,
+            _NUMERIC_FIRST,
+            _InvalidOperation,
         )
         self.settled: list[tuple[BucketKey, list]] = []
         self.samples: dict[BucketKey, list[tuple[str, str]]] = {}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from target_usage_billing.journal_store import DEFAULT_JOURNAL_NAME, SqliteJournalStore
-from tests.helpers import TARGET, Pipeline, position, run_target, singer, usage, wait_until
+from tests.helpers import TARGET, Pipeline, dead_letters, position, run_target, singer, usage, wait_until
 from tests.platforms import CASES, DESTINATIONS_UNDER_TEST, USAGE_RULE_M3TER, config_for, crash_config
 
 EVERYTHING = ("0000", "9999")  # days from the beginning to the end of time
@@ -94,6 +94,27 @@ def test_sums_are_exact_decimals(sandbox, tmp_path):
         "0.000000000000000000000000000001"
     )
     assert sums["a1"] == 40 * decimal.Decimal("0.000000000000000000000000000001")
+
+
+@pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
+def test_a_number_no_sum_can_hold_neither_stops_the_run_nor_enters_the_sums(sandbox, tmp_path, destination):
+    # "1e9999999" as a property: text the platform may keep, which the journal once tried
+    # to add (decimal.Overflow, a traceback, the run stopped); m3ter and Stripe refuse it
+    rows = usage(30)
+    rows[1]["tokens"] = "1e9999999"
+    config = config_for(destination, sandbox)
+
+    result = run_target(tmp_path, config, singer("usage", rows, state={"bookmark": 30}))
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    refused = dead_letters(tmp_path)
+    assert [letter["record"]["id"] for letter in refused] == (
+        [1] if destination in ("m3ter", "stripe") else []
+    )
+    store = journal(tmp_path)
+    assert sum(journal_counts(store).values()) == 30 - len(refused) == len(sandbox.items(destination))
+    assert all(value < 10**6 for value in journal_sums(store).values())  # tokens 0, 2 .. 29, and the rest
 
 
 @pytest.mark.parametrize("destination", ["m3ter", "lago", "stripe"])

@@ -60,6 +60,9 @@ ODD_VALUES = [
     "0012",
     "1e3",
     "NaN",
+    "1e9999999",  # beyond any sum (as_number: text, not a number)
+    "-1E-5000",
+    D("1E+1200"),
 ]
 
 
