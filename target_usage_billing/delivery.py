@@ -36,6 +36,7 @@ from target_usage_billing.errors import (
     InterruptedRun,
     JournalError,
     UsageBillingError,
+    drop_frames,
 )
 from target_usage_billing.http import HttpTransport
 from target_usage_billing.journal import Journal, Recount, Tally
@@ -502,6 +503,7 @@ class Delivery:
             self._on_states(ready)
 
     def _fail(self, exc: UsageBillingError) -> None:
+        drop_frames(exc)  # kept until the run ends: not the batch its frames held
         with self._lock:
             if self.failure is None:
                 self.failure = exc

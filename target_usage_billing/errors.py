@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 
 class UsageBillingError(Exception):
     """An expected failure with a message written for the operator."""
@@ -76,3 +78,23 @@ class ReconcileMismatch(UsageBillingError):
     def __init__(self, message: str, report: list[str] | None = None):
         super().__init__(message)
         self.report = report or []
+
+
+def drop_frames(exc: BaseException, handled: BaseException | None = None) -> None:
+    """Let the frames of ``exc``'s tracebacks go (and of its causes): they hold what the
+    failed code held, a request body or a whole batch, while the error is kept (a run's
+    failure, until it ends) or sits in a cycle (urllib3 keeps each exception it handles in
+    a local of the frame its traceback holds) that only the cyclic GC would free, and the
+    run runs that rarely (target.py). ``handled``: an error being handled when the failed
+    code began, and what led to it, are left as they are. The executing frames (the
+    caller's) are skipped."""
+    seen: set[int] = {id(handled)} if handled is not None else set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        each = pending.pop()
+        if each is None or id(each) in seen:
+            continue
+        seen.add(id(each))
+        traceback.clear_frames(each.__traceback__)
+        each.__traceback__ = None
+        pending += (each.__cause__, each.__context__)

@@ -25,7 +25,6 @@ import ssl
 import sys
 import threading
 import time
-import traceback
 import typing as t
 import urllib.parse
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ from target_usage_billing.constants import (
     POOL_CONNECTIONS,
     POOL_MAXSIZE,
 )
-from target_usage_billing.errors import DeliveryError
+from target_usage_billing.errors import DeliveryError, drop_frames
 from target_usage_billing.retry import RetryableFailure, RetryBudgetExhausted, backoff_waits
 
 logger = logging.getLogger("target-usage-billing.http")
@@ -250,7 +249,7 @@ class HttpTransport:
                     counted = "connection error"
                 if counted is not None:
                     self.stats.count(counted)
-                _drop_frames(exc, handled)
+                drop_frames(exc, handled)
                 try:
                     raise failure from None
                 finally:  # its traceback holds this frame (and the body): no cycle left for the GC
@@ -298,23 +297,6 @@ class HttpTransport:
             )
             return
         logger.warning("%s: %s; retry %d in %.1fs", what, exc, details["tries"], wait)
-
-
-def _drop_frames(exc: BaseException, handled: BaseException | None) -> None:
-    """Let the frames of a failed attempt go (they hold its request body): urllib3 keeps
-    each exception it handles in a local of the frame its traceback holds, a cycle only
-    the cyclic GC would free, and the run runs that rarely (target.py). ``handled``: the
-    error being handled when the attempt began, and what led to it, are left as they are."""
-    seen: set[int] = {id(handled)} if handled is not None else set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        each = pending.pop()
-        if each is None or id(each) in seen:
-            continue
-        seen.add(id(each))
-        traceback.clear_frames(each.__traceback__)  # the executing frame (ours) is skipped
-        each.__traceback__ = None
-        pending += (each.__cause__, each.__context__)
 
 
 def _read_body(reply: t.Any) -> bytes:

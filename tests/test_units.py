@@ -125,6 +125,23 @@ def test_an_idle_worker_keeps_no_batch_alive(sandbox, harness):
     wait_until(lambda: batches_alive() == 0, timeout=10)
 
 
+def test_the_batch_that_failed_the_run_is_not_kept_alive_by_its_error(sandbox, harness):
+    # The run's failure is kept until the run ends; its traceback's frames held the batch
+    # being sent (items and input lines), a whole batch outside every budget.
+    h = harness(retry_seconds=0.5)
+    sandbox.faults({"kind": "503", "count": 1000})
+    h.delivery.submit("usage", h.items(0, 10, marker="failed"), buffer=1, first_index=0)
+    h.delivery.wait(time.monotonic() + 30)
+    with pytest.raises(DeliveryError):
+        h.delivery.raise_if_failed()
+
+    def batches_alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is Batch and b'"failed"' in o.items[0][0])
+
+    wait_until(lambda: batches_alive() == 0, timeout=10)
+
+
 def test_while_states_wait_the_journal_keeps_a_few_epochs_not_one_per_state(sandbox, harness, tmp_path):
     # The first batch is slow: the 29 STATEs after it cannot go out, and each would have
     # kept its own epoch (aggregates, samples, a batch of ids per stream) until then.
