@@ -29,6 +29,7 @@ import collections
 import datetime as dt
 import decimal
 import heapq
+import itertools
 import json
 import logging
 import random
@@ -37,7 +38,7 @@ import typing as t
 import uuid
 from dataclasses import dataclass, field
 
-from target_usage_billing.journal_spill import Spill
+from target_usage_billing.journal_spill import Spill, add_totals
 from target_usage_billing.journal_store import EXACT, BucketKey, JournalStore
 from target_usage_billing.journal_tally import (
     BUCKETS_REMEMBERED,
@@ -232,12 +233,12 @@ class Journal:
             ]
             if spilled:  # both in key order: read together, each key once
                 buckets = _joined(held, self._spill.buckets(before_epoch))
-                samples = heapq.merge(samples, self._spill.samples(before_epoch))
+                samples = _joined_samples(merged.samples, self._spill.samples(before_epoch))
             counted = _Counted(buckets)
             self.store.commit(
                 self.scope, self.run_id, counted, samples, resent, tails, _now(), schemes, changed
             )
-            self._spill.drop(before_epoch)
+            self._spill.committed(before_epoch)
             self._held = sum(_entries(epoch) for epoch in self._epochs.values())
             self.committed_items += counted.items
 
@@ -250,8 +251,15 @@ class Journal:
         with self._lock:
             # later parts of a batch of these epochs go where the rest of it is (its tail)
             self._merged = [(a, b) for a, b in self._merged if not floor <= a < high] + [(floor, high)]
-            into = self._epochs.pop(high - 1, None) or _Epoch()
-            for number in [n for n in self._epochs if floor <= n < high]:  # spilled ones are < high too
+            # spilled epochs are left as they are: in [low, high) too, they are read by the
+            # commit of STATE high (or a later one) and by none before it
+            numbers = sorted(n for n in self._epochs if floor <= n < high)
+            if not numbers:
+                return
+            # the others into the first (what earlier calls kept): in order, so that each
+            # bucket's first sampled ids stay ahead of later ones (at most SAMPLE_SIZE kept)
+            into = self._epochs.pop(numbers[0])
+            for number in numbers[1:]:
                 epoch = self._epochs.pop(number)
                 _add_up(into, epoch)
                 for stream, (first_index, ids) in epoch.tails.items():
@@ -273,7 +281,8 @@ class Journal:
             self._schemes[stream] = json.dumps(list(keys))
 
     def finish(self, outcome: str) -> None:
-        self._spill.close()  # what it still holds was never committed: the file goes
+        with self._lock:  # a late acknowledgement spills nothing more
+            self._spill.close()  # what it holds was never committed: the file goes
         self.store.run_finished(self.run_id, outcome, _now(), self.committed_items)
 
 
@@ -319,16 +328,29 @@ def _joined(
     pending: tuple[BucketKey, int, dict] | None = None
     for key, items, totals in heapq.merge(held, spilled, key=_bucket_key):
         if pending is not None and pending[0] == key:
-            both = dict(pending[2])
-            for name, total in totals.items():
-                both[name] = EXACT.add(both.get(name, 0), total)
-            pending = (key, pending[1] + items, both)
+            pending = (key, pending[1] + items, add_totals(dict(pending[2]), totals))
             continue
         if pending is not None:
             yield pending
         pending = (key, items, totals)
     if pending is not None:
         yield pending
+
+
+def _joined_samples(
+    held: t.Mapping[BucketKey, list[tuple[str, str]]], spilled: t.Iterable[tuple[BucketKey, str, str]]
+) -> t.Iterator[tuple[BucketKey, str, str]]:
+    """The sampled ids of each bucket, spilled (in key order, each bucket's as they came)
+    and then held (they came after: a spill takes all), at most SAMPLE_SIZE a bucket, the
+    first ones kept as when nothing is spilled, each bucket's by id."""
+    in_memory = ((key, item_id, item_digest) for key in sorted(held) for item_id, item_digest in held[key])
+    merged = heapq.merge(spilled, in_memory, key=_sample_key)  # ties: spilled first
+    for _key, rows in itertools.groupby(merged, key=_sample_key):
+        yield from sorted(itertools.islice(rows, SAMPLE_SIZE))
+
+
+def _sample_key(sample: tuple[BucketKey, str, str]) -> BucketKey:
+    return sample[0]
 
 
 def _bucket_key(bucket: tuple[BucketKey, int, dict]) -> BucketKey:

@@ -372,10 +372,22 @@ def test_pipelines_sharing_a_postgres_journal_add_up_exactly(sandbox, tmp_path, 
     store.close()
 
 
+def spill_test_payload(number: int) -> dict:
+    """Item ``number`` of the spill test: one in three in one hot bucket (ids falling, so
+    the first ones are not the least), the others over 300 customers, 2 meters, 3 hours."""
+    hot = number % 3 == 0
+    return {
+        "transaction_id": f"t{999999 - number}",
+        "customer_id": "hot" if hot else f"c{number % 300}",
+        "event_type": "m0" if hot else f"m{number // 7 % 2}",
+        "timestamp": f"2026-11-01T0{0 if hot else number // 11 % 3}:00:00Z",
+        "properties": {"tokens": str(number % 50), "cost": "0.0010", "calls": 1},
+    }
+
+
 def acknowledge_batches(kept, epochs: int, batches: int, size: int) -> t.Iterator[None]:
-    """Batches of Metronome payloads acknowledged in ``kept`` (a Journal), ``batches`` an
-    epoch: 300 customers, 2 meters, 3 hours (792 buckets, 203 of them in more than one of 4
-    epochs of 250), whole and decimal numbers; yields after each."""
+    """Batches of spill_test_payload acknowledged in ``kept`` (a Journal), ``batches`` an
+    epoch, in order; yields after each."""
     import msgspec
 
     number = 0
@@ -384,14 +396,7 @@ def acknowledge_batches(kept, epochs: int, batches: int, size: int) -> t.Iterato
             tally, bodies = kept.tally("usage"), []
             first = number
             for _ in range(size):
-                payload = {
-                    "transaction_id": f"t{number}",
-                    "customer_id": f"c{number % 300}",
-                    "event_type": f"m{number // 7 % 2}",
-                    "timestamp": f"2026-11-01T0{number // 11 % 3}:00:00Z",
-                    "properties": {"tokens": str(number % 50), "cost": "0.0013", "calls": 1},
-                }
-                body = msgspec.json.encode(payload)
+                body = msgspec.json.encode(spill_test_payload(number))
                 tally.add(msgspec.json.decode(body), body)
                 bodies.append(body)
                 number += 1
@@ -406,7 +411,9 @@ def test_uncommitted_usage_past_the_memory_bound_is_spilled_and_committed_exactl
 ):
     # A tap without STATE (or Orb's backfills) over many customers: memory keeps at most
     # held_entries buckets and sampled ids, the rest waits in the spill until its STATE
-    # commits it, and the journal ends up holding what it holds when nothing is spilled.
+    # commits it, and the journal ends up holding what it holds when nothing is spilled:
+    # the same counts, sums to the last written digit, and sampled ids (every id is
+    # sampled here, so a bucket's first 100 are what is kept).
     from target_usage_billing.destinations.metronome import MetronomeDestination
     from target_usage_billing.journal import Journal, _entries
 
@@ -418,15 +425,21 @@ def test_uncommitted_usage_past_the_memory_bound_is_spilled_and_committed_exactl
         store = PostgresJournalStore(request.getfixturevalue("postgres_url"))
     fields = MetronomeDestination.journal_fields
     scopes = (f"in-memory-{back_end}", f"spilled-{back_end}")
-    in_memory = Journal(store, scopes[0], fields, sample_rate=0)
-    spilled = Journal(store, scopes[1], fields, sample_rate=0, held_entries=40)
+    in_memory = Journal(store, scopes[0], fields, sample_rate=1)
+    spilled = Journal(store, scopes[1], fields, sample_rate=1, held_entries=40)
     for _ in zip(acknowledge_batches(in_memory, 4, 10, 25), acknowledge_batches(spilled, 4, 10, 25)):
         assert sum(map(_entries, spilled._epochs.values())) <= 40
     assert sum(map(_entries, in_memory._epochs.values())) > 1000  # what would be held
     assert spilled._spill.epochs == {0, 1, 2, 3}
+    for kept in (in_memory, spilled):
+        kept.merge_epochs(None, 2)  # STATE 2 waits: epochs 0 and 1 are kept as one
 
     def held(scope: str) -> tuple[list, list]:
-        return store.buckets(scope, *EVERYTHING), store.samples(scope, *EVERYTHING)
+        buckets = [
+            (*row[:5], {name: str(total) for name, total in row[5].items()})
+            for row in store.buckets(scope, *EVERYTHING)
+        ]
+        return buckets, store.samples(scope, *EVERYTHING)
 
     for before_epoch in (2, None):  # the STATE numbered 2 commits epochs 0 and 1; the end, all
         in_memory.commit(before_epoch)
@@ -435,9 +448,34 @@ def test_uncommitted_usage_past_the_memory_bound_is_spilled_and_committed_exactl
         assert spilled.committed_items == in_memory.committed_items == (500 if before_epoch else 1000)
         assert spilled._spill.epochs == ({2, 3} if before_epoch else set())
     buckets, samples = held(scopes[1])
-    assert len(buckets) == 792 and len(samples) == 792  # the first id of each
-    assert sum(row[5]["properties.cost"] for row in buckets) == decimal.Decimal("1.3000")  # exact
+    keys = {
+        tuple(spill_test_payload(n)[f] for f in ("customer_id", "event_type", "timestamp"))
+        for n in range(1000)
+    }
+    assert len(buckets) == len(keys) > 500
+    hot = [row for row in samples if row[2] == "hot"]
+    assert len(hot) == 100 and "t999999" in {row[0] for row in hot}  # the first 100 of 334
+    assert {row[5]["properties.cost"] for row in buckets if row[1] == "hot"} == {"0.3340"}  # as written
+    for kept in (in_memory, spilled):
+        kept.finish("succeeded")
+    for _ in acknowledge_batches(spilled, 1, 4, 25):  # late acknowledgements, after the end
+        pass
+    assert spilled._spill._db is None  # nothing spilled again, no file opened
     store.close()
+
+
+def test_a_spill_that_cannot_be_written_is_a_journal_error(tmp_path):
+    # a full temporary directory, say: the run stops with one line, and no STATE past it
+    from target_usage_billing.errors import JournalError
+    from target_usage_billing.journal_spill import Spill
+
+    spill = Spill()
+    spill.add(0, {("s", "c", "m", "2026-11-01T00"): [1, {"v": 1}]}, {})
+    spill._connection().close()
+    with pytest.raises(JournalError, match="temporary file of usage not yet committed"):
+        spill.add(1, {("s", "c", "m", "2026-11-01T00"): [1, {"v": 1}]}, {})
+    with pytest.raises(JournalError):
+        list(spill.buckets(None))
 
 
 def test_the_spill_leaves_no_file_behind(tmp_path):
@@ -473,6 +511,28 @@ def test_the_spill_leaves_no_file_behind(tmp_path):
     assert (names, opened) == (0, 1)  # a file open in that directory, with no name there
     assert size > 1_000_000  # and holding what memory does not
     assert list(spill_dir.iterdir()) == []
+
+
+def test_a_number_postgres_numeric_cannot_hold_is_not_summed(sandbox, tmp_path, postgres_url):
+    # 1e200000 fits Python's decimals but not NUMERIC (131,072 digits before the point):
+    # summed, it failed the commit that added to its bucket (the second run's), and with
+    # it the run
+    from target_usage_billing.journal_postgres import PostgresJournalStore
+
+    config = config_for("metronome", sandbox, journal_url=postgres_url)
+    config["mappings"] = [{**config["mappings"][0], "stream": "pg_big"}]
+    for start in (0, 100):  # two runs, the same buckets
+        rows = usage(15, start=start)
+        rows[1]["tokens"] = "1e200000"
+
+        result = run_target(tmp_path, config, singer("pg_big", rows, state={"bookmark": start}))
+
+        assert result.returncode == 0, result.stderr
+    store = PostgresJournalStore(postgres_url)
+    scope = f"metronome {sandbox.url}"  # the platform and its API address
+    rows_kept = [row for row in store.buckets(scope, *EVERYTHING) if row[0] == "pg_big"]
+    store.close()
+    assert sum(row[4] for row in rows_kept) == 30 == len(sandbox.items("metronome"))
 
 
 def test_an_unreachable_postgres_journal_is_exit_2_without_the_password(sandbox, tmp_path):
