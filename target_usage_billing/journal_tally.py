@@ -77,8 +77,9 @@ def hour_of(value: t.Any) -> str:
 
 def as_number(value: t.Any) -> int | decimal.Decimal | None:
     """A payload value as an exact number, when it is one (a JSON number or numeric text)
-    that the mapping would take as a number: finite, under MAX_NUMBER_DIGITS digits
-    written out (text like "1e9999999" is text to the journal: no sum could hold it)."""
+    that the mapping would take as a number: a decimal finite, under MAX_NUMBER_DIGITS
+    digits written out (text like "1e9999999" is text to the journal: no sum could hold
+    it); an integer as it is (JSON integers are 64-bit at most: the reader refuses more)."""
     if type(value) is int:
         return value
     if type(value) is _Decimal:
