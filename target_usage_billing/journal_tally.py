@@ -79,7 +79,7 @@ def as_number(value: t.Any) -> int | decimal.Decimal | None:
     """A payload value as an exact number, when it is one (a JSON number or numeric text)
     that the mapping would take as a number: a decimal finite, under MAX_NUMBER_DIGITS
     digits written out (text like "1e9999999" is text to the journal: no sum could hold
-    it); an integer as it is (JSON integers are 64-bit at most: the reader refuses more)."""
+    it); an integer as it is (the reader takes JSON integers of up to 4,300 digits)."""
     if type(value) is int:
         return value
     if type(value) is _Decimal:
