@@ -38,7 +38,7 @@ import typing as t
 import uuid
 from dataclasses import dataclass, field
 
-from target_usage_billing.journal_spill import Spill, add_totals
+from target_usage_billing.journal_spill import Spill, added_up
 from target_usage_billing.journal_store import EXACT, BucketKey, JournalStore
 from target_usage_billing.journal_tally import (
     BUCKETS_REMEMBERED,
@@ -325,16 +325,7 @@ def _joined(
     held: t.Iterable[tuple[BucketKey, int, dict]], spilled: t.Iterable[tuple[BucketKey, int, dict]]
 ) -> t.Iterator[tuple[BucketKey, int, dict]]:
     """Two key-ordered runs of buckets (each key once in each) as one, each key once."""
-    pending: tuple[BucketKey, int, dict] | None = None
-    for key, items, totals in heapq.merge(held, spilled, key=_bucket_key):
-        if pending is not None and pending[0] == key:
-            pending = (key, pending[1] + items, add_totals(dict(pending[2]), totals))
-            continue
-        if pending is not None:
-            yield pending
-        pending = (key, items, totals)
-    if pending is not None:
-        yield pending
+    return added_up(heapq.merge(held, spilled, key=_bucket_key))
 
 
 def _joined_samples(

@@ -107,22 +107,12 @@ class Spill:
     def buckets(self, before_epoch: int | None) -> t.Iterator[tuple[BucketKey, int, dict[str, t.Any]]]:
         """The buckets of the epochs below ``before_epoch`` (None: all) not yet committed,
         by key, each key once (its epochs added up)."""
-        pending: tuple[BucketKey, int, dict[str, t.Any]] | None = None
-        for stream, customer, meter, hour, items, sums in self._read(
+        rows = self._read(
             "SELECT stream, customer, meter, hour, items, sums FROM buckets WHERE epoch >= ? AND epoch < ? "
             "ORDER BY stream, customer, meter, hour",
             before_epoch,
-        ):
-            key = (stream, customer, meter, hour)
-            totals = _decode(sums)
-            if pending is not None and pending[0] == key:
-                pending = (key, pending[1] + items, add_totals(pending[2], totals))
-                continue
-            if pending is not None:
-                yield pending
-            pending = (key, items, totals)
-        if pending is not None:
-            yield pending
+        )
+        return added_up((row[:4], row[4], _decode(row[5])) for row in rows)
 
     def samples(self, before_epoch: int | None) -> t.Iterator[tuple[BucketKey, str, str]]:
         """The sampled ids of the epochs below ``before_epoch`` (None: all) not yet
@@ -162,6 +152,23 @@ class Spill:
             )
             while rows := cursor.fetchmany(_READ_CHUNK):
                 yield from rows
+
+
+def added_up(
+    buckets: t.Iterable[tuple[BucketKey, int, dict[str, t.Any]]],
+) -> t.Iterator[tuple[BucketKey, int, dict[str, t.Any]]]:
+    """Key-ordered buckets, each key once: a key's adjacent rows added up (into a copy:
+    the rows' totals are left as they are)."""
+    pending: tuple[BucketKey, int, dict[str, t.Any]] | None = None
+    for key, items, totals in buckets:
+        if pending is not None and pending[0] == key:
+            pending = (key, pending[1] + items, add_totals(dict(pending[2]), totals))
+            continue
+        if pending is not None:
+            yield pending
+        pending = (key, items, totals)
+    if pending is not None:
+        yield pending
 
 
 def add_totals(a: dict[str, t.Any], b: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
