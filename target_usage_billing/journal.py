@@ -225,16 +225,9 @@ class Journal:
             held = sorted(
                 ((key, items, totals) for key, (items, totals) in merged.buckets.items()), key=_bucket_key
             )
-            buckets: t.Iterable[tuple[BucketKey, int, dict]] = held
-            samples: t.Iterable[tuple[BucketKey, str, str]] = [
-                (key, item_id, item_digest)
-                for key, sample in sorted(merged.samples.items())
-                for item_id, item_digest in sorted(sample)
-            ]
-            if spilled:  # both in key order: read together, each key once
-                buckets = _joined(held, self._spill.buckets(before_epoch))
-                samples = _joined_samples(merged.samples, self._spill.samples(before_epoch))
-            counted = _Counted(buckets)
+            # what memory holds and what was spilled (if anything), in key order, each key once
+            counted = _Counted(_joined(held, self._spill.buckets(before_epoch)))
+            samples = _joined_samples(merged.samples, self._spill.samples(before_epoch))
             self.store.commit(
                 self.scope, self.run_id, counted, samples, resent, tails, _now(), schemes, changed
             )
@@ -331,9 +324,9 @@ def _joined(
 def _joined_samples(
     held: t.Mapping[BucketKey, list[tuple[str, str]]], spilled: t.Iterable[tuple[BucketKey, str, str]]
 ) -> t.Iterator[tuple[BucketKey, str, str]]:
-    """The sampled ids of each bucket, spilled (in key order, each bucket's as they came)
-    and then held (they came after: a spill takes all), at most SAMPLE_SIZE a bucket, the
-    first ones kept as when nothing is spilled, each bucket's by id."""
+    """The sampled ids of each bucket in key order, each bucket's by id: at most SAMPLE_SIZE,
+    the first that came, spilled ones (as they came) before held ones (they came after: a
+    spill takes all), so that a spill keeps what memory alone would."""
     in_memory = ((key, item_id, item_digest) for key in sorted(held) for item_id, item_digest in held[key])
     merged = heapq.merge(spilled, in_memory, key=_sample_key)  # ties: spilled first
     for _key, rows in itertools.groupby(merged, key=_sample_key):
