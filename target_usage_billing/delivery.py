@@ -406,12 +406,13 @@ class Delivery:
             while not self.limit.clear_to_send(timeout=0.2):
                 self.raise_if_failed()
             try:
-                waited = self.limiter.acquire()
-                self.transport.stats.throttled(waited)
                 if channel is None:
                     request = destination.ingest_request(body)
                 else:
                     request = destination.channel_request(body, channel)
+                # the slot is taken last, as close to the wire as can be (the platform counts arrivals)
+                waited = self.limiter.acquire()
+                self.transport.stats.throttled(waited)
                 saturated = self.limit.saturated()
                 started = time.monotonic()
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import gc
+import itertools
 import socket
 import ssl
 import subprocess
@@ -47,8 +48,47 @@ def test_waits_grow_exponentially_are_capped_and_retry_after_wins():
 def test_rate_limiter_makes_the_request_over_the_window_wait():
     limiter = RateLimiter([(3, 0.3)])
     waited = [limiter.acquire() for _ in range(4)]
-    assert waited[:3] == [0.0, 0.0, 0.0]
-    assert waited[3] > 0
+    assert waited[0] == 0.0
+    assert all(wait > 0 for wait in waited[1:])  # spaced 0.1 s apart, not 3 at once
+
+
+class _Clock:
+    """Time that passes only when the limiter sleeps (``late``: how much later than asked
+    each sleeper wakes, as a thread waiting for the interpreter lock does)."""
+
+    def __init__(self, late: float = 0.0):
+        self.now, self.late = 1000.0, late
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds + self.late
+
+
+def _send_times(limiter: RateLimiter, clock: _Clock, requests: int) -> list[float]:
+    times = []
+    for _ in range(requests):
+        limiter.acquire()
+        times.append(clock.now)
+    return times
+
+
+def test_rate_limiter_spaces_requests_evenly_instead_of_letting_a_window_out_at_once():
+    clock = _Clock()
+    limiter = RateLimiter([(50, 1.0), (5000, 300.0)], clock=lambda: clock.now, sleep=clock.sleep)
+    times = _send_times(limiter, clock, 200)
+    gaps = {round(b - a, 6) for a, b in itertools.pairwise(times)}
+    assert gaps == {0.02}  # 1.0 s / 50: the fastest window's rate, not bursts of 50
+    assert all(sum(1 for x in times if start <= x < start + 1.0) <= 50 for start in times)
+
+
+def test_a_rate_limiter_waking_late_keeps_its_rate_and_its_windows():
+    clock = _Clock(late=0.007)  # each sleeper wakes 7 ms late (a third of the spacing)
+    limiter = RateLimiter([(50, 1.0)], clock=lambda: clock.now, sleep=clock.sleep)
+    times = _send_times(limiter, clock, 501)
+    # 500 spacings of 20 ms, late wake-ups made up (added to every gap: 13.5 s); a
+    # request that meets a window's edge exactly may lose its 7 ms, once a second
+    assert times[-1] - times[0] <= 500 * 0.02 + 10 * 0.007 + 1e-6
+    assert all(sum(1 for x in times if start <= x < start + 1.0) <= 50 for start in times)
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.02 - 0.007 - 1e-9  # never a burst
 
 
 def test_rate_limiter_without_windows_never_waits():
