@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import decimal
-import json
 import os
 import sqlite3
 import threading
 import typing as t
+
+import msgspec
 
 from target_usage_billing.errors import JournalError
 
 BucketKey = tuple[str, str, str, str]  # stream, customer, meter, UTC hour of usage ("YYYY-MM-DDTHH")
 # Sums are added with enough digits that no realistic total is ever rounded.
 EXACT = decimal.Context(prec=200, Emax=999_999, Emin=-999_999)
+# A bucket's sums as SQLite keeps them, {"field": "exact decimal text"} in key order
+# (msgspec: ~15x cheaper than json per row, and commits write a row per bucket).
+_encode_sums = msgspec.json.Encoder(order="sorted").encode
+_decode_sums = msgspec.json.decode
 
 SAMPLE_CAP = 100  # ids kept per bucket, whatever the number of runs
 SCHEMA_VERSION = 2  # 2: buckets per hour (1: per day)
@@ -130,7 +135,7 @@ class JournalStore:
         if tails_changed is None:
             tails_changed = list(tails)
         bucket_rows = (
-            (scope, *key, items, at, at, json.dumps({n: str(v) for n, v in totals.items()}, sort_keys=True))
+            (scope, *key, items, at, at, _encode_sums({n: str(v) for n, v in totals.items()}).decode())
             for key, items, totals in buckets
         )
         sample_rows = (
@@ -231,7 +236,7 @@ class JournalStore:
         )
         out = []
         for stream, customer, meter, hour, items, sums in rows:
-            totals = json.loads(sums) if isinstance(sums, str) else sums  # PostgreSQL: jsonb
+            totals = _decode_sums(sums) if isinstance(sums, str) else sums  # PostgreSQL: jsonb
             exact = {name: decimal.Decimal(str(value)) for name, value in totals.items()}
             out.append((stream, customer, meter, hour, int(items), exact))
         return out
@@ -255,10 +260,10 @@ class JournalStore:
 
 def add_sums(a: str, b: str) -> str:
     """Two buckets' sums ({"field": "decimal text"}) added field by field, exactly."""
-    total = json.loads(a)
-    for name, value in json.loads(b).items():
+    total = _decode_sums(a)
+    for name, value in _decode_sums(b).items():
         total[name] = str(EXACT.add(decimal.Decimal(total.get(name, "0")), decimal.Decimal(value)))
-    return json.dumps(total, sort_keys=True)
+    return _encode_sums(total).decode()
 
 
 class SqliteJournalStore(JournalStore):

@@ -96,6 +96,21 @@ def test_sums_are_exact_decimals(sandbox, tmp_path):
     assert sums["a1"] == 40 * decimal.Decimal("0.000000000000000000000000000001")
 
 
+def test_sums_an_earlier_release_wrote_keep_adding_up(tmp_path):
+    store = journal(tmp_path)
+    key = ("usage", "a0", "api", "2026-12-01T10")
+    store.commit("scope", "run-1", [(key, 1, {"tokens": decimal.Decimal("0.5")})], [], {}, {}, "2026-12-01T10:00:00Z")
+    # the text releases before 2026-12-05 wrote (json.dumps, spaces after the separators)
+    earlier = json.dumps({"cost": "1", "tokens": "0.5"}, sort_keys=True)
+    store._run([("UPDATE journal_buckets SET sums = ?", [(earlier,)])])
+
+    later = {"tokens": decimal.Decimal("0.25"), "requests": 3}
+    store.commit("scope", "run-2", [(key, 2, later)], [], {}, {}, "2026-12-01T11:00:00Z")
+
+    (row,) = store.buckets("scope", *EVERYTHING)
+    assert row[4:] == (3, {"cost": 1, "requests": 3, "tokens": decimal.Decimal("0.75")})
+
+
 @pytest.mark.parametrize("destination", DESTINATIONS_UNDER_TEST)
 def test_a_number_no_sum_can_hold_neither_stops_the_run_nor_enters_the_sums(sandbox, tmp_path, destination):
     # "1e9999999" as a property: text the platform may keep, which the journal once tried
