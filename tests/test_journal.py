@@ -99,8 +99,9 @@ def test_sums_are_exact_decimals(sandbox, tmp_path):
 def test_sums_an_earlier_release_wrote_keep_adding_up(tmp_path):
     store = journal(tmp_path)
     key = ("usage", "a0", "api", "2026-12-01T10")
-    store.commit("scope", "run-1", [(key, 1, {"tokens": decimal.Decimal("0.5")})], [], {}, {}, "2026-12-01T10:00:00Z")
-    # the text releases before 2026-12-05 wrote (json.dumps, spaces after the separators)
+    first = [(key, 1, {"tokens": decimal.Decimal("0.5")})]
+    store.commit("scope", "run-1", first, [], {}, {}, "2026-12-01T10:00:00Z")
+    # the text earlier versions wrote (json.dumps: spaces after the separators)
     earlier = json.dumps({"cost": "1", "tokens": "0.5"}, sort_keys=True)
     store._run([("UPDATE journal_buckets SET sums = ?", [(earlier,)])])
 
