@@ -91,6 +91,16 @@ def test_a_rate_limiter_waking_late_keeps_its_rate_and_its_windows():
     assert min(b - a for a, b in itertools.pairwise(times)) >= 0.02 - 0.007 - 1e-9  # never a burst
 
 
+def test_a_rate_limiter_idle_for_a_while_sends_at_once_then_spaced_again():
+    clock = _Clock()
+    limiter = RateLimiter([(50, 1.0)], clock=lambda: clock.now, sleep=clock.sleep)
+    _send_times(limiter, clock, 10)
+    clock.now += 60.0  # nothing to send for a minute
+    assert limiter.acquire() == 0.0  # the first after it goes at once
+    times = [clock.now, *_send_times(limiter, clock, 60)]
+    assert {round(b - a, 6) for a, b in itertools.pairwise(times)} == {0.02}  # no burst to catch up
+
+
 def test_rate_limiter_without_windows_never_waits():
     limiter = RateLimiter([])
     assert all(limiter.acquire() == 0.0 for _ in range(1000))
